@@ -1,0 +1,113 @@
+"""The command line: exit codes, one-line errors on stderr, and `init` output that `check` accepts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from trio_activate import __version__
+from trio_activate.cli import main
+from trio_activate.manifest import load_manifest, parse_manifest
+
+CONFIG = Path(__file__).parent.parent / "config"
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The installed console entry point, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "trio_activate", *args], capture_output=True, text=True, cwd=cwd, timeout=30
+    )
+
+
+def test_version_prints_the_package_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"trio-activate {__version__}"
+
+
+@pytest.mark.parametrize("command", ["check", "init"])
+def test_every_subcommand_has_help(command: str) -> None:
+    result = run_cli(command, "--help")
+    assert result.returncode == 0
+    assert f"usage: trio-activate {command}" in result.stdout
+
+
+def test_usage_errors_exit_2() -> None:
+    assert run_cli().returncode == 2
+    assert run_cli("check").returncode == 2
+    assert run_cli("nonsense").returncode == 2
+
+
+def test_check_prints_the_normalized_manifest_as_toml(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(CONFIG / "echo.toml")]) == 0
+    out = capsys.readouterr().out
+    assert parse_manifest(out) == load_manifest(CONFIG / "echo.toml")
+    document = tomllib.loads(out)
+    assert document["sockets"]["echo"]["backlog"] == 4096  # defaults are explicit
+
+
+def test_check_accepts_every_example_at_once() -> None:
+    paths = sorted(str(p) for p in CONFIG.glob("*.toml"))
+    result = run_cli("check", *paths)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    for path in paths:
+        assert f"# {path}" in result.stdout
+
+
+def test_check_error_is_one_line_on_stderr_and_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[sockets.echo]\nlisten = "127.0.0.1:70000"\n')
+    result = run_cli("check", str(bad))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"trio-activate: {bad}: sockets.echo.listen: '127.0.0.1:70000': port 70000 is out of range 0-65535\n"
+    )
+
+
+def test_check_missing_file_is_one_line(tmp_path: Path) -> None:
+    result = run_cli("check", str(tmp_path / "nope.toml"))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "nope.toml: cannot read: No such file or directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_prints_warnings_on_stderr_and_still_succeeds(tmp_path: Path) -> None:
+    path = tmp_path / "lonely.toml"
+    path.write_text('[sockets.lonely]\nlisten = "127.0.0.1:0"\n')
+    result = run_cli("check", str(path))
+    assert result.returncode == 0
+    assert "warning:" in result.stderr
+    assert "sockets.lonely: no handler serves this socket" in result.stderr
+
+
+def test_init_writes_a_starter_that_check_accepts(tmp_path: Path) -> None:
+    result = run_cli("init", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    written = tmp_path / "service.toml"
+    assert written.read_text().startswith("# trio-activate manifest")
+    manifest = load_manifest(written)
+    assert manifest.warnings == ()
+    assert run_cli("check", str(written)).returncode == 0
+
+
+def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
+    path = tmp_path / "mine.toml"
+    path.write_text("precious")
+    result = run_cli("init", str(path))
+    assert result.returncode == 2
+    assert result.stderr == f"trio-activate: {path}: already exists; not overwriting it\n"
+    assert path.read_text() == "precious"
+
+
+def test_init_into_a_missing_folder_is_one_line(tmp_path: Path) -> None:
+    result = run_cli("init", str(tmp_path / "no" / "such" / "x.toml"))
+    assert result.returncode == 2
+    assert "cannot write: No such file or directory" in result.stderr
+    assert result.stderr.count("\n") == 1

@@ -1,0 +1,42 @@
+"""trio-activate: Trio-native socket activation.
+
+A TOML manifest declares named sockets and the handlers that serve them; the
+runtime adopts the sockets systemd passes (``LISTEN_FDS``), or creates them
+and re-execs itself through its internal activator.
+
+``import trio_activate`` stays light: the activator runs before trio is
+imported (importing trio costs ~150 ms), so names that need trio are
+re-exported lazily through a module-level ``__getattr__`` (PEP 562).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import ActivationError as ActivationError
+from .errors import AdoptionError as AdoptionError
+from .errors import CreationError as CreationError
+from .errors import ListenEnvError as ListenEnvError
+from .errors import ManifestError as ManifestError
+from .manifest import Manifest as Manifest
+from .manifest import load_manifest as load_manifest
+
+__version__ = "0.1.0"
+
+# name -> module that defines it; imported on first access.
+_LAZY: dict[str, str] = {}
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'trio_activate' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module_name, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

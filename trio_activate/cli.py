@@ -1,0 +1,138 @@
+"""The ``trio-activate`` command line.
+
+Layer 5: wires subcommands to the layers below.  Only the subcommands that
+serve import trio, and only after the activator has run, so a self-activating
+``serve`` re-execs before paying for that import.
+
+Exit codes: 0 success, 2 usage or manifest/activation error (one line on
+stderr, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import ActivationError
+from .manifest import dump_manifest, load_manifest
+
+__all__ = ["main"]
+
+log = logging.getLogger("trio_activate")
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+
+STARTER_MANIFEST = """\
+# trio-activate manifest: named sockets and the handlers that serve them.
+# Check it with `trio-activate check {path}`.
+
+[service]
+# name = "my-service"          # default: this file's name without .toml
+grace-period = 5.0             # seconds in-flight handlers get on shutdown
+python-path = ["."]            # folders (relative to this file) searched for handler modules
+
+# The table's key is the socket's name: systemd passes it as FileDescriptorName=.
+[sockets.echo]
+listen = "127.0.0.1:7000"      # "7000", "host:port", "[v6]:port", "/path.sock", "@abstract", or a list
+type = "stream"                # stream | datagram | seqpacket
+# backlog = 4096
+# reuse-port = false
+# ipv6-only = false            # IPv6 addresses only
+# free-bind = false
+# mode = "0660"                # unix socket files only; also owner, group, remove-on-stop
+
+[handlers.echo]
+socket = "echo"                # a socket name, or a list of names
+call = "trio_activate.examples:echo"   # module:function; await echo(stream) per connection
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    command: Callable[[argparse.Namespace], int] = args.command
+    try:
+        return command(args)
+    except ActivationError as exc:
+        print(f"trio-activate: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trio-activate",
+        description="Trio-native socket activation, configured by a TOML manifest.",
+    )
+    parser.add_argument("--version", action="version", version=f"trio-activate {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subcommands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    check = subcommands.add_parser(
+        "check",
+        help="validate manifests and print them normalized",
+        description="Validate each MANIFEST and print it normalized as TOML, every default explicit.",
+    )
+    check.add_argument("manifests", nargs="+", metavar="MANIFEST", type=Path)
+    check.set_defaults(command=cmd_check)
+
+    init = subcommands.add_parser(
+        "init",
+        help="write a commented starter manifest",
+        description="Write a commented starter manifest to PATH; never overwrites a file.",
+    )
+    init.add_argument("path", nargs="?", default=Path("service.toml"), type=Path, metavar="PATH")
+    init.set_defaults(command=cmd_init)
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    # Replace, not add: main() may run many times in one process (tests, embedding),
+    # and sys.stderr may have been swapped since the last call.
+    for old in [h for h in log.handlers if getattr(h, "trio_activate_cli", False)]:
+        log.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.trio_activate_cli = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("trio-activate: %(levelname_lower)s: %(message)s"))
+    handler.addFilter(_lowercase_level)
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+def _lowercase_level(record: logging.LogRecord) -> bool:
+    record.levelname_lower = record.levelname.lower()
+    return True
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    paths: list[Path] = args.manifests
+    for index, path in enumerate(paths):
+        manifest = load_manifest(path)
+        for warning in manifest.warnings:
+            log.warning("%s", warning)
+        if len(paths) > 1:
+            print(("\n" if index else "") + f"# {path}")
+        sys.stdout.write(dump_manifest(manifest))
+    return EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    path: Path = args.path
+    try:
+        # "x": create, and fail if anything is there, without a check-then-write race.
+        with path.open("x", encoding="utf-8") as file:
+            file.write(STARTER_MANIFEST.format(path=path))
+    except FileExistsError:
+        print(f"trio-activate: {path}: already exists; not overwriting it", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        print(f"trio-activate: {path}: cannot write: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"wrote {path}; check it with: trio-activate check {path}", file=sys.stderr)
+    return EXIT_OK

@@ -1,0 +1,573 @@
+"""The manifest: a TOML file declaring named sockets and the handlers that serve them.
+
+Layer 1: pure.  ``parse_manifest`` takes the file's text; only ``load_manifest``
+reads a file.  Nothing here imports trio, so the activator, which runs before
+trio is imported, can read the manifest cheaply.
+
+Theory of operation
+-------------------
+The TOML document is read with ``tomllib`` into plain dicts, then walked table
+by table.  Each table is wrapped in a ``_Table`` that hands out keys with their
+expected type and remembers which keys were taken; whatever is left over is an
+unknown key, reported with a did-you-mean.  Every error is raised once, as a
+``ManifestError`` whose message starts with the file name and the key path:
+
+    service.toml: sockets.echo.listen: '127.0.0.1:70000': port 70000 is out of range 0-65535
+
+Cross-table rules (a handler naming a missing socket, a socket claimed twice,
+duplicate addresses) run after every table parsed, so the first structural
+error a user sees is the first one in the file.
+
+The result is a tree of frozen dataclasses.  ``dump_manifest`` writes it back
+with ``tomli-w``, every default made explicit, so ``check`` shows the user
+exactly what the runtime will do, and parse -> dump -> parse is the identity.
+
+Socket order matters: the activator passes fds in manifest order (each socket's
+``listen`` addresses in turn), as systemd passes a unit's ``Listen*=`` lines.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import math
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import tomli_w
+
+from .address import AbstractAddress, Address, InetAddress, UnixAddress, parse_address
+from .errors import ManifestError
+from .listen_env import fd_name_problem
+
+__all__ = [
+    "DEFAULT_BACKLOG",
+    "DEFAULT_GRACE_PERIOD",
+    "DEFAULT_MODE",
+    "HandlerSpec",
+    "Manifest",
+    "ServiceSpec",
+    "SocketSpec",
+    "SocketType",
+    "dump_manifest",
+    "load_manifest",
+    "parse_manifest",
+]
+
+# systemd's Backlog= default is SOMAXCONN; the kernel caps it at
+# net.core.somaxconn (4096 on current kernels) anyway.
+DEFAULT_BACKLOG = 4096
+DEFAULT_GRACE_PERIOD = 5.0
+# systemd's SocketMode= default.
+DEFAULT_MODE = 0o666
+
+_IDENTIFIER_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII)
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", re.ASCII)
+_OCTAL_MODE = re.compile(r"(0o)?[0-7]{1,4}")
+
+
+class SocketType(enum.Enum):
+    STREAM = "stream"
+    DATAGRAM = "datagram"
+    SEQPACKET = "seqpacket"
+
+    @property
+    def kernel_type(self) -> socket.SocketKind:
+        return _KERNEL_TYPES[self]
+
+    @classmethod
+    def from_kernel_type(cls, kind: int) -> SocketType | None:
+        for value, kernel in _KERNEL_TYPES.items():
+            if kernel == kind:
+                return value
+        return None
+
+
+_KERNEL_TYPES = {
+    SocketType.STREAM: socket.SOCK_STREAM,
+    SocketType.DATAGRAM: socket.SOCK_DGRAM,
+    SocketType.SEQPACKET: socket.SOCK_SEQPACKET,
+}
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    grace_period: float = DEFAULT_GRACE_PERIOD
+    python_path: tuple[str, ...] = (".",)
+
+
+@dataclass(frozen=True)
+class SocketSpec:
+    """One ``[sockets.NAME]`` table: one fd name, one or more addresses."""
+
+    name: str
+    listen: tuple[Address, ...]
+    type: SocketType = SocketType.STREAM
+    backlog: int = DEFAULT_BACKLOG
+    reuse_port: bool = False
+    ipv6_only: bool = False
+    free_bind: bool = False
+    mode: int = DEFAULT_MODE
+    owner: str | None = None
+    group: str | None = None
+    remove_on_stop: bool = False
+
+
+@dataclass(frozen=True)
+class HandlerSpec:
+    """One ``[handlers.NAME]`` table: a ``module:function`` serving some sockets."""
+
+    name: str
+    sockets: tuple[str, ...]
+    call: str
+
+    @property
+    def module(self) -> str:
+        return self.call.partition(":")[0]
+
+    @property
+    def function(self) -> str:
+        return self.call.partition(":")[2]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    service: ServiceSpec
+    sockets: tuple[SocketSpec, ...]
+    handlers: tuple[HandlerSpec, ...]
+    # Where the manifest came from; relative unix paths and python-path
+    # entries are resolved against its folder.  Not part of equality, so a
+    # manifest dumped and parsed elsewhere still compares equal.
+    path: Path | None = field(default=None, compare=False)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent if self.path is not None else Path.cwd()
+
+    @property
+    def source(self) -> str:
+        return self.path.name if self.path is not None else "<manifest>"
+
+    def socket(self, name: str) -> SocketSpec:
+        for spec in self.sockets:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    def socket_names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in self.sockets)
+
+    def handler_for(self, socket_name: str) -> HandlerSpec | None:
+        for handler in self.handlers:
+            if socket_name in handler.sockets:
+                return handler
+        return None
+
+    def fd_names(self) -> tuple[str, ...]:
+        """The ``LISTEN_FDNAMES`` an activator passes: one name per address, in order."""
+        return tuple(spec.name for spec in self.sockets for _ in spec.listen)
+
+
+# --- reading ---------------------------------------------------------------
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and validate the manifest at ``path``.
+
+    Error handling: every problem, including an unreadable file, is one
+    ``ManifestError`` whose message starts with the file's name.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return parse_manifest(text, path=path.absolute(), source=str(path))
+
+
+def parse_manifest(text: str, *, path: Path | None = None, source: str | None = None) -> Manifest:
+    """Validate manifest ``text``.  ``source`` names the file in messages."""
+    where = source if source is not None else (str(path) if path is not None else "<manifest>")
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(f"{where}: invalid TOML: {exc}") from None
+    return _Parser(where, path).parse(document)
+
+
+_T = TypeVar("_T")
+
+
+class _Table:
+    """One TOML table being read: hands out keys and remembers which were taken."""
+
+    def __init__(self, parser: _Parser, data: dict[str, Any], key_path: str) -> None:
+        self.parser = parser
+        self.data = data
+        self.key_path = key_path
+        self.taken: set[str] = set()
+
+    def where(self, key: str) -> str:
+        return f"{self.key_path}.{key}" if self.key_path else key
+
+    def error(self, key: str, message: str) -> ManifestError:
+        return self.parser.error(self.where(key), message)
+
+    def get(self, key: str, check: Callable[[str, Any], _T], default: _T) -> _T:
+        self.taken.add(key)
+        if key not in self.data:
+            return default
+        return check(key, self.data[key])
+
+    def require(self, key: str, check: Callable[[str, Any], _T], hint: str) -> _T:
+        self.taken.add(key)
+        if key not in self.data:
+            where = self.key_path or "top level"
+            raise self.parser.error(where, f"missing key {key!r} ({hint})")
+        return check(key, self.data[key])
+
+    def subtable(self, key: str) -> _Table | None:
+        self.taken.add(key)
+        if key not in self.data:
+            return None
+        value = self.data[key]
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a table, got {_type_name(value)}")
+        return _Table(self.parser, value, self.where(key))
+
+    def finish(self) -> None:
+        """Reject keys nobody took, suggesting the closest known one."""
+        for key in self.data:
+            if key in self.taken:
+                continue
+            close = difflib.get_close_matches(key, sorted(self.taken), n=1)
+            hint = (
+                f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(self.taken))}"
+            )
+            raise self.error(key, f"unknown key{hint}")
+
+    # Type checks, each returning the checked value.  bool is a subclass of
+    # int in Python, so every numeric check rejects it explicitly.
+
+    def string(self, key: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise self.error(key, f"expected a string, got {_type_name(value)}")
+        return value
+
+    def boolean(self, key: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {_type_name(value)}")
+        return value
+
+    def strings(self, key: str, value: Any) -> tuple[str, ...]:
+        """A string or a non-empty list of strings."""
+        if isinstance(value, str):
+            return (value,)
+        if not isinstance(value, list):
+            raise self.error(key, f"expected a string or a list of strings, got {_type_name(value)}")
+        if not value:
+            raise self.error(key, "expected at least one entry, got an empty list")
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                raise self.error(f"{key}[{index}]", f"expected a string, got {_type_name(item)}")
+        return tuple(value)
+
+    def string_list(self, key: str, value: Any) -> tuple[str, ...]:
+        """A list of strings, possibly empty."""
+        if value == []:
+            return ()
+        if isinstance(value, str):
+            raise self.error(key, 'expected a list of strings, got a string (write ["..."])')
+        return self.strings(key, value)
+
+
+def _type_name(value: object) -> str:
+    names = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a float",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }
+    return names.get(type(value), type(value).__name__)
+
+
+class _Parser:
+    def __init__(self, where: str, path: Path | None) -> None:
+        self.where = where
+        self.path = path
+        self.warnings: list[str] = []
+
+    def error(self, key_path: str, message: str) -> ManifestError:
+        return ManifestError(f"{self.where}: {key_path}: {message}")
+
+    def parse(self, document: dict[str, Any]) -> Manifest:
+        top = _Table(self, document, "")
+        service_table = top.subtable("service")
+        sockets_table = top.subtable("sockets")
+        handlers_table = top.subtable("handlers")
+        top.finish()
+
+        service = self.service(service_table)
+        if sockets_table is None or not sockets_table.data:
+            raise self.error("sockets", "the manifest declares no socket (add a [sockets.NAME] table)")
+        sockets = tuple(self.socket(sockets_table, name) for name in sockets_table.data)
+        handlers = (
+            tuple(self.handler(handlers_table, name) for name in handlers_table.data)
+            if handlers_table is not None
+            else ()
+        )
+        self.check_handlers(sockets, handlers)
+        self.check_duplicate_addresses(sockets)
+        return Manifest(service, sockets, handlers, path=self.path, warnings=tuple(self.warnings))
+
+    # [service]
+
+    def service(self, table: _Table | None) -> ServiceSpec:
+        default_name = self.path.stem if self.path is not None else "service"
+        if table is None:
+            return ServiceSpec(self.service_name("service.name", default_name, from_file_name=True))
+        name = table.get("name", table.string, None)
+        grace = table.get("grace-period", self.grace_period(table), DEFAULT_GRACE_PERIOD)
+        python_path: tuple[str, ...] = table.get("python-path", table.string_list, (".",))
+        table.finish()
+        if name is None:
+            name = self.service_name("service.name", default_name, from_file_name=True)
+        else:
+            name = self.service_name("service.name", name, from_file_name=False)
+        return ServiceSpec(name, grace, python_path)
+
+    def service_name(self, key_path: str, name: str, *, from_file_name: bool) -> str:
+        if _SERVICE_NAME.fullmatch(name) and len(name) <= 200:
+            return name
+        origin = f"the file name gives {name!r}, which" if from_file_name else f"{name!r}"
+        raise self.error(
+            key_path,
+            f"{origin} is not a usable service name (letters, digits, '_', '.', '-'; at most 200)",
+        )
+
+    def grace_period(self, table: _Table) -> Callable[[str, Any], float]:
+        def check(key: str, value: Any) -> float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise table.error(key, f"expected a number of seconds, got {_type_name(value)}")
+            if not math.isfinite(value) or value < 0:
+                raise table.error(key, f"{value!r} is not a duration (expected a finite number >= 0)")
+            return float(value)
+
+        return check
+
+    # [sockets.NAME]
+
+    def socket(self, sockets: _Table, name: str) -> SocketSpec:
+        table = sockets.subtable(name)
+        assert table is not None
+        problem = fd_name_problem(name)
+        if problem is not None:
+            raise self.error(table.key_path, f"socket name {name!r} cannot be an fd name: {problem}")
+        listen_texts = table.require("listen", table.strings, 'e.g. listen = "127.0.0.1:8000"')
+        listen = tuple(
+            self.address(table, index, text, len(listen_texts)) for index, text in enumerate(listen_texts)
+        )
+        type_text = table.get("type", table.string, "stream")
+        try:
+            sock_type = SocketType(type_text)
+        except ValueError:
+            raise table.error("type", f"{type_text!r}: expected one of stream, datagram, seqpacket") from None
+        spec = SocketSpec(
+            name=name,
+            listen=listen,
+            type=sock_type,
+            backlog=table.get("backlog", self.backlog(table), DEFAULT_BACKLOG),
+            reuse_port=table.get("reuse-port", table.boolean, False),
+            ipv6_only=table.get("ipv6-only", table.boolean, False),
+            free_bind=table.get("free-bind", table.boolean, False),
+            mode=table.get("mode", self.mode(table), DEFAULT_MODE),
+            owner=table.get("owner", self.user_or_group(table), None),
+            group=table.get("group", self.user_or_group(table), None),
+            remove_on_stop=table.get("remove-on-stop", table.boolean, False),
+        )
+        table.finish()
+        self.check_socket_options(table, spec)
+        return spec
+
+    def address(self, table: _Table, index: int, text: str, count: int) -> Address:
+        try:
+            return parse_address(text)
+        except ValueError as exc:
+            key = "listen" if count == 1 else f"listen[{index}]"
+            raise table.error(key, str(exc)) from None
+
+    def backlog(self, table: _Table) -> Callable[[str, Any], int]:
+        def check(key: str, value: Any) -> int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise table.error(key, f"expected an integer, got {_type_name(value)}")
+            if not 1 <= value <= 2**31 - 1:
+                raise table.error(key, f"{value} is out of range 1-{2**31 - 1}")
+            return value
+
+        return check
+
+    def mode(self, table: _Table) -> Callable[[str, Any], int]:
+        def check(key: str, value: Any) -> int:
+            if isinstance(value, bool):
+                raise table.error(key, 'expected an octal mode such as 0o660 or "0660", got a boolean')
+            if isinstance(value, int):
+                if not 0 <= value <= 0o7777:
+                    raise table.error(key, f"{value:#o} is out of range 0o0-0o7777")
+                return value
+            if isinstance(value, str):
+                if not _OCTAL_MODE.fullmatch(value):
+                    raise table.error(key, f'{value!r} is not an octal mode (expected e.g. "0660")')
+                return int(value.removeprefix("0o"), 8)
+            raise table.error(key, f'expected an octal mode such as 0o660 or "0660", got {_type_name(value)}')
+
+        return check
+
+    def user_or_group(self, table: _Table) -> Callable[[str, Any], str]:
+        def check(key: str, value: Any) -> str:
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                return str(value)
+            if isinstance(value, str) and value and ":" not in value and not value.isspace():
+                return value
+            raise table.error(key, f"{value!r}: expected a user or group name, or a numeric id")
+
+        return check
+
+    def check_socket_options(self, table: _Table, spec: SocketSpec) -> None:
+        """Options that cannot apply to the socket's addresses or type are errors, not ignored."""
+        inet = [a for a in spec.listen if isinstance(a, InetAddress)]
+        unix_paths = [a for a in spec.listen if isinstance(a, UnixAddress)]
+        if spec.type is SocketType.SEQPACKET and inet:
+            raise table.error(
+                "type",
+                f"seqpacket sockets are unix-only (as systemd's ListenSequentialPacket=), "
+                f"but listen has {inet[0]}",
+            )
+        if spec.type is SocketType.DATAGRAM and "backlog" in table.data:
+            raise table.error("backlog", "applies to stream and seqpacket sockets only")
+        if spec.ipv6_only and not any(a.family == socket.AF_INET6 for a in inet):
+            raise table.error("ipv6-only", "applies to IPv6 addresses only, and listen has none")
+        for key in ("reuse-port", "free-bind"):
+            if table.data.get(key) and not inet:
+                raise table.error(key, "applies to IP addresses only, and listen has none")
+        for key in ("mode", "owner", "group", "remove-on-stop"):
+            if key in table.data and not unix_paths:
+                raise table.error(key, "applies to unix socket files only, and listen has none")
+
+    # [handlers.NAME]
+
+    def handler(self, handlers: _Table, name: str) -> HandlerSpec:
+        table = handlers.subtable(name)
+        assert table is not None
+        sockets = table.require("socket", table.strings, "the name of a [sockets.NAME] table")
+        call = table.require("call", table.string, 'e.g. call = "myapp.echo:handle"')
+        module, sep, function = call.partition(":")
+        if not sep or not _IDENTIFIER_PATH.fullmatch(module) or not _IDENTIFIER_PATH.fullmatch(function):
+            raise table.error("call", f'{call!r}: expected "module:function", e.g. "myapp.echo:handle"')
+        table.finish()
+        return HandlerSpec(name, sockets, call)
+
+    # Cross-table rules
+
+    def check_handlers(self, sockets: tuple[SocketSpec, ...], handlers: tuple[HandlerSpec, ...]) -> None:
+        known = [spec.name for spec in sockets]
+        claimed: dict[str, str] = {}
+        for handler in handlers:
+            for index, name in enumerate(handler.sockets):
+                key = f"handlers.{handler.name}.socket" + ("" if len(handler.sockets) == 1 else f"[{index}]")
+                if name not in known:
+                    close = difflib.get_close_matches(name, known, n=1)
+                    hint = f"did you mean {close[0]!r}?" if close else f"declared: {', '.join(known)}"
+                    raise self.error(key, f"no socket named {name!r} ({hint})")
+                if name in claimed:
+                    raise self.error(key, f"socket {name!r} is already served by handlers.{claimed[name]}")
+                claimed[name] = handler.name
+        for name in known:
+            if name not in claimed:
+                self.warnings.append(
+                    f"{self.where}: sockets.{name}: no handler serves this socket "
+                    "(fine if an embedding program takes it)"
+                )
+
+    def check_duplicate_addresses(self, sockets: tuple[SocketSpec, ...]) -> None:
+        seen: dict[tuple[object, ...], str] = {}
+        for spec in sockets:
+            for index, address in enumerate(spec.listen):
+                key_path = f"sockets.{spec.name}.listen" + ("" if len(spec.listen) == 1 else f"[{index}]")
+                for identity in self.bind_identities(spec, address):
+                    if identity in seen:
+                        raise self.error(key_path, f"{address} is already declared at {seen[identity]}")
+                    seen[identity] = key_path
+
+    def bind_identities(self, spec: SocketSpec, address: Address) -> Iterator[tuple[object, ...]]:
+        """What two binds would collide on.  Port 0 never collides: each gets its own port.
+
+        TCP and UDP have separate port spaces; a unix path or abstract name is
+        one name whatever the socket type.
+        """
+        if isinstance(address, InetAddress):
+            if address.port != 0:
+                yield ("inet", spec.type, address.bind_host, address.port)
+        elif isinstance(address, UnixAddress):
+            folder = self.path.parent if self.path is not None else Path(".")
+            yield ("unix", str(Path(address.resolved(str(folder)).path)))
+        elif isinstance(address, AbstractAddress):
+            yield ("abstract", address.name)
+
+
+# --- writing ---------------------------------------------------------------
+
+
+def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
+    """The manifest as TOML-ready data, every default explicit."""
+    service = {
+        "name": manifest.service.name,
+        "grace-period": manifest.service.grace_period,
+        "python-path": list(manifest.service.python_path),
+    }
+    sockets: dict[str, Any] = {}
+    for spec in manifest.sockets:
+        listen = [str(a) for a in spec.listen]
+        table: dict[str, Any] = {"listen": listen[0] if len(listen) == 1 else listen, "type": spec.type.value}
+        if spec.type is not SocketType.DATAGRAM:
+            table["backlog"] = spec.backlog
+        inet = [a for a in spec.listen if isinstance(a, InetAddress)]
+        if inet:
+            table["reuse-port"] = spec.reuse_port
+            table["free-bind"] = spec.free_bind
+            if any(a.family == socket.AF_INET6 for a in inet):
+                table["ipv6-only"] = spec.ipv6_only
+        if any(isinstance(a, UnixAddress) for a in spec.listen):
+            # TOML writers have no octal integers: the string form round-trips.
+            table["mode"] = f"{spec.mode:04o}"
+            if spec.owner is not None:
+                table["owner"] = spec.owner
+            if spec.group is not None:
+                table["group"] = spec.group
+            table["remove-on-stop"] = spec.remove_on_stop
+        sockets[spec.name] = table
+    handlers: dict[str, Any] = {}
+    for handler in manifest.handlers:
+        handlers[handler.name] = {
+            "socket": handler.sockets[0] if len(handler.sockets) == 1 else list(handler.sockets),
+            "call": handler.call,
+        }
+    document: dict[str, Any] = {"service": service, "sockets": sockets}
+    if handlers:
+        document["handlers"] = handlers
+    return document
+
+
+def dump_manifest(manifest: Manifest) -> str:
+    """The normalized manifest as TOML text; ``parse_manifest`` reads it back equal."""
+    return tomli_w.dumps(manifest_to_dict(manifest))
