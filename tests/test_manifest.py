@@ -16,7 +16,9 @@ from trio_activate.address import AbstractAddress, InetAddress, UnixAddress
 from trio_activate.errors import ManifestError
 from trio_activate.manifest import (
     DEFAULT_BACKLOG,
+    HandlerKind,
     Manifest,
+    OnError,
     SocketType,
     dump_manifest,
     load_manifest,
@@ -114,6 +116,26 @@ def test_every_option_is_read_into_typed_values() -> None:
     assert dns.type is SocketType.DATAGRAM
     assert manifest.handler_for("api") == manifest.handlers[0]
     assert manifest.fd_names() == ("web", "web", "api", "dns", "dns")
+
+
+def test_handler_kind_follows_the_socket_type_unless_set() -> None:
+    manifest = parse(FULL)
+    web, dns = manifest.handlers
+    assert web.kind is HandlerKind.STREAM
+    assert dns.kind is HandlerKind.DATAGRAM
+    assert (web.max_connections, web.on_error) == (None, OnError.LOG)
+    explicit = parse(MINIMAL + 'kind = "listener"\n')
+    assert explicit.handlers[0].kind is HandlerKind.LISTENER
+
+
+def test_stream_handler_options_are_read() -> None:
+    manifest = parse(
+        "[service]\naccept-handler = 'echo'\n" + MINIMAL + "max-connections = 10\non-error = 'exit'\n"
+    )
+    (handler,) = manifest.handlers
+    assert (handler.max_connections, handler.on_error) == (10, OnError.EXIT)
+    assert manifest.service.accept_handler == "echo"
+    assert parse(dump_manifest(manifest)) == manifest
 
 
 def test_manifest_values_are_immutable() -> None:
@@ -339,6 +361,40 @@ INVALID = {
     "call with bad module": (
         MINIMAL.replace("myapp.echo:handle", "my-app:handle"),
         r"handlers.echo.call: 'my-app:handle'",
+    ),
+    "kind unknown": (
+        MINIMAL + 'kind = "http"\n',
+        r"handlers.echo.kind: 'http': expected one of stream, datagram, listener",
+    ),
+    "datagram handler on a stream socket": (
+        MINIMAL + 'kind = "datagram"\n',
+        r"handlers.echo.kind: a datagram handler cannot serve sockets.echo, a stream socket",
+    ),
+    "listener handler on a seqpacket socket": (
+        "[sockets.p]\nlisten = '@p'\ntype = 'seqpacket'\n"
+        "[handlers.p]\nsocket = 'p'\ncall = 'm:f'\nkind = 'listener'\n",
+        r"handlers.p.kind: a listener handler cannot serve sockets.p, a seqpacket socket",
+    ),
+    "handler mixing datagram and stream sockets": (
+        "[sockets.a]\nlisten = '127.0.0.1:1'\n[sockets.b]\nlisten = '127.0.0.1:1'\ntype = 'datagram'\n"
+        "[handlers.h]\nsocket = ['a', 'b']\ncall = 'm:f'\n",
+        r"handlers.h.socket: mixes datagram and connection sockets",
+    ),
+    "max-connections zero": (
+        MINIMAL + "max-connections = 0\n",
+        r"handlers.echo.max-connections: 0 is out of range: expected at least 1",
+    ),
+    "max-connections on a listener handler": (
+        MINIMAL + "kind = 'listener'\nmax-connections = 5\n",
+        r"handlers.echo.max-connections: applies to stream handlers only, and this one is listener",
+    ),
+    "on-error unknown": (
+        MINIMAL + "on-error = 'ignore'\n",
+        r"handlers.echo.on-error: 'ignore': expected one of log, exit",
+    ),
+    "accept-handler not a stream handler": (
+        "[service]\naccept-handler = 'nope'\n" + MINIMAL,
+        r"service.accept-handler: 'nope' is not a stream handler \(stream handlers: echo\)",
     ),
     "grace-period negative": (
         "[service]\ngrace-period = -1\n" + MINIMAL,

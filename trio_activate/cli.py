@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +20,8 @@ from pathlib import Path
 from . import __version__
 from .errors import ActivationError
 from .manifest import dump_manifest, load_manifest
+
+# Layer 2 only up to the re-exec: trio is imported by `serve` after it.
 
 __all__ = ["main"]
 
@@ -55,7 +58,7 @@ call = "trio_activate.examples:echo"   # module:function; await echo(stream) per
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose)
+    _configure_logging(args.log_level)
     command: Callable[[argparse.Namespace], int] = args.command
     try:
         return command(args)
@@ -70,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trio-native socket activation, configured by a TOML manifest.",
     )
     parser.add_argument("--version", action="version", version=f"trio-activate {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="what to log on stderr (default: info)",
+    )
     subcommands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     check = subcommands.add_parser(
@@ -88,10 +96,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init.add_argument("path", nargs="?", default=Path("service.toml"), type=Path, metavar="PATH")
     init.set_defaults(command=cmd_init)
+
+    serve = subcommands.add_parser(
+        "serve",
+        help="run the service: adopt passed sockets, or self-activate",
+        description=(
+            "Run the manifest's handlers. Under systemd (or systemd-socket-activate) adopt the passed "
+            "sockets; otherwise create them and re-exec through the internal activator, so both take "
+            "the same path. SIGTERM or SIGINT stop gracefully; a second SIGINT cancels at once."
+        ),
+    )
+    serve.add_argument("manifest", type=Path, metavar="MANIFEST")
+    serve.set_defaults(command=cmd_serve)
+
+    fds = subcommands.add_parser(
+        "fds",
+        help="show the sockets this process was passed",
+        description=(
+            "Show what LISTEN_* passed to this process: each fd's number, name, family, type, "
+            "listening state and address, and with MANIFEST how each matches. Run it under "
+            "systemd-socket-activate or as a unit's ExecStart= to check the unit."
+        ),
+    )
+    fds.add_argument("manifest", nargs="?", type=Path, metavar="MANIFEST")
+    fds.add_argument("--json", action="store_true", help="print one JSON object, stable for scripts")
+    fds.set_defaults(command=cmd_fds)
     return parser
 
 
-def _configure_logging(verbose: bool) -> None:
+def _configure_logging(level: str) -> None:
     # Replace, not add: main() may run many times in one process (tests, embedding),
     # and sys.stderr may have been swapped since the last call.
     for old in [h for h in log.handlers if getattr(h, "trio_activate_cli", False)]:
@@ -101,7 +134,7 @@ def _configure_logging(verbose: bool) -> None:
     handler.setFormatter(logging.Formatter("trio-activate: %(levelname_lower)s: %(message)s"))
     handler.addFilter(_lowercase_level)
     log.addHandler(handler)
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.setLevel(level.upper())
     log.propagate = False
 
 
@@ -136,3 +169,29 @@ def cmd_init(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     print(f"wrote {path}; check it with: trio-activate check {path}", file=sys.stderr)
     return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    # First thing: SIGTERM/SIGINT during start-up wait, and end in an orderly
+    # exit once the service handles them (see runtime.block_shutdown_signals;
+    # inlined so that this path does not import trio before the re-exec).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    from .acquire import acquire_sockets
+
+    manifest = load_manifest(args.manifest)
+    for warning in manifest.warnings:
+        log.warning("%s", warning)
+    owned = acquire_sockets(manifest, reexec=True)
+    try:
+        from .service_main import run_service
+
+        return run_service(manifest, owned)
+    finally:
+        owned.close()
+
+
+def cmd_fds(args: argparse.Namespace) -> int:
+    from .fds_report import report_fds
+
+    manifest = load_manifest(args.manifest) if args.manifest is not None else None
+    return report_fds(manifest, as_json=args.json)

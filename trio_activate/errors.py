@@ -13,6 +13,7 @@ __all__ = [
     "ActivationError",
     "AdoptionError",
     "CreationError",
+    "HandlerError",
     "ListenEnvError",
     "ManifestError",
 ]
@@ -46,3 +47,8 @@ class AdoptionError(ActivationError):
 class CreationError(ActivationError):
     """A socket from the manifest cannot be created (address in use, permission,
     missing directory, a live socket or a non-socket file in the way)."""
+
+
+class HandlerError(ActivationError):
+    """A handler named in the manifest cannot be imported, or is not a coroutine
+    function, or does not fit its sockets."""

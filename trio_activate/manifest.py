@@ -28,6 +28,7 @@ Socket order matters: the activator passes fds in manifest order (each socket's
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import enum
 import math
@@ -49,13 +50,16 @@ __all__ = [
     "DEFAULT_BACKLOG",
     "DEFAULT_GRACE_PERIOD",
     "DEFAULT_MODE",
+    "HandlerKind",
     "HandlerSpec",
     "Manifest",
+    "OnError",
     "ServiceSpec",
     "SocketSpec",
     "SocketType",
     "dump_manifest",
     "load_manifest",
+    "manifest_from_dict",
     "parse_manifest",
 ]
 
@@ -100,6 +104,8 @@ class ServiceSpec:
     name: str
     grace_period: float = DEFAULT_GRACE_PERIOD
     python_path: tuple[str, ...] = (".",)
+    # Which stream handler serves an Accept=yes connection when there are several.
+    accept_handler: str | None = None
 
 
 @dataclass(frozen=True)
@@ -119,13 +125,40 @@ class SocketSpec:
     remove_on_stop: bool = False
 
 
+class HandlerKind(enum.Enum):
+    """How the runtime calls a handler.
+
+    - ``stream``: ``await handle(stream)`` once per connection;
+    - ``datagram``: ``await handle(sock)`` once per fd, for the life of the service;
+    - ``listener``: ``await run(listeners)`` once, with every listener.
+    """
+
+    STREAM = "stream"
+    DATAGRAM = "datagram"
+    LISTENER = "listener"
+
+
+class OnError(enum.Enum):
+    """What an exception from one connection's handler does."""
+
+    LOG = "log"
+    EXIT = "exit"
+
+
 @dataclass(frozen=True)
 class HandlerSpec:
-    """One ``[handlers.NAME]`` table: a ``module:function`` serving some sockets."""
+    """One ``[handlers.NAME]`` table: a ``module:function`` serving some sockets.
+
+    ``kind`` is always resolved: when the table does not set it, it follows
+    the sockets' type (datagram sockets: datagram; others: stream).
+    """
 
     name: str
     sockets: tuple[str, ...]
     call: str
+    kind: HandlerKind = HandlerKind.STREAM
+    max_connections: int | None = None
+    on_error: OnError = OnError.LOG
 
     @property
     def module(self) -> str:
@@ -202,6 +235,11 @@ def parse_manifest(text: str, *, path: Path | None = None, source: str | None = 
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(f"{where}: invalid TOML: {exc}") from None
     return _Parser(where, path).parse(document)
+
+
+def manifest_from_dict(document: dict[str, Any], *, source: str = "<code>") -> Manifest:
+    """Validate a manifest given as data (the TOML document's shape), for users without a file."""
+    return _Parser(source, None).parse(document)
 
 
 _T = TypeVar("_T")
@@ -307,6 +345,8 @@ class _Parser:
         self.where = where
         self.path = path
         self.warnings: list[str] = []
+        self.explicit_kinds: dict[str, HandlerKind | None] = {}
+        self.handler_tables: dict[str, _Table] = {}
 
     def error(self, key_path: str, message: str) -> ManifestError:
         return ManifestError(f"{self.where}: {key_path}: {message}")
@@ -328,6 +368,8 @@ class _Parser:
             else ()
         )
         self.check_handlers(sockets, handlers)
+        handlers = self.resolve_kinds(sockets, handlers)
+        self.check_accept_handler(service, handlers)
         self.check_duplicate_addresses(sockets)
         return Manifest(service, sockets, handlers, path=self.path, warnings=tuple(self.warnings))
 
@@ -340,12 +382,13 @@ class _Parser:
         name = table.get("name", table.string, None)
         grace = table.get("grace-period", self.grace_period(table), DEFAULT_GRACE_PERIOD)
         python_path: tuple[str, ...] = table.get("python-path", table.string_list, (".",))
+        accept_handler = table.get("accept-handler", table.string, None)
         table.finish()
         if name is None:
             name = self.service_name("service.name", default_name, from_file_name=True)
         else:
             name = self.service_name("service.name", name, from_file_name=False)
-        return ServiceSpec(name, grace, python_path)
+        return ServiceSpec(name, grace, python_path, accept_handler)
 
     def service_name(self, key_path: str, name: str, *, from_file_name: bool) -> str:
         if _SERVICE_NAME.fullmatch(name) and len(name) <= 200:
@@ -474,8 +517,89 @@ class _Parser:
         module, sep, function = call.partition(":")
         if not sep or not _IDENTIFIER_PATH.fullmatch(module) or not _IDENTIFIER_PATH.fullmatch(function):
             raise table.error("call", f'{call!r}: expected "module:function", e.g. "myapp.echo:handle"')
+        kind_text = table.get("kind", table.string, None)
+        kind = None
+        if kind_text is not None:
+            kind = self.enum_value(table, "kind", HandlerKind, kind_text)
+        on_error_text = table.get("on-error", table.string, None)
+        on_error = OnError.LOG
+        if on_error_text is not None:
+            on_error = self.enum_value(table, "on-error", OnError, on_error_text)
+        max_connections = table.get("max-connections", self.positive_int(table), None)
         table.finish()
-        return HandlerSpec(name, sockets, call)
+        # The kind is resolved against the sockets' types once every socket is known.
+        self.explicit_kinds[name] = kind
+        self.handler_tables[name] = table
+        return HandlerSpec(name, sockets, call, HandlerKind.STREAM, max_connections, on_error)
+
+    _E = TypeVar("_E", bound=enum.Enum)
+
+    def enum_value(self, table: _Table, key: str, kind: type[_E], text: str) -> _E:
+        try:
+            return kind(text)
+        except ValueError:
+            choices = ", ".join(str(member.value) for member in kind)
+            raise table.error(key, f"{text!r}: expected one of {choices}") from None
+
+    def positive_int(self, table: _Table) -> Callable[[str, Any], int]:
+        def check(key: str, value: Any) -> int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise table.error(key, f"expected an integer, got {_type_name(value)}")
+            if value < 1:
+                raise table.error(key, f"{value} is out of range: expected at least 1")
+            return value
+
+        return check
+
+    def resolve_kinds(
+        self, sockets: tuple[SocketSpec, ...], handlers: tuple[HandlerSpec, ...]
+    ) -> tuple[HandlerSpec, ...]:
+        """Give each handler its kind, and check that it fits its sockets' types."""
+        types = {spec.name: spec.type for spec in sockets}
+        resolved = []
+        for handler in handlers:
+            table = self.handler_tables[handler.name]
+            served = {types[name] for name in handler.sockets}
+            kind = self.explicit_kinds[handler.name]
+            if kind is None:
+                if served == {SocketType.DATAGRAM}:
+                    kind = HandlerKind.DATAGRAM
+                elif SocketType.DATAGRAM in served:
+                    raise table.error(
+                        "socket", "mixes datagram and connection sockets; give each kind its own handler"
+                    )
+                else:
+                    kind = HandlerKind.STREAM
+            fits = {
+                HandlerKind.STREAM: {SocketType.STREAM, SocketType.SEQPACKET},
+                HandlerKind.DATAGRAM: {SocketType.DATAGRAM},
+                HandlerKind.LISTENER: {SocketType.STREAM},
+            }[kind]
+            for name in handler.sockets:
+                if types[name] not in fits:
+                    raise table.error(
+                        "kind",
+                        f"a {kind.value} handler cannot serve sockets.{name}, a {types[name].value} socket",
+                    )
+            if kind is not HandlerKind.STREAM:
+                for key in ("max-connections", "on-error"):
+                    if key in table.data:
+                        raise table.error(
+                            key, f"applies to stream handlers only, and this one is {kind.value}"
+                        )
+            resolved.append(dataclasses.replace(handler, kind=kind))
+        return tuple(resolved)
+
+    def check_accept_handler(self, service: ServiceSpec, handlers: tuple[HandlerSpec, ...]) -> None:
+        if service.accept_handler is None:
+            return
+        streams = [h.name for h in handlers if h.kind is HandlerKind.STREAM]
+        if service.accept_handler not in streams:
+            raise self.error(
+                "service.accept-handler",
+                f"{service.accept_handler!r} is not a stream handler (stream handlers: "
+                f"{', '.join(streams) or 'none'})",
+            )
 
     # Cross-table rules
 
@@ -535,6 +659,8 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
         "grace-period": manifest.service.grace_period,
         "python-path": list(manifest.service.python_path),
     }
+    if manifest.service.accept_handler is not None:
+        service["accept-handler"] = manifest.service.accept_handler
     sockets: dict[str, Any] = {}
     for spec in manifest.sockets:
         listen = [str(a) for a in spec.listen]
@@ -558,10 +684,16 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
         sockets[spec.name] = table
     handlers: dict[str, Any] = {}
     for handler in manifest.handlers:
-        handlers[handler.name] = {
+        handler_table: dict[str, Any] = {
             "socket": handler.sockets[0] if len(handler.sockets) == 1 else list(handler.sockets),
             "call": handler.call,
+            "kind": handler.kind.value,
         }
+        if handler.kind is HandlerKind.STREAM:
+            if handler.max_connections is not None:
+                handler_table["max-connections"] = handler.max_connections
+            handler_table["on-error"] = handler.on_error.value
+        handlers[handler.name] = handler_table
     document: dict[str, Any] = {"service": service, "sockets": sockets}
     if handlers:
         document["handlers"] = handlers

@@ -1,0 +1,137 @@
+"""Getting a service its sockets: adopt what was passed, or create them.
+
+Layer 2: syscalls, no trio.  The one place that decides where sockets come
+from, for ``serve`` and for the embedded ``activated()``:
+
+- ``LISTEN_*`` names this process: adopt the fds (``passed.adopt``).  When
+  the internal activator passed them (it re-exec'd this very process), the
+  unix socket files it created are ours too, and ``remove-on-stop`` removes
+  them at close; under systemd they are systemd's, never touched.
+- Not activated, ``reexec=True`` (``serve``): self-activate: create the
+  sockets, place them at fds 3.., exec in place (``activator``).  Does not
+  return.
+- Not activated, ``reexec=False`` (embedded): create them in-process.
+
+Resource handling: the returned ``ServiceSockets`` owns every socket (and
+the socket files it made); its ``close()`` closes each once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+
+from .activator import ACTIVATOR_MARKER, SOCKET_FILES_VARIABLE, check_not_looping, self_activate
+from .create import create_sockets, remove_socket_file_if_same
+from .fds import own_pidfd_id
+from .listen_env import ListenFds, take_listen_env
+from .manifest import Manifest
+from .passed import adopt
+
+__all__ = ["ServiceSockets", "SocketFile", "acquire_sockets"]
+
+log = logging.getLogger("trio_activate")
+
+
+@dataclass(frozen=True)
+class SocketFile:
+    """A unix socket file this service made, identified as it was right after bind()."""
+
+    socket_name: str
+    path: str
+    file_id: tuple[int, int]
+
+
+@dataclass(eq=False)
+class ServiceSockets:
+    """Every socket of one service, by manifest name.  Owns them until ``close()``.
+
+    To take a socket over, remove it from ``sockets`` first.
+    """
+
+    sockets: dict[str, list[socket.socket]]
+    origin: str
+    """"systemd" style passing ("passed"), "self-activated", or "created" in-process."""
+    connection: socket.socket | None = None
+    files: list[SocketFile] = field(default_factory=list)
+    remove_on_stop: frozenset[str] = frozenset()
+
+    def close(self) -> None:
+        """Remove our ``remove-on-stop`` socket files, then close every socket once.
+
+        Files go first: while the socket is open its inode cannot be reused,
+        so the identity check cannot mistake a newer file for ours.
+        """
+        files, self.files = self.files, []
+        for item in files:
+            if item.socket_name in self.remove_on_stop:
+                remove_socket_file_if_same(item.path, item.file_id)
+        held = [s for group in self.sockets.values() for s in group]
+        if self.connection is not None:
+            held.append(self.connection)
+        self.sockets, self.connection = {}, None
+        for sock in held:
+            sock.close()
+
+
+def acquire_sockets(
+    manifest: Manifest,
+    *,
+    reexec: bool,
+    environ: MutableMapping[str, str] | None = None,
+) -> ServiceSockets:
+    env = os.environ if environ is None else environ
+    pid = os.getpid()
+    self_activated = env.get(ACTIVATOR_MARKER) == str(pid)
+    files_text = env.pop(SOCKET_FILES_VARIABLE, None) if self_activated else None
+    found = take_listen_env(env, pid=pid, pidfd_id=own_pidfd_id())
+    if not isinstance(found, ListenFds):
+        check_not_looping(env, pid=pid, reason=found.reason)
+        if reexec:
+            self_activate(manifest, environ=env)
+        return _create_in_process(manifest)
+    env.pop(ACTIVATOR_MARKER, None)
+    adopted = adopt(manifest, found)
+    sockets = ServiceSockets(
+        sockets=adopted.sockets,
+        origin="self-activated" if self_activated else "passed",
+        connection=adopted.connection,
+        files=_parse_socket_files(files_text),
+        remove_on_stop=_remove_on_stop(manifest),
+    )
+    adopted.sockets, adopted.connection = {}, None
+    return sockets
+
+
+def _create_in_process(manifest: Manifest) -> ServiceSockets:
+    created = create_sockets(manifest)
+    by_name: dict[str, list[socket.socket]] = {}
+    files = []
+    for item in created:
+        by_name.setdefault(item.spec_name, []).append(item.sock)
+        if item.created_path is not None and item.created_file_id is not None:
+            files.append(SocketFile(item.spec_name, item.created_path, item.created_file_id))
+    return ServiceSockets(by_name, "created", files=files, remove_on_stop=_remove_on_stop(manifest))
+
+
+def _remove_on_stop(manifest: Manifest) -> frozenset[str]:
+    return frozenset(spec.name for spec in manifest.sockets if spec.remove_on_stop)
+
+
+def encode_socket_files(files: list[SocketFile]) -> str:
+    return json.dumps([[f.socket_name, f.path, *f.file_id] for f in files])
+
+
+def _parse_socket_files(text: str | None) -> list[SocketFile]:
+    """Read what the activator recorded; anything malformed is ignored (the files are then left alone)."""
+    if not text:
+        return []
+    try:
+        return [SocketFile(str(n), str(p), (int(d), int(i))) for n, p, d, i in json.loads(text)]
+    except (ValueError, TypeError):
+        log.warning("ignoring malformed %s; socket files will not be removed on stop", SOCKET_FILES_VARIABLE)
+        return []

@@ -1,0 +1,190 @@
+"""The internal activator: self-activation by re-exec.
+
+Layer 2: syscalls, no trio.  This runs before trio is imported, so a
+self-activating ``serve`` pays only for the interpreter and this package's
+light modules before it execs.
+
+What it does, as systemd does for a service it starts:
+
+1. create the manifest's sockets (``create.create_sockets``, all or nothing);
+2. place them at fds 3, 4, ... in manifest order, safe against the shuffle
+   hazard (see ``place_fds``), with ``FD_CLOEXEC`` cleared on exactly those;
+3. set ``LISTEN_FDS``, ``LISTEN_FDNAMES``, ``LISTEN_PID`` (our own PID: exec
+   in place keeps it) and ``LISTEN_PIDFDID`` (our own pidfd id, where the
+   kernel has them; exec keeps it too);
+4. ``execv`` the same command line.
+
+After the exec the process adopts its sockets through exactly the path it
+takes under systemd.  A private variable, ``TRIO_ACTIVATE_ACTIVATOR_PID``,
+tells the re-exec'd process that it came from here: if it then finds no
+sockets for itself, it fails with the reason instead of activating again,
+so a bug can never turn into an exec loop.
+
+Resource handling: the created sockets are owned here until the exec; if
+anything fails before it, every socket created is closed and every unix
+socket file created is removed.  Once fds are placed, the process is
+committed: the placed fds belong to the program that the exec starts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+from collections.abc import MutableMapping, Sequence
+from pathlib import Path
+
+from .create import CreatedSocket, create_sockets, remove_socket_file
+from .errors import ActivationError
+from .fds import own_pidfd_id
+from .listen_env import SD_LISTEN_FDS_START, ListenFds, format_listen_env, read_listen_env
+from .manifest import Manifest, load_manifest
+
+__all__ = [
+    "ACTIVATOR_MARKER",
+    "SOCKET_FILES_VARIABLE",
+    "check_not_looping",
+    "exec_with_sockets",
+    "place_fds",
+    "self_activate",
+]
+
+# Set to our PID just before the re-exec; removed by whoever adopts.
+ACTIVATOR_MARKER = "TRIO_ACTIVATE_ACTIVATOR_PID"
+# The unix socket files the activator created, as JSON [[name, path, st_dev, st_ino], ...],
+# so the re-exec'd process can honour remove-on-stop for files that are its own, and only those.
+SOCKET_FILES_VARIABLE = "TRIO_ACTIVATE_SOCKET_FILES"
+
+
+def place_fds(sources: Sequence[int]) -> None:
+    """Make fd ``3 + i`` a duplicate of ``sources[i]``, inheritable across exec.
+
+    The shuffle hazard: a plain loop of ``dup2(src[i], 3 + i)`` clobbers any
+    later source that already sits in the target range (source 4 moved to 3,
+    then source 3 "moved" to 4 is a copy of what was source 4).  So every
+    source is first lifted above the range with ``F_DUPFD_CLOEXEC``, then
+    each lifted copy is ``dup2``-ed into place (``dup2`` clears
+    ``FD_CLOEXEC`` on its target, which is what crosses the exec), then the
+    lifted copies are closed.
+
+    The sources themselves are left open: their owners close them.  Whatever
+    else sat at 3 .. 3+n-1 before is replaced; that is the point of the call.
+    """
+    count = len(sources)
+    floor = SD_LISTEN_FDS_START + count
+    lifted: list[int] = []
+    try:
+        for source in sources:
+            lifted.append(fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, floor))
+        for index, fd in enumerate(lifted):
+            os.dup2(fd, SD_LISTEN_FDS_START + index, inheritable=True)
+    finally:
+        for fd in lifted:
+            os.close(fd)
+
+
+def exec_with_sockets(
+    created: Sequence[CreatedSocket],
+    names: Sequence[str],
+    argv: Sequence[str],
+    *,
+    environ: MutableMapping[str, str] | None = None,
+) -> None:
+    """Place ``created`` at fds 3.., set ``LISTEN_*`` for this process, and exec ``argv``.
+
+    Does not return on success.  The Python socket objects are detached
+    first, so nothing in this process closes a number that now holds a
+    placed socket; the original fds are closed after the placed copies
+    exist.  If the exec fails, the unix socket files created are removed
+    (while the placed fds still pin them, so only our own files go), the
+    placed fds are closed, and the error is raised as an ``ActivationError``.
+    """
+    env = os.environ if environ is None else environ
+    sources = [item.sock.detach() for item in created]
+    placed = range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(sources))
+    try:
+        place_fds(sources)
+    except BaseException:
+        for item in created:
+            remove_socket_file(item)  # while the sources still pin the files
+        for fd in sources:
+            os.close(fd)
+        raise
+    for fd in sources:
+        # A source may itself sit in the placed range, now holding a placed
+        # socket: closing that number would undo the placement.
+        if fd not in placed:
+            os.close(fd)
+    env.update(format_listen_env(names, pid=os.getpid(), pidfd_id=own_pidfd_id()))
+    env[ACTIVATOR_MARKER] = str(os.getpid())
+    env[SOCKET_FILES_VARIABLE] = json.dumps(
+        [
+            [item.spec_name, item.created_path, *item.created_file_id]
+            for item in created
+            if item.created_path is not None and item.created_file_id is not None
+        ]
+    )
+    try:
+        os.execve(argv[0], list(argv), dict(env))
+    except OSError as exc:
+        for item in created:
+            remove_socket_file(item)
+        for fd in placed:
+            os.close(fd)
+        raise ActivationError(f"cannot re-exec {argv[0]}: {exc.strerror or exc}") from None
+
+
+def reexec_argv() -> list[str]:
+    """The command line this process was started with, to run again in place.
+
+    ``sys.orig_argv`` keeps the interpreter's own options (``-X``, ``-m``),
+    which ``sys.argv`` loses.
+    """
+    return [sys.executable, *sys.orig_argv[1:]]
+
+
+def check_not_looping(environ: MutableMapping[str, str], *, pid: int, reason: str) -> None:
+    """Fail when the activator re-exec'd us but we found no sockets for ourselves.
+
+    Called by the adopting side when ``LISTEN_*`` says "not activated".
+    """
+    if environ.get(ACTIVATOR_MARKER) == str(pid):
+        environ.pop(ACTIVATOR_MARKER, None)
+        raise ActivationError(
+            f"the activator re-executed this process with its sockets, but they were not found: {reason}"
+        )
+
+
+def self_activate(
+    manifest: Manifest | str | Path,
+    *,
+    environ: MutableMapping[str, str] | None = None,
+    argv: Sequence[str] | None = None,
+) -> ListenFds | None:
+    """Make sure this process has its sockets: return if it was passed them, else create them and re-exec.
+
+    For embedded programs, call it first thing, before ``trio.run``::
+
+        trio_activate.self_activate("service.toml")
+        trio.run(main)
+
+    Returns the ``ListenFds`` found when this process was already activated
+    (by systemd, ``systemd-socket-activate``, or an earlier call); the
+    ``LISTEN_*`` variables are left in place for ``activated()`` to take.
+    Otherwise it does not return: the process re-execs with its sockets.
+
+    Error handling: a manifest or creation problem raises the matching
+    ``ActivationError`` with nothing left behind; malformed ``LISTEN_*`` raise
+    ``ListenEnvError`` (they are not silently replaced).
+    """
+    env = os.environ if environ is None else environ
+    if not isinstance(manifest, Manifest):
+        manifest = load_manifest(manifest)
+    found = read_listen_env(env, pid=os.getpid(), pidfd_id=own_pidfd_id())
+    if isinstance(found, ListenFds):
+        return found
+    check_not_looping(env, pid=os.getpid(), reason=found.reason)
+    created = create_sockets(manifest)
+    exec_with_sockets(created, manifest.fd_names(), argv or reexec_argv(), environ=env)
+    raise AssertionError("unreachable: exec_with_sockets returns only by raising")

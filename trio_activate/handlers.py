@@ -1,0 +1,95 @@
+"""Importing the manifest's handlers, before anything is served.
+
+Layer 3 (it runs user code, which may import trio), but it does not itself
+use trio.  Every handler is imported and checked before the service signals
+readiness, so a typo fails the start, not the first connection.
+
+Error handling: every problem is one ``HandlerError`` naming the manifest,
+the handler's ``call`` key and the reason, e.g.
+``service.toml: handlers.echo.call: cannot import 'myapp.echo': No module named 'myapp'``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import HandlerError
+from .manifest import HandlerSpec, Manifest
+
+__all__ = ["LoadedHandler", "load_handler", "load_handlers", "prepend_python_path"]
+
+HandlerFunction = Callable[..., Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class LoadedHandler:
+    spec: HandlerSpec
+    function: HandlerFunction
+
+
+def prepend_python_path(manifest: Manifest) -> None:
+    """Put the manifest's ``python-path`` folders first on ``sys.path``, in order, once each."""
+    folders = [str((manifest.folder / entry).resolve()) for entry in manifest.service.python_path]
+    for folder in reversed(folders):
+        if folder in sys.path:
+            sys.path.remove(folder)
+        sys.path.insert(0, folder)
+
+
+def load_handlers(manifest: Manifest) -> list[LoadedHandler]:
+    prepend_python_path(manifest)
+    return [load_handler(manifest, spec) for spec in manifest.handlers]
+
+
+def load_handler(manifest: Manifest, spec: HandlerSpec) -> LoadedHandler:
+    where = f"{manifest.source}: handlers.{spec.name}.call"
+    try:
+        target: Any = importlib.import_module(spec.module)
+    except SyntaxError as exc:
+        raise HandlerError(
+            f"{where}: cannot import {spec.module!r}: {exc.msg} ({exc.filename}, line {exc.lineno})"
+        ) from None
+    except ImportError as exc:
+        raise HandlerError(f"{where}: cannot import {spec.module!r}: {exc}") from None
+    except Exception as exc:
+        raise HandlerError(f"{where}: importing {spec.module!r} raised {_describe(exc)}") from None
+    for part in spec.function.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise HandlerError(f"{where}: {spec.module!r} has no attribute {spec.function!r}") from None
+    if not _is_async_callable(target):
+        raise HandlerError(
+            f"{where}: {spec.call!r} is {_kind_of(target)}, not a coroutine function (write `async def`)"
+        )
+    return LoadedHandler(spec, target)
+
+
+def _is_async_callable(target: object) -> bool:
+    if inspect.iscoroutinefunction(target):
+        return True
+    # An instance whose __call__ is ``async def`` is awaitable-returning too.
+    call = getattr(type(target), "__call__", None)  # noqa: B004 - the type's, not the instance's
+    return call is not None and not inspect.isclass(target) and inspect.iscoroutinefunction(call)
+
+
+def _kind_of(target: object) -> str:
+    if inspect.isclass(target):
+        return "a class"
+    if callable(target):
+        return "a plain function" if inspect.isfunction(target) else "a callable"
+    return f"a {type(target).__name__}"
+
+
+def _describe(exc: BaseException) -> str:
+    """``ValueError: boom (at myapp/echo.py:3)``: the exception and where user code raised it."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [f for f in frames if "importlib" not in f.filename]
+    where = f" (at {user[-1].filename}:{user[-1].lineno})" if user else ""
+    return f"{type(exc).__name__}: {exc}{where}"

@@ -1,0 +1,232 @@
+"""Running a service: every handler in one nursery, readiness, graceful shutdown.
+
+Layer 3 (trio).
+
+Shape of the task tree::
+
+    service nursery          signal watcher, watchdog
+    └── handlers nursery
+        ├── StreamServer.run  (one per stream handler: accept loops + a task per connection)
+        └── instant scope      datagram and listener handlers, each called once
+
+Lifecycle: ``serve()`` starts every handler and waits until each stream
+server's accept loops run, then reports ``READY=1`` and logs "ready".  On
+``shutdown()`` (SIGTERM/SIGINT for ``trio-activate serve``): ``STOPPING=1``,
+accepting stops at once, datagram and listener handlers are cancelled at
+once (they have no "in flight": each is one long call), and connections in
+flight get ``grace-period`` seconds, after which they are cancelled.  A
+second SIGINT cancels at once.  What was drained and what was cancelled is
+logged.
+
+Exit status: 0 after a requested shutdown; 1 when a handler failed the
+service (a datagram or listener handler raised, or a stream handler with
+``on-error = "exit"``).
+
+Resource handling: the ``Service`` does not own its sockets; whoever built
+it (``activated()``, the CLI) closes them after ``serve()`` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import trio
+
+from .handlers import LoadedHandler
+from .manifest import HandlerKind, Manifest
+from .notifier import Notifier
+from .serving import Listening, StreamServer
+from .watchdog import serve_watchdog
+
+__all__ = ["EXIT_FAILED", "EXIT_OK", "Service", "block_shutdown_signals", "serve_connection_once"]
+
+log = logging.getLogger("trio_activate")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+SHUTDOWN_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
+
+def block_shutdown_signals() -> None:
+    """Hold SIGTERM and SIGINT pending until the service is ready to handle them.
+
+    Called first thing by the CLI: a signal that arrives during start-up
+    (imports, adoption, the self-activation re-exec: the mask survives
+    ``execv``) then waits, and is handled as an orderly shutdown as soon as
+    the signal watcher runs, instead of killing the process mid-start.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
+
+
+@dataclass(frozen=True)
+class HandlerSockets:
+    """One handler and the sockets it serves, each with its manifest name."""
+
+    handler: LoadedHandler
+    sockets: Sequence[Listening]
+
+
+class Service:
+    def __init__(
+        self,
+        manifest: Manifest,
+        handlers: Sequence[HandlerSockets],
+        *,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.handlers = list(handlers)
+        self.notifier = notifier if notifier is not None else Notifier(None)
+        self.exit_status = EXIT_OK
+        self._stop_requested = trio.Event()
+        self._stopping = False
+        self._servers: list[StreamServer] = []
+        self._instant_scope = trio.CancelScope()
+        self._handlers_scope: trio.CancelScope | None = None
+
+    @property
+    def name(self) -> str:
+        return self.manifest.service.name
+
+    def shutdown(self) -> None:
+        """Ask for a graceful stop: stop accepting, drain for grace-period, then cancel."""
+        self._stop_requested.set()
+
+    def cancel(self) -> None:
+        """Stop now: cancel every handler without waiting for the grace period."""
+        self._stop_requested.set()
+        if self._handlers_scope is not None:
+            self._handlers_scope.cancel()
+
+    def fail(self) -> None:
+        """A handler failed the service: stop gracefully, then exit non-zero."""
+        self.exit_status = EXIT_FAILED
+        self.shutdown()
+
+    async def serve(
+        self, *, handle_signals: bool = False, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> int:
+        """Serve until ``shutdown()`` (or SIGTERM/SIGINT with ``handle_signals``); return the exit status."""
+        async with trio.open_nursery() as service_nursery:
+            if handle_signals:
+                await service_nursery.start(self._watch_signals)
+            await service_nursery.start(serve_watchdog, self.notifier)
+            async with trio.open_nursery() as handlers_nursery:
+                self._handlers_scope = handlers_nursery.cancel_scope
+                await self._start_handlers(handlers_nursery)
+                self._report_ready()
+                task_status.started()
+                await self._stop_requested.wait()
+                self._begin_shutdown()
+            self._report_drained()
+            service_nursery.cancel_scope.cancel()
+        return self.exit_status
+
+    async def _start_handlers(self, nursery: trio.Nursery) -> None:
+        instant: list[HandlerSockets] = []
+        for item in self.handlers:
+            if item.handler.spec.kind is HandlerKind.STREAM:
+                server = StreamServer(item.handler, item.sockets, on_failure=self.fail)
+                self._servers.append(server)
+                await nursery.start(server.run)
+            else:
+                instant.append(item)
+        if instant:
+            await nursery.start(self._run_instant_handlers, instant)
+
+    async def _run_instant_handlers(
+        self, handlers: Sequence[HandlerSockets], *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        with self._instant_scope:
+            async with trio.open_nursery() as nursery:
+                for item in handlers:
+                    if item.handler.spec.kind is HandlerKind.DATAGRAM:
+                        for listening in item.sockets:
+                            sock = trio.socket.from_stdlib_socket(listening.sock)
+                            nursery.start_soon(self._run_instant, item.handler, sock, listening.name)
+                    else:
+                        listeners = [
+                            trio.SocketListener(trio.socket.from_stdlib_socket(listening.sock))
+                            for listening in item.sockets
+                        ]
+                        names = ",".join(sorted({listening.name for listening in item.sockets}))
+                        nursery.start_soon(self._run_instant, item.handler, listeners, names)
+                task_status.started()
+
+    async def _run_instant(self, handler: LoadedHandler, argument: object, names: str) -> None:
+        try:
+            await handler.function(argument)
+        except Exception:
+            log.exception("handlers.%s (sockets.%s) raised; stopping the service", handler.spec.name, names)
+            self.fail()
+        else:
+            if not self._stopping:
+                log.warning("handlers.%s (sockets.%s) returned; it serves no more", handler.spec.name, names)
+
+    def _report_ready(self) -> None:
+        served = ", ".join(f"{item.handler.spec.name} ({len(item.sockets)} fd)" for item in self.handlers)
+        log.info("ready: %s serving %s", self.name, served or "no handler")
+        self.notifier.ready()
+        self.notifier.status(f"Serving {served}" if served else "Ready; no handler")
+
+    def _begin_shutdown(self) -> None:
+        self._stopping = True
+        grace = self.manifest.service.grace_period
+        in_flight = sum(server.slots.active for server in self._servers)
+        log.info("stopping: no longer accepting; %d connection(s) in flight get %gs", in_flight, grace)
+        self.notifier.stopping()
+        self.notifier.status(f"Stopping: draining {in_flight} connection(s)")
+        self._instant_scope.cancel()
+        deadline = trio.current_time() + grace if math.isfinite(grace) else math.inf
+        for server in self._servers:
+            server.stop_accepting()
+            server.set_drain_deadline(deadline)
+
+    def _report_drained(self) -> None:
+        cancelled = sum(server.cancelled for server in self._servers)
+        accepted = sum(server.accepted for server in self._servers)
+        if cancelled:
+            log.warning("stopped: %d connection(s) outlived the grace period and were cancelled", cancelled)
+        else:
+            log.info("stopped: every connection finished (%d served)", accepted)
+
+    async def _watch_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
+        with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+            # Signals held pending since start-up are delivered now, into the receiver.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)
+            try:
+                task_status.started()
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if not self._stopping and not self._stop_requested.is_set():
+                        log.info("%s: shutting down gracefully", name)
+                        self.shutdown()
+                    elif signum == signal.SIGINT:
+                        log.warning("second SIGINT: cancelling every handler now")
+                        self.cancel()
+            finally:
+                # From here to process exit, a late signal must not kill us
+                # with the default action: keep it pending instead.
+                signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
+
+
+async def serve_connection_once(handler: LoadedHandler, conn: socket.socket) -> int:
+    """``Accept=yes``: run the stream handler on the one passed connection; exit status 0 on success."""
+    trio_sock = trio.socket.from_stdlib_socket(conn)
+    try:
+        if conn.type == socket.SOCK_STREAM:
+            await handler.function(trio.SocketStream(trio_sock))
+        else:
+            await handler.function(trio_sock)
+    except Exception:
+        log.exception("handlers.%s: the Accept=yes connection raised", handler.spec.name)
+        return EXIT_FAILED
+    finally:
+        trio_sock.close()
+    return EXIT_OK

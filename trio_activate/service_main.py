@@ -1,0 +1,95 @@
+"""``trio-activate serve`` after the sockets are in hand: import handlers, run the service under trio.
+
+Layer 3 (trio), called by the CLI once ``acquire_sockets`` returned, which
+is after any self-activation re-exec: trio is imported here, not before.
+
+Resource handling: ``owned`` stays the caller's; it is closed by the CLI
+after ``run_service`` returns or raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import trio
+
+from . import __version__
+from .acquire import ServiceSockets
+from .address import address_from_sockname
+from .errors import HandlerError
+from .handlers import LoadedHandler, load_handlers
+from .manifest import HandlerKind, Manifest
+from .notifier import Notifier
+from .runtime import HandlerSockets, Service, serve_connection_once
+from .serving import Listening
+
+__all__ = ["run_service"]
+
+log = logging.getLogger("trio_activate")
+
+ORIGINS = {
+    "passed": "sockets passed by the service manager",
+    "self-activated": "sockets created by the internal activator",
+    "created": "sockets created in-process",
+}
+
+
+def run_service(manifest: Manifest, owned: ServiceSockets) -> int:
+    _log_banner(manifest, owned)
+    handlers = load_handlers(manifest)
+    if owned.connection is not None:
+        handler = _accept_handler(manifest, handlers)
+        log.info("Accept=yes: serving one connection with handlers.%s", handler.spec.name)
+        return trio.run(serve_connection_once, handler, owned.connection)
+    plan = [
+        HandlerSockets(
+            handler,
+            [Listening(name, sock) for name in handler.spec.sockets for sock in owned.sockets.get(name, [])],
+        )
+        for handler in handlers
+    ]
+    with Notifier.from_environ(unset=True) as notifier:
+        service = Service(manifest, plan, notifier=notifier)
+        status: int = trio.run(_serve_with_signals, service)
+    return status
+
+
+async def _serve_with_signals(service: Service) -> int:
+    return await service.serve(handle_signals=True)
+
+
+def _accept_handler(manifest: Manifest, handlers: list[LoadedHandler]) -> LoadedHandler:
+    streams = [h for h in handlers if h.spec.kind is HandlerKind.STREAM]
+    wanted = manifest.service.accept_handler
+    if wanted is not None:
+        return next(h for h in streams if h.spec.name == wanted)
+    if len(streams) == 1:
+        return streams[0]
+    names = ", ".join(h.spec.name for h in streams) or "none"
+    raise HandlerError(
+        f"{manifest.source}: service.accept-handler: an Accept=yes connection was passed and the "
+        f"manifest has {len(streams)} stream handlers ({names}); set accept-handler to one of them"
+    )
+
+
+def _log_banner(manifest: Manifest, owned: ServiceSockets) -> None:
+    count = sum(len(group) for group in owned.sockets.values()) + (owned.connection is not None)
+    log.info(
+        "trio-activate %s: service %s, pid %d, %d %s",
+        __version__,
+        manifest.service.name,
+        os.getpid(),
+        count,
+        ORIGINS.get(owned.origin, owned.origin),
+    )
+    for name, group in owned.sockets.items():
+        for sock in group:
+            log.info("sockets.%s: %s (fd %d)", name, _describe(sock), sock.fileno())
+
+
+def _describe(sock: socket.socket) -> str:
+    address = address_from_sockname(sock.family, sock.getsockname())
+    kind = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram", socket.SOCK_SEQPACKET: "seqpacket"}
+    return f"{address if address is not None else '(unnamed)'} {kind.get(sock.type, str(sock.type))}"

@@ -1,0 +1,221 @@
+"""Serving one stream handler: accept loops over its listening sockets, one task per connection.
+
+Layer 3 (trio).
+
+Why not ``trio.serve_listeners``: it accepts one connection per scheduler
+pass (every ``accept()`` is a checkpoint) and closes each stream with
+``aclose()`` after the handler, a second, forced close of a stream the
+handler usually closed already.  On connection-per-request load those two
+cost about a third of the CPU.  Here each wake-up of a listening socket
+drains its backlog with non-blocking ``accept()`` calls, up to
+``ACCEPT_BATCH`` (so one busy socket cannot starve the others sharing the
+thread), and the runtime closes each connection once, synchronously.
+
+Resource handling: the ``StreamServer`` does not own its listening sockets
+(the service does, and closes them after the server stopped).  Each accepted
+connection is owned by exactly one party at every moment: the accept loop
+until ``start_soon`` has taken the task, then the connection task, whose
+``finally`` closes it, whether the handler returned, raised, or was
+cancelled.  The handler may close the stream itself; closing is idempotent.
+
+Error handling: an exception from one connection's handler is logged with
+its traceback and the socket name and the server keeps serving
+(``on-error = "log"``), or asks the service to stop with exit status 1
+(``"exit"``).  ``accept()`` failing for lack of resources (``EMFILE``,
+``ENFILE``, ``ENOBUFS``, ``ENOMEM``) is logged once per burst and retried as
+soon as a connection of this server closes (which frees an fd), or after
+``CAPACITY_BACKOFF`` seconds when none does.  Trio's fixed 100 ms sleep would
+leave a draining server idle under fd pressure while handlers free fds.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from .handlers import LoadedHandler
+from .manifest import OnError
+
+__all__ = ["ACCEPT_BATCH", "ACCEPT_CAPACITY_ERRNOS", "ConnectionSlots", "Listening", "StreamServer"]
+
+log = logging.getLogger("trio_activate")
+
+# At most this many connections are accepted per wake-up of one socket.
+ACCEPT_BATCH = 64
+
+# accept() errors that mean "out of a resource"; the listening socket is fine
+# and a retry will succeed once something is freed.  (Trio's survey of
+# accept() errnos, above its own ACCEPT_CAPACITY_ERRNOS, reached the same set.)
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+# accept() errors about one connection that died in the backlog: skip it.
+ACCEPT_SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+
+CAPACITY_BACKOFF = 0.1
+
+
+@dataclass(frozen=True)
+class Listening:
+    """One listening socket a stream server accepts on, and the manifest name it came under."""
+
+    name: str
+    sock: socket.socket
+
+
+class ConnectionSlots:
+    """Counts open connections for ``max-connections``, and wakes waiters when one closes.
+
+    One instance per handler: the limit counts across all of its sockets.
+    The "freed" event also serves accept loops waiting out fd exhaustion: a
+    closed connection is a freed fd.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.active = 0
+        self._freed = trio.Event()
+
+    def available(self) -> bool:
+        return self.limit is None or self.active < self.limit
+
+    def take(self) -> None:
+        self.active += 1
+
+    def give_back(self) -> None:
+        self.active -= 1
+        self._freed.set()
+        self._freed = trio.Event()
+
+    async def wait_freed(self) -> None:
+        await self._freed.wait()
+
+    async def wait_available(self) -> None:
+        while not self.available():
+            await self.wait_freed()
+
+
+class StreamServer:
+    """Accepts on every socket of one stream handler and runs the handler per connection.
+
+    ``await nursery.start(server.run)`` returns once every accept loop runs.
+    ``stop_accepting()`` ends the accept loops at once; connections in flight
+    go on until they finish, or until ``drain_deadline`` (set by the
+    service) cancels them.
+    """
+
+    def __init__(
+        self,
+        handler: LoadedHandler,
+        listening: Sequence[Listening],
+        *,
+        on_failure: Callable[[], None],
+    ) -> None:
+        self.handler = handler
+        self.listening = list(listening)
+        self.slots = ConnectionSlots(handler.spec.max_connections)
+        self.on_failure = on_failure
+        self.accepted = 0
+        self.cancelled = 0
+        self._accepting = trio.CancelScope()
+        self._connections: trio.Nursery | None = None
+        self._capacity_logged = False
+
+    @property
+    def name(self) -> str:
+        return self.handler.spec.name
+
+    def stop_accepting(self) -> None:
+        self._accepting.cancel()
+
+    def set_drain_deadline(self, deadline: float) -> None:
+        if self._connections is not None:
+            self._connections.cancel_scope.deadline = deadline
+
+    def cancel_connections(self) -> None:
+        if self._connections is not None:
+            self._connections.cancel_scope.cancel()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        for item in self.listening:
+            item.sock.setblocking(False)
+        async with trio.open_nursery() as connections:
+            self._connections = connections
+            with self._accepting:
+                async with trio.open_nursery() as accept_loops:
+                    for item in self.listening:
+                        accept_loops.start_soon(self._accept_loop, item)
+                    task_status.started()
+            # Accepting stopped: what is left in this nursery are connections in flight.
+
+    async def _accept_loop(self, item: Listening) -> None:
+        connections = self._connections
+        assert connections is not None
+        sock = item.sock
+        while True:
+            await self.slots.wait_available()
+            await trio.lowlevel.wait_readable(sock)
+            for _ in range(ACCEPT_BATCH):
+                if not self.slots.available():
+                    break
+                try:
+                    conn, _ = sock.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in ACCEPT_SKIP_ERRNOS:
+                        continue
+                    if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                        await self._wait_out_capacity(item, exc)
+                        break
+                    raise
+                self._capacity_logged = False
+                self.slots.take()
+                self.accepted += 1
+                try:
+                    connections.start_soon(self._serve_connection, conn, item.name)
+                except BaseException:
+                    conn.close()
+                    self.slots.give_back()
+                    raise
+
+    async def _wait_out_capacity(self, item: Listening, exc: OSError) -> None:
+        if not self._capacity_logged:
+            self._capacity_logged = True
+            log.warning(
+                "sockets.%s: accept failed: %s; waiting for a connection to close before retrying",
+                item.name,
+                exc.strerror or exc,
+            )
+        with trio.move_on_after(CAPACITY_BACKOFF):
+            await self.slots.wait_freed()
+
+    async def _serve_connection(self, conn: socket.socket, name: str) -> None:
+        try:
+            trio_sock = trio.socket.from_stdlib_socket(conn)
+            try:
+                # trio.SocketStream takes SOCK_STREAM only: a seqpacket
+                # connection is handed over as its connected Trio socket, so
+                # message boundaries survive.
+                if conn.type == socket.SOCK_STREAM:
+                    await self.handler.function(trio.SocketStream(trio_sock))
+                else:
+                    await self.handler.function(trio_sock)
+            finally:
+                # Sync and idempotent: no second, forced aclose of a stream
+                # the handler closed already.
+                trio_sock.close()
+        except trio.Cancelled:
+            self.cancelled += 1
+            raise
+        except Exception:
+            log.exception("handlers.%s: a connection on sockets.%s raised", self.name, name)
+            if self.handler.spec.on_error is OnError.EXIT:
+                self.on_failure()
+        finally:
+            conn.close()
+            self.slots.give_back()
