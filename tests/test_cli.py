@@ -29,7 +29,7 @@ def test_version_prints_the_package_version() -> None:
     assert result.stdout.strip() == f"trio-activate {__version__}"
 
 
-@pytest.mark.parametrize("command", ["check", "init"])
+@pytest.mark.parametrize("command", ["check", "init", "serve", "fds"])
 def test_every_subcommand_has_help(command: str) -> None:
     result = run_cli(command, "--help")
     assert result.returncode == 0

@@ -16,12 +16,12 @@ def run_tool(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_check_is_clean() -> None:
-    result = run_tool("ruff", "check", "trio_activate", "tests", "benchmarks")
+    result = run_tool("ruff", "check", "trio_activate", "tests", "benchmarks", "config")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_ruff_format_is_clean() -> None:
-    result = run_tool("ruff", "format", "--check", "trio_activate", "tests", "benchmarks")
+    result = run_tool("ruff", "format", "--check", "trio_activate", "tests", "benchmarks", "config")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

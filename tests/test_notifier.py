@@ -14,6 +14,7 @@ import os
 import socket
 import stat
 import subprocess
+import threading
 import time
 import types
 import uuid
@@ -21,8 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import require_peer
+
 from trio_activate.notifier import Notifier
 
 OTHER_PID = 1  # init: never the test process
@@ -137,12 +138,20 @@ def test_explicit_address_without_environ(receiver: tuple[socket.socket, str]) -
 
 
 @pytest.mark.parametrize(
-    ("address", "interval"), [("", None), (b"", None), ("/x", 0.0), ("/x", -1.0), ("/x", float("nan"))]
+    ("address", "interval", "match"),
+    [
+        ("", None, "address must not be empty"),
+        (b"", None, "address must not be empty"),
+        ("/x", 0.0, "watchdog_interval must be a positive number of seconds, not 0.0"),
+        ("/x", -1.0, "watchdog_interval must be a positive number of seconds, not -1.0"),
+        ("/x", float("nan"), "watchdog_interval must be a positive number of seconds, not nan"),
+        ("/x", float("inf"), "watchdog_interval must be a positive number of seconds, not inf"),
+    ],
 )
-def test_explicit_arguments_are_checked(address: str | bytes, interval: float | None) -> None:
+def test_explicit_arguments_are_checked(address: str | bytes, interval: float | None, match: str) -> None:
     """An empty address or a watchdog interval that is not a positive finite
     number is the caller's bug: ValueError."""
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=match):
         Notifier(address, watchdog_interval=interval)
 
 
@@ -210,15 +219,26 @@ def test_send_to_a_full_queue_fails_at_once_and_recovers(
     work again once the receiver has read."""
     sock, path = receiver
     with Notifier.from_environ({"NOTIFY_SOCKET": path}) as notifier:
-        sent = 0
-        while notifier.watchdog():
-            sent += 1
-            assert sent < 100_000, "the receive queue never filled"
-        assert sent >= 1
+        sent: list[bool] = []
+
+        def fill() -> None:
+            while len(sent) < 100_000 and notifier.watchdog():
+                sent.append(True)
+
+        # In a thread, so that a send that blocks fails the test instead of
+        # hanging it; closing the receiver then wakes the blocked send.
+        filler = threading.Thread(target=fill, daemon=True)
+        filler.start()
+        filler.join(timeout=10)
+        if filler.is_alive():
+            sock.close()
+            filler.join()
+            pytest.fail(f"send blocked on a full receive queue after {len(sent)} datagrams")
+        assert 1 <= len(sent) < 100_000
         [record] = caplog.records
         assert record.levelno == logging.WARNING
         assert "Resource temporarily unavailable" in record.getMessage()
-        assert len(received(sock)) == sent
+        assert len(received(sock)) == len(sent)
         assert notifier.ready() is True
     assert received(sock) == [b"READY=1"]
 
@@ -396,9 +416,15 @@ def test_leaving_the_with_block_closes_the_socket(receiver: tuple[socket.socket,
     """The context manager closes on exit, also when the block raises."""
     _sock, path = receiver
     before = open_fds()
-    with pytest.raises(RuntimeError), Notifier.from_environ({"NOTIFY_SOCKET": path}) as notifier:
-        assert notifier.ready()
-        raise RuntimeError
+
+    def send_then_fail() -> None:
+        with Notifier.from_environ({"NOTIFY_SOCKET": path}) as notifier:
+            assert notifier.ready()
+            assert len(open_fds() - before) == 1
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        send_then_fail()
     assert open_fds() == before
 
 
@@ -414,7 +440,9 @@ def test_send_after_close_returns_false_warns_and_opens_nothing(
     assert open_fds() == before
     assert received(sock) == []
     [record] = caplog.records
-    assert record.getMessage() == f"cannot send b'STOPPING=1' to NOTIFY_SOCKET={path!r}: the notifier is closed"
+    assert (
+        record.getMessage() == f"cannot send b'STOPPING=1' to NOTIFY_SOCKET={path!r}: the notifier is closed"
+    )
 
 
 def test_socket_is_not_inherited_by_a_child(receiver: tuple[socket.socket, str]) -> None:

@@ -12,13 +12,18 @@ import ast
 import errno
 import fcntl
 import gc
+import json
 import logging
 import os
+import select
+import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -154,9 +159,10 @@ class Recorder:
         return DEFAULT_STEPS.wrap(fd)
 
     def close_fd(self, fd: int) -> None:
+        # Recorded before the call: an attempt on a number not held counts too.
+        self.closed.append(fd)
         # Like close(2): the number is released even when an error is reported.
         os.close(fd)
-        self.closed.append(fd)
         plug = fcntl.fcntl(self.null, fcntl.F_DUPFD_CLOEXEC, fd)
         assert plug == fd, "the closed number was free, so F_DUPFD must land on it"
         self.plugs.append(plug)
@@ -363,6 +369,8 @@ def test_adopt_takes_what_an_embedder_left_in_a_passed_fds(tmp_path: Path) -> No
         assert mine.getsockname()[0] == "127.0.0.1"  # still open and ours
     with pytest.raises(ValueError, match="give the steps to PassedFds"):
         adopt(load(tmp_path, WEB), PassedFds(listen_fds([])), steps=DEFAULT_STEPS)
+    with pytest.raises(ValueError, match="this PassedFds is closed"):
+        adopt(load(tmp_path, WEB), passed)
 
 
 def test_adopted_close_closes_everything_once_and_again_does_nothing(tmp_path: Path) -> None:
@@ -399,8 +407,9 @@ def check_adoption_error(
 ) -> None:
     """Adoption fails with `pattern`, and every passed fd is closed exactly once."""
     recorder = Recorder({})
-    with pytest.raises(AdoptionError, match=pattern):
+    with pytest.raises(AdoptionError, match=pattern) as info:
         adopt(load(tmp_path, manifest_text), listen_fds(fds), steps=recorder.steps)
+    assert not getattr(info.value, "__notes__", None)  # no close failed during the cleanup
     assert sorted(recorder.closed) == sorted(fd for fd, _ in fds)
     recorder.check_plugs()
 
@@ -411,9 +420,10 @@ def test_fd_not_open_is_an_error_and_its_number_is_never_closed(tmp_path: Path) 
     missing = os.open(os.devnull, os.O_RDONLY)
     os.close(missing)
     listen = listen_fds([(web, "web"), (missing, "dns")])
-    with pytest.raises(FdNotOpenError, match=rf"fd {missing} \('dns'\) is not open"):
+    with pytest.raises(FdNotOpenError, match=rf"fd {missing} \('dns'\) is not open") as info:
         adopt(load(tmp_path, WEB_AND_DNS), listen, steps=recorder.steps)
     assert recorder.closed == [web]
+    assert not getattr(info.value, "__notes__", None)  # no close failed during the cleanup
     recorder.check_plugs()
 
 
@@ -528,3 +538,117 @@ def test_a_fault_at_any_step_closes_every_fd_exactly_once(
     assert sorted(scenario.recorder.closed) == sorted(scenario.fds)
     # ...and nothing else was left open or closed.
     assert open_fds() == before
+
+
+# --- with the real peer ------------------------------------------------------------
+
+_SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
+_needs_socket_activate = pytest.mark.skipif(
+    _SOCKET_ACTIVATE is None, reason="systemd-socket-activate is not installed (Debian package systemd)"
+)
+
+# The service: read LISTEN_*, adopt, report what it got as JSON on stdout.
+_SERVICE = """
+import json, os, sys
+from trio_activate.fds import own_pidfd_id
+from trio_activate.listen_env import take_listen_env
+from trio_activate.manifest import load_manifest
+from trio_activate.passed import adopt
+
+listen = take_listen_env(os.environ, pid=os.getpid(), pidfd_id=own_pidfd_id())
+with adopt(load_manifest(sys.argv[1]), listen) as adopted:
+    if adopted.connection is not None:
+        adopted.connection.sendall(b"hello from the service")
+    print(json.dumps({
+        "sockets": {
+            name: [[s.fileno(), s.family, os.get_inheritable(s.fileno())] for s in socks]
+            for name, socks in adopted.sockets.items()
+        },
+        "connection": None if adopted.connection is None else adopted.connection.fileno(),
+        "warnings": adopted.warnings,
+    }))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def connect_when_listening(port: int) -> socket.socket:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port))
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def read_line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
+    """One line of the service's stdout, without waiting forever for a service that failed."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 4096) if ready else b""
+        if not chunk:
+            raise AssertionError(f"the service printed no report (so far: {data!r})")
+        data += chunk
+    return data
+
+
+def run_socket_activate(args: list[str], manifest: Path, port: int) -> tuple[dict[str, Any], bytes]:
+    """Run the service under systemd-socket-activate; its report, and what it sent a client."""
+    assert _SOCKET_ACTIVATE is not None
+    command = [_SOCKET_ACTIVATE, *args, sys.executable, "-c", _SERVICE, str(manifest)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # systemd-socket-activate starts the service on the first connection.
+        with connect_when_listening(port) as client:
+            try:
+                report = read_line(proc, timeout=20)
+            except AssertionError:
+                proc.terminate()
+                raise AssertionError(proc.communicate(timeout=10)[1].decode()) from None
+            client.settimeout(10)
+            try:
+                received = client.recv(100)
+            except ConnectionResetError:  # the service closed the listener with us in its backlog
+                received = b""
+    finally:
+        # With --accept, systemd-socket-activate keeps serving: stop it.
+        if proc.poll() is None:
+            proc.terminate()
+        proc.communicate(timeout=10)
+    parsed: dict[str, Any] = json.loads(report)
+    return parsed, received
+
+
+@_needs_socket_activate
+def test_adopts_what_systemd_socket_activate_passes_under_one_name(tmp_path: Path) -> None:
+    port = free_port()
+    manifest = tmp_path / "service.toml"
+    manifest.write_text(f'[sockets.web]\nlisten = ["127.0.0.1:{port}", "./web.sock"]\n')
+    args = ["-l", f"127.0.0.1:{port}", "-l", str(tmp_path / "web.sock"), "--fdname=web"]
+    report, _ = run_socket_activate(args, manifest, port)
+    assert report == {
+        "sockets": {"web": [[3, socket.AF_INET, False], [4, socket.AF_UNIX, False]]},
+        "connection": None,
+        "warnings": [],
+    }
+
+
+@_needs_socket_activate
+def test_adopts_the_connection_systemd_socket_activate_accept_passes(tmp_path: Path) -> None:
+    port = free_port()
+    manifest = tmp_path / "service.toml"
+    manifest.write_text(f'[sockets.web]\nlisten = "127.0.0.1:{port}"\n')
+    report, received = run_socket_activate(["-l", f"127.0.0.1:{port}", "--accept"], manifest, port)
+    assert report == {"sockets": {}, "connection": 3, "warnings": []}
+    assert received == b"hello from the service"

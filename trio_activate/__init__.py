@@ -24,7 +24,11 @@ from .manifest import load_manifest as load_manifest
 __version__ = "0.1.0"
 
 # name -> module that defines it; imported on first access.
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "Activation": ".embedded",
+    "activated": ".embedded",
+    "self_activate": ".activator",
+}
 
 
 def __getattr__(name: str) -> Any:

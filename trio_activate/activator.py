@@ -43,15 +43,26 @@ from .manifest import Manifest, load_manifest
 
 __all__ = [
     "ACTIVATOR_MARKER",
+    "DEV_VARIABLE",
     "SOCKET_FILES_VARIABLE",
+    "WORKER_FDS_VARIABLE",
     "check_not_looping",
     "exec_with_sockets",
     "place_fds",
     "self_activate",
+    "settle_worker_environment",
 ]
 
 # Set to our PID just before the re-exec; removed by whoever adopts.
 ACTIVATOR_MARKER = "TRIO_ACTIVATE_ACTIVATOR_PID"
+# Set by the supervisor for each worker it spawns: JSON [[fd, name], ...] of the
+# sockets it passed (with pass_fds, at the supervisor's fd numbers).  The worker
+# cannot be given LISTEN_PID, which is its own PID, known only after fork; so it
+# settles its own LISTEN_* first thing (settle_worker_environment).
+WORKER_FDS_VARIABLE = "TRIO_ACTIVATE_WORKER_FDS"
+# Set by `trio-activate dev` in its workers: full tracebacks for start-up
+# errors, and handler modules compiled from source (never stale bytecode).
+DEV_VARIABLE = "TRIO_ACTIVATE_DEV"
 # The unix socket files the activator created, as JSON [[name, path, st_dev, st_ino], ...],
 # so the re-exec'd process can honour remove-on-stop for files that are its own, and only those.
 SOCKET_FILES_VARIABLE = "TRIO_ACTIVATE_SOCKET_FILES"
@@ -91,9 +102,11 @@ def exec_with_sockets(
     *,
     environ: MutableMapping[str, str] | None = None,
 ) -> None:
-    """Place ``created`` at fds 3.., set ``LISTEN_*`` for this process, and exec ``argv``.
+    """Place ``created`` at fds 3.., and exec ``argv`` with ``LISTEN_*`` naming this process.
 
-    Does not return on success.  The Python socket objects are detached
+    ``environ`` (default ``os.environ``) plus the ``LISTEN_*`` and private
+    variables is the exec'd program's environment; ``environ`` itself is not
+    changed.  Does not return on success.  The Python socket objects are detached
     first, so nothing in this process closes a number that now holds a
     placed socket; the original fds are closed after the placed copies
     exist.  If the exec fails, the unix socket files created are removed
@@ -116,9 +129,13 @@ def exec_with_sockets(
         # socket: closing that number would undo the placement.
         if fd not in placed:
             os.close(fd)
-    env.update(format_listen_env(names, pid=os.getpid(), pidfd_id=own_pidfd_id()))
-    env[ACTIVATOR_MARKER] = str(os.getpid())
-    env[SOCKET_FILES_VARIABLE] = json.dumps(
+    # Set for the exec'd program only: if the exec fails, this process must not
+    # claim fds that are closed below (a later adoption would take whatever
+    # reused the numbers).
+    exec_env = dict(env)
+    exec_env.update(format_listen_env(names, pid=os.getpid(), pidfd_id=own_pidfd_id()))
+    exec_env[ACTIVATOR_MARKER] = str(os.getpid())
+    exec_env[SOCKET_FILES_VARIABLE] = json.dumps(
         [
             [item.spec_name, item.created_path, *item.created_file_id]
             for item in created
@@ -126,13 +143,41 @@ def exec_with_sockets(
         ]
     )
     try:
-        os.execve(argv[0], list(argv), dict(env))
+        os.execve(argv[0], list(argv), exec_env)
     except OSError as exc:
         for item in created:
             remove_socket_file(item)
         for fd in placed:
             os.close(fd)
         raise ActivationError(f"cannot re-exec {argv[0]}: {exc.strerror or exc}") from None
+
+
+def settle_worker_environment(environ: MutableMapping[str, str] | None = None) -> bool:
+    """In a worker the supervisor spawned, do what systemd does after fork; True if this is one.
+
+    Moves the passed fds to 3, 4, ... (``place_fds``: the supervisor's numbers
+    need not be contiguous), closes the originals, and sets ``LISTEN_FDS``,
+    ``LISTEN_FDNAMES``, ``LISTEN_PID`` and ``LISTEN_PIDFDID`` naming this
+    process.  Runs first thing in ``main()``, while the process is still
+    single-threaded and before trio is imported; from then on the worker
+    adopts through the ordinary ``LISTEN_*`` path.
+    """
+    env = os.environ if environ is None else environ
+    text = env.pop(WORKER_FDS_VARIABLE, None)
+    if text is None:
+        return False
+    try:
+        pairs = [(int(fd), str(name)) for fd, name in json.loads(text)]
+    except (ValueError, TypeError):
+        raise ActivationError(f"{WORKER_FDS_VARIABLE}={text[:80]!r}: expected [[fd, name], ...]") from None
+    sources = [fd for fd, _ in pairs]
+    placed = range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(sources))
+    place_fds(sources)
+    for fd in sources:
+        if fd not in placed:
+            os.close(fd)
+    env.update(format_listen_env([name for _, name in pairs], pid=os.getpid(), pidfd_id=own_pidfd_id()))
+    return True
 
 
 def reexec_argv() -> list[str]:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
+from .activator import DEV_VARIABLE, settle_worker_environment
 from .errors import ActivationError
 from .manifest import dump_manifest, load_manifest
 
@@ -63,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return command(args)
     except ActivationError as exc:
+        if DEV_VARIABLE in os.environ and exc.__cause__ is not None:
+            # dev: the error in full, so a typo shows where it is.
+            traceback.print_exception(exc.__cause__, file=sys.stderr)
         print(f"trio-activate: {exc}", file=sys.stderr)
         return EXIT_ERROR
 
@@ -107,7 +113,42 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     serve.add_argument("manifest", type=Path, metavar="MANIFEST")
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="worker processes sharing the sockets (default: [service] workers, else 1); "
+        "more than one runs a supervisor",
+    )
+    serve.add_argument(
+        "--supervise",
+        action="store_true",
+        help="run a supervisor even with one worker (SIGHUP then reloads with zero downtime)",
+    )
     serve.set_defaults(command=cmd_serve)
+
+    dev = subcommands.add_parser(
+        "dev",
+        help="serve with auto-reload: new code takes over when it is ready",
+        description=(
+            "Create the sockets once and serve them with one worker; on a change to the manifest, its "
+            "python-path folders or a --watch path, start a new worker, and stop the old one once the "
+            "new one is ready. A new worker that fails leaves the old one serving."
+        ),
+    )
+    dev.add_argument("manifest", type=Path, metavar="MANIFEST")
+    dev.add_argument(
+        "--watch", type=Path, action="append", default=[], metavar="PATH", help="also watch PATH"
+    )
+    dev.set_defaults(command=cmd_dev)
+
+    reload = subcommands.add_parser(
+        "reload",
+        help="reload a supervised service with zero downtime (sends SIGHUP)",
+        description="Send SIGHUP to a supervised trio-activate serve: its PID, or a file holding it.",
+    )
+    reload.add_argument("target", metavar="PID|PIDFILE")
+    reload.set_defaults(command=cmd_reload)
 
     fds = subcommands.add_parser(
         "fds",
@@ -172,22 +213,81 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    # First thing: SIGTERM/SIGINT during start-up wait, and end in an orderly
-    # exit once the service handles them (see runtime.block_shutdown_signals;
+    # First thing: SIGTERM/SIGINT/SIGHUP during start-up wait, and end in an
+    # orderly way once the service handles them (see runtime.block_shutdown_signals;
     # inlined so that this path does not import trio before the re-exec).
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+    is_worker = settle_worker_environment()
+    from .acquire import acquire_sockets
+
+    manifest = load_manifest(args.manifest)
+    if not is_worker:
+        for warning in manifest.warnings:
+            log.warning("%s", warning)
+    owned = acquire_sockets(manifest, reexec=True)
+    try:
+        workers = args.workers if args.workers is not None else manifest.service.workers
+        if not is_worker and owned.connection is None and (workers > 1 or args.supervise):
+            from .supervise_main import run_supervisor
+
+            return run_supervisor(manifest, args.manifest, owned, workers=workers, log_level=args.log_level)
+        from .service_main import run_service
+
+        return run_service(manifest, owned)
+    finally:
+        owned.close()
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     from .acquire import acquire_sockets
 
     manifest = load_manifest(args.manifest)
     for warning in manifest.warnings:
         log.warning("%s", warning)
     owned = acquire_sockets(manifest, reexec=True)
+    # dev made these sockets: stopping removes every socket file it created.
+    owned.remove_on_stop = frozenset(manifest.socket_names())
     try:
-        from .service_main import run_service
+        from .supervise_main import run_supervisor
 
-        return run_service(manifest, owned)
+        watch = [manifest.path or args.manifest]
+        watch += [manifest.folder / entry for entry in manifest.service.python_path]
+        watch += args.watch
+        return run_supervisor(
+            manifest, args.manifest, owned, workers=1, log_level=args.log_level, watch=watch
+        )
     finally:
         owned.close()
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    target: str = args.target
+    if target.isascii() and target.isdigit():
+        pid = int(target)
+    else:
+        try:
+            text = Path(target).read_text().strip()
+        except OSError as exc:
+            print(f"trio-activate: {target}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_ERROR
+        if not (text.isascii() and text.isdigit()):
+            print(f"trio-activate: {target}: {text[:40]!r} is not a PID", file=sys.stderr)
+            return EXIT_ERROR
+        pid = int(text)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        print(f"trio-activate: cannot signal PID {pid}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"sent SIGHUP to {pid}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _positive_int(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
 
 
 def cmd_fds(args: argparse.Namespace) -> int:

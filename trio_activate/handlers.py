@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import sys
+import tempfile
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -42,8 +44,21 @@ def prepend_python_path(manifest: Manifest) -> None:
         sys.path.insert(0, folder)
 
 
-def load_handlers(manifest: Manifest) -> list[LoadedHandler]:
+def load_handlers(manifest: Manifest, *, fresh_bytecode: bool = False) -> list[LoadedHandler]:
+    """Import every handler of ``manifest``.
+
+    ``fresh_bytecode`` (``dev``): compile handler modules from source, never
+    from a cached ``.pyc``.  A ``.pyc`` records its source's mtime in whole
+    seconds (and its size), so a file rewritten within the same second, at
+    the same size, would otherwise run stale.  Pointing ``sys.pycache_prefix``
+    at a folder that does not exist makes every later import miss the cache,
+    and ``dont_write_bytecode`` keeps it from being created; modules imported
+    before (trio, the standard library) keep their caches.
+    """
     prepend_python_path(manifest)
+    if fresh_bytecode:
+        sys.dont_write_bytecode = True
+        sys.pycache_prefix = os.path.join(tempfile.gettempdir(), f"trio-activate-no-pyc-{os.getpid()}")
     return [load_handler(manifest, spec) for spec in manifest.handlers]
 
 
@@ -54,11 +69,11 @@ def load_handler(manifest: Manifest, spec: HandlerSpec) -> LoadedHandler:
     except SyntaxError as exc:
         raise HandlerError(
             f"{where}: cannot import {spec.module!r}: {exc.msg} ({exc.filename}, line {exc.lineno})"
-        ) from None
+        ) from exc
     except ImportError as exc:
-        raise HandlerError(f"{where}: cannot import {spec.module!r}: {exc}") from None
+        raise HandlerError(f"{where}: cannot import {spec.module!r}: {exc}") from exc
     except Exception as exc:
-        raise HandlerError(f"{where}: importing {spec.module!r} raised {_describe(exc)}") from None
+        raise HandlerError(f"{where}: importing {spec.module!r} raised {_describe(exc)}") from exc
     for part in spec.function.split("."):
         try:
             target = getattr(target, part)

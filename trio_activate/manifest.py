@@ -67,6 +67,7 @@ __all__ = [
 # net.core.somaxconn (4096 on current kernels) anyway.
 DEFAULT_BACKLOG = 4096
 DEFAULT_GRACE_PERIOD = 5.0
+DEFAULT_START_TIMEOUT = 30.0
 # systemd's SocketMode= default.
 DEFAULT_MODE = 0o666
 
@@ -106,6 +107,10 @@ class ServiceSpec:
     python_path: tuple[str, ...] = (".",)
     # Which stream handler serves an Accept=yes connection when there are several.
     accept_handler: str | None = None
+    # Worker processes sharing the sockets; more than one runs a supervisor.
+    workers: int = 1
+    # Seconds a new worker has to report READY=1 before it counts as failed.
+    start_timeout: float = DEFAULT_START_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -383,12 +388,16 @@ class _Parser:
         grace = table.get("grace-period", self.grace_period(table), DEFAULT_GRACE_PERIOD)
         python_path: tuple[str, ...] = table.get("python-path", table.string_list, (".",))
         accept_handler = table.get("accept-handler", table.string, None)
+        workers = table.get("workers", self.positive_int(table), 1)
+        start_timeout = table.get("start-timeout", self.grace_period(table), DEFAULT_START_TIMEOUT)
+        if start_timeout == 0:
+            raise table.error("start-timeout", "0 leaves a worker no time to start (expected a number > 0)")
         table.finish()
         if name is None:
             name = self.service_name("service.name", default_name, from_file_name=True)
         else:
             name = self.service_name("service.name", name, from_file_name=False)
-        return ServiceSpec(name, grace, python_path, accept_handler)
+        return ServiceSpec(name, grace, python_path, accept_handler, workers, start_timeout)
 
     def service_name(self, key_path: str, name: str, *, from_file_name: bool) -> str:
         if _SERVICE_NAME.fullmatch(name) and len(name) <= 200:
@@ -661,6 +670,8 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
     }
     if manifest.service.accept_handler is not None:
         service["accept-handler"] = manifest.service.accept_handler
+    service["workers"] = manifest.service.workers
+    service["start-timeout"] = manifest.service.start_timeout
     sockets: dict[str, Any] = {}
     for spec in manifest.sockets:
         listen = [str(a) for a in spec.listen]

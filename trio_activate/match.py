@@ -219,7 +219,7 @@ def _check_claimed(manifest: Manifest, spec: SocketSpec, item: PassedSocket) -> 
         or (item.type in _CONNECTION_TYPES and not item.listening)
     ):
         hint = ""
-        if item.type == socket.SOCK_STREAM and not item.listening:
+        if spec.type is SocketType.STREAM and item.type == socket.SOCK_STREAM and not item.listening:
             hint = (
                 "; an Accept=yes connection must be named 'connection', or passed alone without a name "
                 "(for systemd-socket-activate --accept, leave out --fdname=)"

@@ -310,6 +310,7 @@ def adopt(
     if isinstance(listen, PassedFds):
         if steps is not None:
             raise ValueError("adopt(): give the steps to PassedFds(), not with a PassedFds")
+        listen._check_not_closed()
         passed = listen
     else:
         passed = PassedFds(listen, steps=steps if steps is not None else DEFAULT_STEPS)

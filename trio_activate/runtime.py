@@ -89,6 +89,7 @@ class Service:
         self._servers: list[StreamServer] = []
         self._instant_scope = trio.CancelScope()
         self._handlers_scope: trio.CancelScope | None = None
+        self._in_flight_at_stop = 0
 
     @property
     def name(self) -> str:
@@ -178,7 +179,7 @@ class Service:
     def _begin_shutdown(self) -> None:
         self._stopping = True
         grace = self.manifest.service.grace_period
-        in_flight = sum(server.slots.active for server in self._servers)
+        in_flight = self._in_flight_at_stop = sum(server.slots.active for server in self._servers)
         log.info("stopping: no longer accepting; %d connection(s) in flight get %gs", in_flight, grace)
         self.notifier.stopping()
         self.notifier.status(f"Stopping: draining {in_flight} connection(s)")
@@ -192,7 +193,11 @@ class Service:
         cancelled = sum(server.cancelled for server in self._servers)
         accepted = sum(server.accepted for server in self._servers)
         if cancelled:
-            log.warning("stopped: %d connection(s) outlived the grace period and were cancelled", cancelled)
+            log.warning(
+                "stopped: %d connection(s) in flight finished, %d were cancelled",
+                max(self._in_flight_at_stop - cancelled, 0),
+                cancelled,
+            )
         else:
             log.info("stopped: every connection finished (%d served)", accepted)
 

@@ -17,6 +17,7 @@ import trio
 
 from . import __version__
 from .acquire import ServiceSockets
+from .activator import DEV_VARIABLE
 from .address import address_from_sockname
 from .errors import HandlerError
 from .handlers import LoadedHandler, load_handlers
@@ -38,7 +39,7 @@ ORIGINS = {
 
 def run_service(manifest: Manifest, owned: ServiceSockets) -> int:
     _log_banner(manifest, owned)
-    handlers = load_handlers(manifest)
+    handlers = load_handlers(manifest, fresh_bytecode=DEV_VARIABLE in os.environ)
     if owned.connection is not None:
         handler = _accept_handler(manifest, handlers)
         log.info("Accept=yes: serving one connection with handlers.%s", handler.spec.name)

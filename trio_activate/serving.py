@@ -212,10 +212,23 @@ class StreamServer:
         except trio.Cancelled:
             self.cancelled += 1
             raise
-        except Exception:
-            log.exception("handlers.%s: a connection on sockets.%s raised", self.name, name)
-            if self.handler.spec.on_error is OnError.EXIT:
-                self.on_failure()
+        except Exception as exc:
+            self._handler_failed(name, exc)
+        except BaseExceptionGroup as group:
+            # A handler that runs a nursery of its own is cancelled with a
+            # group of Cancelled, maybe with errors of its own alongside.
+            cancelled, failed = group.split(trio.Cancelled)
+            if cancelled is None or not (failed is None or isinstance(failed, Exception)):
+                raise
+            self.cancelled += 1
+            if failed is not None:
+                self._handler_failed(name, failed)
+            raise cancelled from None
         finally:
             conn.close()
             self.slots.give_back()
+
+    def _handler_failed(self, name: str, exc: Exception) -> None:
+        log.error("handlers.%s: a connection on sockets.%s raised", self.name, name, exc_info=exc)
+        if self.handler.spec.on_error is OnError.EXIT:
+            self.on_failure()

@@ -1,0 +1,101 @@
+"""``serve`` with workers, and ``dev``: run the supervisor over the sockets in hand.
+
+Layer 5 glue for layer 4: called by the CLI after ``acquire_sockets``
+(after any self-activation re-exec), with the sockets it holds.
+
+Resource handling: ``owned`` stays the caller's; the supervisor only passes
+its fds to workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from .acquire import ServiceSockets
+from .manifest import Manifest
+from .notifier import Notifier
+from .supervisor import Supervisor, WorkerCommand, worker_argv
+
+__all__ = ["run_supervisor"]
+
+log = logging.getLogger("trio_activate")
+
+
+def run_supervisor(
+    manifest: Manifest,
+    manifest_path: Path,
+    owned: ServiceSockets,
+    *,
+    workers: int,
+    log_level: str,
+    watch: Sequence[Path] = (),
+) -> int:
+    sockets = [(sock.fileno(), name) for name, group in owned.sockets.items() for sock in group]
+    command = WorkerCommand(worker_argv(str(manifest_path.absolute()), log_level), sockets, dev=bool(watch))
+    with Notifier.from_environ(unset=True) as notifier:
+        supervisor = Supervisor(
+            command,
+            workers=workers,
+            grace_period=manifest.service.grace_period,
+            start_timeout=manifest.service.start_timeout,
+            notifier=notifier,
+            dev=bool(watch),
+        )
+        log.info(
+            "supervising %s: %d worker(s) over %d socket(s)%s",
+            manifest.service.name,
+            workers,
+            len(sockets),
+            ", reloading on changes" if watch else "; SIGHUP reloads",
+        )
+        status: int = trio.run(_supervise, supervisor, list(watch))
+    return status
+
+
+async def _supervise(supervisor: Supervisor, watch: list[Path]) -> int:
+    async with trio.open_nursery() as nursery:
+        if watch:
+            nursery.start_soon(_reload_on_changes, supervisor, watch)
+        status = await supervisor.run()
+        nursery.cancel_scope.cancel()
+    return status
+
+
+async def _reload_on_changes(supervisor: Supervisor, paths: list[Path]) -> None:
+    from watchfiles import awatch
+
+    existing = [p.absolute() for p in paths if p.exists()]
+    for path in paths:
+        if not path.exists():
+            log.warning("not watching %s: it does not exist", path)
+    async for changes in awatch(*existing, watch_filter=CodeChangeFilter(existing)):
+        changed = sorted({path for _, path in changes})
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        log.info("changed: %s%s", changed[0], more)
+        await supervisor.reload(f"{changed[0]} changed")
+
+
+class CodeChangeFilter:
+    """Which changes reload: Python sources in watched folders, and any watched file itself.
+
+    A folder (the manifest's, a ``python-path`` entry) also holds logs,
+    editor swap files and bytecode caches; reloading on those would loop (a
+    worker's own log line would trigger the next reload).
+    """
+
+    SOURCE_SUFFIXES = (".py", ".pyi", ".toml")
+    IGNORED_PARTS = frozenset({"__pycache__", ".git", ".hg", ".mypy_cache", ".ruff_cache", ".venv", ".tox"})
+
+    def __init__(self, watched: Sequence[Path]) -> None:
+        self.files = {str(p) for p in watched if p.is_file()}
+
+    def __call__(self, change: object, path: str) -> bool:
+        if path in self.files:
+            return True
+        if self.IGNORED_PARTS.intersection(Path(path).parts):
+            return False
+        return path.endswith(self.SOURCE_SUFFIXES)

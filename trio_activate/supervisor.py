@@ -1,0 +1,468 @@
+"""The supervisor: generations of worker processes over the same listening sockets.
+
+Layer 4 (processes, on trio).
+
+The sockets outlive the processes that serve them.  The supervisor holds
+the listening sockets and never accepts on them; each worker is
+``trio-activate serve`` itself, spawned with the sockets (``pass_fds``) and
+a private variable naming them, from which it sets its own ``LISTEN_*``
+first thing (``activator.settle_worker_environment``), then adopts them as
+it would under systemd.  While no worker accepts (between generations, or
+while one restarts), clients wait in the kernel's backlog: nothing is
+refused, nothing is reset.
+
+Spawning is ``subprocess.Popen`` (through ``trio.lowlevel.open_process``):
+its fork and exec happen in C (``_posixsubprocess``), so no Python code runs
+between fork and exec in this multi-threaded process.
+
+Readiness: every worker gets the supervisor's private ``NOTIFY_SOCKET`` (an
+abstract unix datagram socket with ``SO_PASSCRED``, so the kernel tells
+which PID sent each message).  A worker counts as serving once it sends
+``READY=1``; one that exits before, or is not ready within ``start-timeout``
+seconds, failed to start.
+
+A generation is N workers (``workers = N``).  A reload (SIGHUP, or a file
+change under ``dev``) starts the next generation; once all its workers are
+ready, the old generation gets SIGTERM and drains within its grace period.
+If the new generation fails, it is stopped and the old one keeps serving.
+
+A worker that dies while serving is restarted with exponential back-off
+(``RESTART_BACKOFF_START`` doubling up to ``RESTART_BACKOFF_MAX``).  Before
+any generation was ever ready, a failed start is retried
+``START_ATTEMPTS`` times, then the supervisor gives up with exit status 1;
+a worker that keeps dying at start after ``START_ATTEMPTS`` restarts also
+stops the service (``dev`` never gives up: it waits for the next change).
+
+Towards systemd (``NOTIFY_SOCKET`` set for the supervisor): ``READY=1`` when
+the first generation is ready, ``RELOADING=1`` with ``MONOTONIC_USEC=`` when
+a reload starts and ``READY=1`` when it ends (``Type=notify-reload``),
+``STOPPING=1``.  The supervisor's PID never changes, so ``MAINPID`` stays
+right.
+
+Resource handling: the supervisor owns nothing but its notify socket and
+its worker processes; the listening sockets belong to the caller (the CLI),
+which closes them after ``run()`` returns.  Every worker is reaped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from .activator import DEV_VARIABLE, WORKER_FDS_VARIABLE
+from .listen_env import LISTEN_VARIABLES
+from .notifier import Notifier
+from .notify_message import parse_notify_message
+
+__all__ = ["Supervisor", "WorkerCommand", "worker_argv"]
+
+log = logging.getLogger("trio_activate")
+
+START_ATTEMPTS = 5
+RESTART_BACKOFF_START = 0.1
+RESTART_BACKOFF_MAX = 10.0
+# After SIGTERM a worker has its grace period to drain, and this much more to exit.
+STOP_MARGIN = 5.0
+
+# Variables a worker must not inherit from the supervisor.
+_PRIVATE = (*LISTEN_VARIABLES, "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+@dataclass(frozen=True)
+class WorkerCommand:
+    """How to start one worker: the command line, and the sockets as (fd, name) to pass."""
+
+    argv: Sequence[str]
+    sockets: Sequence[tuple[int, str]]
+    dev: bool = False
+
+
+@dataclass(eq=False)
+class Worker:
+    process: trio.Process
+    generation: int
+    slot: int
+    ready: bool = False
+    stopping: bool = False
+    exited: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+@dataclass(eq=False)
+class Generation:
+    number: int
+    workers: list[Worker] = field(default_factory=list)
+
+    def live(self) -> list[Worker]:
+        return [w for w in self.workers if not w.exited]
+
+
+class StartFailed(Exception):
+    """A generation did not become ready; the message says why."""
+
+
+class Supervisor:
+    def __init__(
+        self,
+        command: WorkerCommand,
+        *,
+        workers: int,
+        grace_period: float,
+        start_timeout: float,
+        notifier: Notifier | None = None,
+        dev: bool = False,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.command = command
+        self.worker_count = workers
+        self.grace_period = grace_period
+        self.start_timeout = start_timeout
+        self.notifier = notifier if notifier is not None else Notifier(None)
+        self.dev = dev
+        self.environ = dict(os.environ if environ is None else environ)
+        self.current: Generation | None = None
+        self.generations_started = 0
+        self.restarts = 0
+        self.exit_status = 0
+        self._workers_by_pid: dict[int, Worker] = {}
+        self._changed = trio.Event()
+        self._stop = trio.Event()
+        self._stopping = False
+        self._reload_lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+        self._inbox: trio.socket.SocketType | None = None
+        self._inbox_address = ""
+
+    # --- public --------------------------------------------------------------
+
+    async def run(
+        self, *, handle_signals: bool = True, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> int:
+        """Start the first generation and supervise until stopped; return the exit status."""
+        with self._open_inbox():
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._receive_notifications)
+                if handle_signals:
+                    await nursery.start(self._watch_signals)
+                if not await self._start_first_generation():
+                    nursery.cancel_scope.cancel()
+                    return self.exit_status
+                task_status.started()
+                await self._stop.wait()
+                await self._stop_everything()
+                nursery.cancel_scope.cancel()
+        return self.exit_status
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def reload(self, reason: str) -> bool:
+        """Start the next generation; once it is ready, stop the current one.  True if it took over."""
+        if self._stopping:
+            return False
+        async with self._reload_lock:
+            started = time.monotonic()
+            log.info("reload (%s): starting generation %d", reason, self.generations_started + 1)
+            self.notifier.reloading()
+            try:
+                new = await self._start_generation()
+            except StartFailed as exc:
+                if self._stopping:
+                    return False
+                current = self.current.number if self.current else 0
+                log.error("reload failed: %s; generation %d keeps serving", exc, current)
+                self.notifier.ready(f"Reload failed: {exc}; still serving generation {current}")
+                return False
+            old, self.current = self.current, new
+            log.info("reloaded: generation %d serving in %.3fs", new.number, time.monotonic() - started)
+            self.notifier.ready(self._status())
+            if old is not None:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._stop_generation, old)
+            return True
+
+    # --- generations ---------------------------------------------------------
+
+    async def _start_first_generation(self) -> bool:
+        delay = RESTART_BACKOFF_START
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                self.current = await self._start_generation()
+            except StartFailed as exc:
+                if self.dev:
+                    log.error("%s; waiting for a change to try again", exc)
+                    return await self._wait_for_first_dev_generation()
+                if attempt == START_ATTEMPTS:
+                    log.error("%s; giving up after %d attempts", exc, attempt)
+                    self.exit_status = 1
+                    return False
+                log.error("%s; retrying in %.1fs", exc, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, RESTART_BACKOFF_MAX)
+            else:
+                break
+        log.info(
+            "ready: generation %d, %d worker(s)",
+            self.current.number if self.current else 0,
+            self.worker_count,
+        )
+        self.notifier.ready(self._status())
+        return True
+
+    async def _wait_for_first_dev_generation(self) -> bool:
+        """dev: nothing serves yet; the file watcher's next reload starts the first generation."""
+        while self.current is None:
+            if self._stop.is_set():
+                return False
+            await self._wait_changed()
+        self.notifier.ready(self._status())
+        return True
+
+    async def _start_generation(self) -> Generation:
+        self.generations_started += 1
+        generation = Generation(self.generations_started)
+        try:
+            for slot in range(self.worker_count):
+                generation.workers.append(await self._spawn(generation.number, slot))
+            with trio.move_on_after(self.start_timeout) as timeout:
+                while not all(w.ready for w in generation.workers):
+                    failed = [w for w in generation.workers if w.exited and not w.ready]
+                    if failed:
+                        worker = failed[0]
+                        raise StartFailed(
+                            f"generation {generation.number}: worker {worker.pid} exited with status "
+                            f"{worker.process.returncode} before it was ready"
+                        )
+                    await self._wait_changed()
+            if timeout.cancelled_caught:
+                raise StartFailed(
+                    f"generation {generation.number}: "
+                    f"not ready within start-timeout ({self.start_timeout:g}s)"
+                )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._stop_generation(generation)
+            raise
+        return generation
+
+    async def _spawn(self, generation: int, slot: int) -> Worker:
+        env = {k: v for k, v in self.environ.items() if k not in _PRIVATE}
+        env[WORKER_FDS_VARIABLE] = json.dumps([[fd, name] for fd, name in self.command.sockets])
+        env["NOTIFY_SOCKET"] = self._inbox_address
+        if self.dev:
+            env[DEV_VARIABLE] = "1"
+        process = await trio.lowlevel.open_process(
+            list(self.command.argv),
+            pass_fds=[fd for fd, _ in self.command.sockets],
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        worker = Worker(process, generation, slot)
+        self._workers_by_pid[worker.pid] = worker
+        assert self._nursery is not None
+        self._nursery.start_soon(self._reap, worker)
+        log.debug("generation %d: started worker %d", generation, worker.pid)
+        return worker
+
+    async def _reap(self, worker: Worker) -> None:
+        with trio.CancelScope(shield=True):
+            # Shielded: a worker is always reaped, even while the supervisor is cancelled.
+            status = await worker.process.wait()
+        worker.exited = True
+        self._workers_by_pid.pop(worker.pid, None)
+        self._notify_changed()
+        if worker.stopping or self._stopping:
+            log.debug("worker %d exited with status %d", worker.pid, status)
+            return
+        if not worker.ready:
+            return  # a failed start: the generation's start reports it
+        if self.current is not None and worker in self.current.workers:
+            log.warning(
+                "worker %d (generation %d) died with status %s; restarting",
+                worker.pid,
+                worker.generation,
+                _describe_status(status),
+            )
+            assert self._nursery is not None
+            self._nursery.start_soon(self._restart_slot, worker)
+
+    async def _restart_slot(self, dead: Worker) -> None:
+        delay = RESTART_BACKOFF_START
+        failures = 0
+        generation = self.current
+        if generation is None:
+            return
+        while generation is self.current and not self._stopping:
+            await trio.sleep(delay)
+            if generation is not self.current or self._stopping:
+                return
+            self.restarts += 1
+            replacement = await self._spawn(dead.generation, dead.slot)
+            generation.workers[generation.workers.index(dead)] = replacement
+            with trio.move_on_after(self.start_timeout):
+                while not replacement.ready and not replacement.exited:
+                    await self._wait_changed()
+            if replacement.ready:
+                log.info("worker %d replaced worker %d", replacement.pid, dead.pid)
+                return
+            await self._stop_workers([replacement])
+            failures += 1
+            if failures >= START_ATTEMPTS and not self.dev:
+                log.error("a worker failed to start %d times in a row; stopping the service", failures)
+                self.exit_status = 1
+                self.stop()
+                return
+            dead = replacement
+            delay = min(delay * 2, RESTART_BACKOFF_MAX)
+
+    async def _stop_generation(self, generation: Generation) -> None:
+        await self._stop_workers(generation.workers)
+        log.debug("generation %d stopped", generation.number)
+
+    async def _stop_workers(self, workers: Sequence[Worker]) -> None:
+        live = [w for w in workers if not w.exited]
+        for worker in live:
+            worker.stopping = True
+            _signal(worker, signal.SIGTERM)
+        deadline = trio.current_time() + self.grace_period + STOP_MARGIN
+        with trio.move_on_at(deadline):
+            while any(not w.exited for w in live):
+                await self._wait_changed()
+        for worker in live:
+            if not worker.exited:
+                log.warning("worker %d did not stop in time; killing it", worker.pid)
+                _signal(worker, signal.SIGKILL)
+        while any(not w.exited for w in live):
+            await self._wait_changed()
+
+    async def _stop_everything(self) -> None:
+        self._stopping = True
+        self.notifier.stopping()
+        workers = [w for w in self._workers_by_pid.values() if not w.exited]
+        log.info("stopping: %d worker(s) drain within %gs", len(workers), self.grace_period)
+        with trio.CancelScope(shield=True):
+            await self._stop_workers(workers)
+        log.info("stopped")
+
+    # --- notifications and signals -----------------------------------------
+
+    def _open_inbox(self) -> _Inbox:
+        return _Inbox(self)
+
+    async def _receive_notifications(self) -> None:
+        inbox = self._inbox
+        assert inbox is not None
+        space = socket.CMSG_SPACE(struct.calcsize("3i"))
+        while True:
+            data, ancillary, _flags, _address = await inbox.recvmsg(4096, space)
+            pid = _sender_pid(ancillary)
+            worker = self._workers_by_pid.get(pid) if pid is not None else None
+            if worker is None:
+                continue
+            fields = parse_notify_message(data)
+            if fields.get("READY") == "1" and not worker.ready:
+                worker.ready = True
+                log.debug("worker %d ready", worker.pid)
+                self._notify_changed()
+
+    async def _watch_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
+        wanted = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+        with trio.open_signal_receiver(*wanted) as signals:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, wanted)
+            try:
+                task_status.started()
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        assert self._nursery is not None
+                        self._nursery.start_soon(self.reload, "SIGHUP")
+                    elif not self._stop.is_set():
+                        log.info("%s: stopping every worker gracefully", signal.Signals(signum).name)
+                        self.stop()
+                    elif signum == signal.SIGINT:
+                        log.warning("second SIGINT: killing every worker")
+                        for worker in list(self._workers_by_pid.values()):
+                            _signal(worker, signal.SIGKILL)
+            finally:
+                signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+
+    def _notify_changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _wait_changed(self) -> None:
+        await self._changed.wait()
+
+    def _status(self) -> str:
+        generation = self.current
+        if generation is None:
+            return "Starting"
+        pids = ", ".join(str(w.pid) for w in generation.workers)
+        return f"Generation {generation.number}: {len(generation.workers)} worker(s) ({pids})"
+
+
+class _Inbox:
+    """Context manager owning the supervisor's private notify socket."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def __enter__(self) -> None:
+        # Bound before trio sees it: binding an abstract name never blocks.
+        plain = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            plain.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            name = f"trio-activate/{os.getpid()}/{secrets.token_hex(8)}"
+            plain.bind(b"\0" + name.encode())
+            sock = trio.socket.from_stdlib_socket(plain)
+        except BaseException:
+            plain.close()
+            raise
+        self.supervisor._inbox = sock
+        self.supervisor._inbox_address = "@" + name
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.supervisor._inbox is not None:
+            self.supervisor._inbox.close()
+            self.supervisor._inbox = None
+
+
+def _sender_pid(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            pid, _uid, _gid = struct.unpack("3i", data[: struct.calcsize("3i")])
+            return int(pid)
+    return None
+
+
+def _signal(worker: Worker, signum: int) -> None:
+    # The worker may have exited already (and been reaped): nothing to signal.
+    with contextlib.suppress(ProcessLookupError):
+        worker.process.send_signal(signum)
+
+
+def _describe_status(status: int) -> str:
+    if status < 0:
+        return signal.Signals(-status).name
+    return str(status)
+
+
+def worker_argv(manifest_path: str, log_level: str) -> list[str]:
+    """``trio-activate serve`` for a worker: this interpreter, this package, the same manifest."""
+    return [sys.executable, "-m", "trio_activate", "--log-level", log_level, "serve", manifest_path]
