@@ -150,6 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
     reload.add_argument("target", metavar="PID|PIDFILE")
     reload.set_defaults(command=cmd_reload)
 
+    units = subcommands.add_parser(
+        "systemd",
+        help="write the .socket and .service units for a manifest",
+        description=(
+            "Write one .socket unit per socket name and one .service unit that runs "
+            "`trio-activate serve MANIFEST` with them. Without --output, print them."
+        ),
+    )
+    units.add_argument("manifest", type=Path, metavar="MANIFEST")
+    units.add_argument("--output", type=Path, metavar="DIR", help="write the unit files into DIR")
+    units.add_argument("--user", action="store_true", help="units for a user manager (systemctl --user)")
+    units.add_argument("--name", help="the service's unit name (default: [service] name)")
+    units.add_argument(
+        "--systemd-version",
+        type=_positive_int,
+        metavar="N",
+        help="target systemd version (default: from `systemctl --version`); 253+ gets Type=notify-reload",
+    )
+    units.add_argument("--force", action="store_true", help="overwrite existing unit files")
+    units.set_defaults(command=cmd_systemd)
+
     fds = subcommands.add_parser(
         "fds",
         help="show the sockets this process was passed",
@@ -295,3 +316,69 @@ def cmd_fds(args: argparse.Namespace) -> int:
 
     manifest = load_manifest(args.manifest) if args.manifest is not None else None
     return report_fds(manifest, as_json=args.json)
+
+
+def cmd_systemd(args: argparse.Namespace) -> int:
+    from .units import render_units, unit_name_part
+
+    manifest = load_manifest(args.manifest)
+    if args.name is not None and unit_name_part(args.name) != args.name:
+        print(f"trio-activate: --name {args.name!r}: not a valid unit name", file=sys.stderr)
+        return EXIT_ERROR
+    version = args.systemd_version if args.systemd_version is not None else _installed_systemd_version()
+    units = render_units(
+        manifest,
+        command=_own_command(),
+        manifest_path=str(args.manifest.resolve()),
+        systemd_version=version,
+        user=args.user,
+        name=args.name,
+    )
+    if args.output is None:
+        for index, unit in enumerate(units):
+            print(("\n" if index else "") + f"### {unit.name}")
+            sys.stdout.write(unit.text)
+        return EXIT_OK
+    folder: Path = args.output
+    if not folder.is_dir():
+        print(f"trio-activate: --output {folder}: not a folder", file=sys.stderr)
+        return EXIT_ERROR
+    existing = [unit.name for unit in units if (folder / unit.name).exists()]
+    if existing and not args.force:
+        print(f"trio-activate: {folder / existing[0]}: already exists; --force overwrites", file=sys.stderr)
+        return EXIT_ERROR
+    for unit in units:
+        (folder / unit.name).write_text(unit.text, encoding="utf-8")
+        print(f"wrote {folder / unit.name}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _installed_systemd_version() -> int | None:
+    """The first number `systemctl --version` prints ("systemd 252 (252.38-1)"), or None."""
+    import shutil
+    import subprocess
+
+    systemctl = shutil.which("systemctl")
+    if systemctl is None:
+        return None
+    try:
+        out = subprocess.run([systemctl, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    words = out.split()
+    if len(words) >= 2 and words[0] == "systemd" and words[1].isdigit():
+        return int(words[1])
+    return None
+
+
+def _own_command() -> list[str]:
+    """How a unit should start trio-activate: the console script if this is it, else python -m."""
+    import shutil
+
+    script = Path(sys.argv[0])
+    if script.name == "trio-activate" and script.is_file():
+        return [str(script.resolve())]
+    found = shutil.which("trio-activate")
+    if found is not None:
+        return [str(Path(found).resolve())]
+    return [str(Path(sys.executable).absolute()), "-m", "trio_activate"]

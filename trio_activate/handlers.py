@@ -97,9 +97,12 @@ def _is_async_callable(target: object) -> bool:
 def _kind_of(target: object) -> str:
     if inspect.isclass(target):
         return "a class"
+    if inspect.isasyncgenfunction(target):
+        return "an async generator function"
     if callable(target):
         return "a plain function" if inspect.isfunction(target) else "a callable"
-    return f"a {type(target).__name__}"
+    name = type(target).__name__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
 
 
 def _describe(exc: BaseException) -> str:

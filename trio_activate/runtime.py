@@ -194,7 +194,7 @@ class Service:
         accepted = sum(server.accepted for server in self._servers)
         if cancelled:
             log.warning(
-                "stopped: %d connection(s) in flight finished, %d were cancelled",
+                "stopped: %d connection(s) in flight finished within the grace period, %d were cancelled",
                 max(self._in_flight_at_stop - cancelled, 0),
                 cancelled,
             )
@@ -221,17 +221,67 @@ class Service:
                 signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
 
 
-async def serve_connection_once(handler: LoadedHandler, conn: socket.socket) -> int:
-    """``Accept=yes``: run the stream handler on the one passed connection; exit status 0 on success."""
+async def serve_connection_once(
+    handler: LoadedHandler,
+    conn: socket.socket,
+    *,
+    grace_period: float = math.inf,
+    handle_signals: bool = False,
+) -> int:
+    """``Accept=yes``: run the stream handler on the one passed connection; exit status 0 on success.
+
+    With ``handle_signals`` (``trio-activate serve``), SIGTERM/SIGINT give the
+    connection ``grace_period`` seconds, then cancel it, as ``serve`` does for
+    connections in flight; a second SIGINT cancels at once.  Exit status 0.
+    """
+    scope = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        if handle_signals:
+            await nursery.start(_limit_on_signals, scope, grace_period)
+        status = await _serve_one(handler, conn, scope)
+        nursery.cancel_scope.cancel()
+    return status
+
+
+async def _serve_one(handler: LoadedHandler, conn: socket.socket, scope: trio.CancelScope) -> int:
     trio_sock = trio.socket.from_stdlib_socket(conn)
     try:
-        if conn.type == socket.SOCK_STREAM:
-            await handler.function(trio.SocketStream(trio_sock))
-        else:
-            await handler.function(trio_sock)
+        with scope:
+            if conn.type == socket.SOCK_STREAM:
+                await handler.function(trio.SocketStream(trio_sock))
+            else:
+                await handler.function(trio_sock)
+        if scope.cancelled_caught:
+            log.warning("handlers.%s: the Accept=yes connection was cancelled", handler.spec.name)
     except Exception:
         log.exception("handlers.%s: the Accept=yes connection raised", handler.spec.name)
         return EXIT_FAILED
     finally:
         trio_sock.close()
     return EXIT_OK
+
+
+async def _limit_on_signals(
+    scope: trio.CancelScope, grace_period: float, *, task_status: trio.TaskStatus[None]
+) -> None:
+    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+        # As Service._watch_signals: what was held pending since start-up arrives now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)
+        try:
+            task_status.started()
+            stopping = False
+            async for signum in signals:
+                if not stopping:
+                    stopping = True
+                    log.info(
+                        "%s: the Accept=yes connection gets %gs to finish",
+                        signal.Signals(signum).name,
+                        grace_period,
+                    )
+                    if math.isfinite(grace_period):
+                        scope.deadline = min(scope.deadline, trio.current_time() + grace_period)
+                elif signum == signal.SIGINT:
+                    log.warning("second SIGINT: cancelling the connection now")
+                    scope.cancel()
+        finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)

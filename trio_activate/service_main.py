@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from functools import partial
 
 import trio
 
@@ -43,7 +44,10 @@ def run_service(manifest: Manifest, owned: ServiceSockets) -> int:
     if owned.connection is not None:
         handler = _accept_handler(manifest, handlers)
         log.info("Accept=yes: serving one connection with handlers.%s", handler.spec.name)
-        return trio.run(serve_connection_once, handler, owned.connection)
+        serve_once = partial(
+            serve_connection_once, grace_period=manifest.service.grace_period, handle_signals=True
+        )
+        return trio.run(serve_once, handler, owned.connection)
     plan = [
         HandlerSockets(
             handler,

@@ -1,0 +1,617 @@
+"""`trio_activate.serving`: a stream handler's accept loops and one task per connection.
+
+Real listening sockets (127.0.0.1, unix paths in the test's folder), real
+clients in the same Trio run.  Timing tests run on pytest-trio's
+``autojump_clock`` (``MockClock(autojump_threshold=0)``) over unix sockets,
+whose ``connect()`` completes at once, so virtual time is exact.  Accept
+faults the kernel will not produce on demand (``ENFILE``, ``ECONNABORTED``,
+...) come from a listening socket that plays a script of errors before
+accepting for real; ``EMFILE`` is also produced for real, by lowering
+``RLIMIT_NOFILE``.  Every test checks through /proc/self/fd that it leaves
+no fd open.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import logging
+import os
+import resource
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from trio_activate import serving
+from trio_activate.fds import open_fds
+from trio_activate.handlers import LoadedHandler
+from trio_activate.manifest import HandlerKind, HandlerSpec, OnError
+from trio_activate.serving import ConnectionSlots, Listening, StreamServer
+
+Handler = Callable[[Any], Awaitable[None]]
+
+
+@pytest.fixture(autouse=True)
+def no_fd_leaks() -> Iterator[None]:
+    before = open_fds()
+    yield
+    gc.collect()
+    assert open_fds() == before
+
+
+@pytest.fixture(autouse=True)
+def records(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> pytest.LogCaptureFixture:
+    """The package's log records, whatever an earlier in-process CLI run did to its logger."""
+    logger = logging.getLogger("trio_activate")
+    monkeypatch.setattr(logger, "propagate", True)
+    monkeypatch.setattr(logger, "handlers", [])
+    caplog.set_level(logging.INFO, logger="trio_activate")
+    return caplog
+
+
+class Sockets:
+    """Listening sockets made for one test, all closed at its end."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.made: list[socket.socket] = []
+
+    def keep(self, sock: socket.socket) -> socket.socket:
+        self.made.append(sock)
+        return sock
+
+    def tcp(self) -> socket.socket:
+        sock = self.keep(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        return sock
+
+    def unix(self, name: str = "s.sock", kind: int = socket.SOCK_STREAM) -> socket.socket:
+        sock = self.keep(socket.socket(socket.AF_UNIX, kind))
+        sock.bind(str(self.folder / name))
+        sock.listen()
+        return sock
+
+    def close(self) -> None:
+        for sock in self.made:
+            sock.close()
+
+
+@pytest.fixture
+def sockets(tmp_path: Path) -> Iterator[Sockets]:
+    made = Sockets(tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def stream_spec(*, max_connections: int | None = None, on_error: OnError = OnError.LOG) -> HandlerSpec:
+    return HandlerSpec("web", ("web",), "app:handle", HandlerKind.STREAM, max_connections, on_error)
+
+
+def server_for(
+    handler: Handler,
+    *socks: socket.socket,
+    spec: HandlerSpec | None = None,
+    on_failure: Callable[[], None] | None = None,
+) -> StreamServer:
+    def no_failure() -> None:
+        raise AssertionError("on_failure called")
+
+    return StreamServer(
+        LoadedHandler(spec if spec is not None else stream_spec(), handler),
+        [Listening("web", sock) for sock in socks],
+        on_failure=on_failure if on_failure is not None else no_failure,
+    )
+
+
+async def connect(listener: socket.socket) -> trio.socket.SocketType:
+    client = trio.socket.socket(listener.family, listener.type)
+    try:
+        await client.connect(listener.getsockname())
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+async def exchange(listener: socket.socket, data: bytes) -> bytes:
+    """Connect, send ``data``, half-close, read everything back."""
+    with await connect(listener) as client:
+        await client.send(data)
+        client.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := await client.recv(65536):
+            received += chunk
+        return received
+
+
+async def echo(stream: trio.SocketStream) -> None:
+    async for data in stream:
+        await stream.send_all(data)
+
+
+# --- what a handler gets ----------------------------------------------------
+
+
+async def test_a_stream_handler_gets_a_socket_stream_per_connection(sockets: Sockets) -> None:
+    got: list[object] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        got.append(stream)
+        await echo(stream)
+
+    listener = sockets.tcp()
+    server = server_for(handler, listener)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        for index in range(3):
+            assert await exchange(listener, b"hello %d" % index) == b"hello %d" % index
+        server.stop_accepting()
+    assert len(got) == 3
+    assert all(isinstance(stream, trio.SocketStream) for stream in got)
+    assert len({id(stream) for stream in got}) == 3
+    assert (server.accepted, server.cancelled, server.slots.active) == (3, 0, 0)
+
+
+async def test_seqpacket_gets_the_connected_trio_socket_and_keeps_message_boundaries(
+    sockets: Sockets,
+) -> None:
+    got: list[trio.socket.SocketType] = []
+
+    async def handler(sock: trio.socket.SocketType) -> None:
+        got.append(sock)
+        while message := await sock.recv(65536):
+            await sock.send(b"%d:" % len(message) + message)
+
+    listener = sockets.unix("packets.sock", socket.SOCK_SEQPACKET)
+    server = server_for(handler, listener)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        with await connect(listener) as client:
+            # Both messages are queued before the handler reads either: a
+            # stream would hand them over as one chunk.
+            await client.send(b"one")
+            await client.send(b"three")
+            assert await client.recv(65536) == b"3:one"
+            assert await client.recv(65536) == b"5:three"
+        server.stop_accepting()
+    [sock] = got
+    assert isinstance(sock, trio.socket.SocketType)
+    assert not isinstance(sock, trio.SocketStream)
+    assert sock.type == socket.SOCK_SEQPACKET
+
+
+async def test_one_handler_serves_every_socket_it_is_given(sockets: Sockets) -> None:
+    async def where(stream: trio.SocketStream) -> None:
+        await stream.send_all(repr(stream.socket.getsockname()).encode())
+
+    tcp, unix = sockets.tcp(), sockets.unix()
+    abstract = sockets.keep(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+    abstract.bind(f"\0trio-activate-test-{os.getpid()}")
+    abstract.listen()
+    server = server_for(where, tcp, unix, abstract)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        for listener in (tcp, unix, abstract, unix, tcp):
+            assert await exchange(listener, b"") == repr(listener.getsockname()).encode()
+        server.stop_accepting()
+    assert server.accepted == 5
+
+
+async def test_the_handler_may_close_the_stream_itself(sockets: Sockets) -> None:
+    async def closes(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"bye")
+        await stream.aclose()
+
+    listener = sockets.tcp()
+    server = server_for(closes, listener)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        assert await exchange(listener, b"") == b"bye"
+        assert await exchange(listener, b"") == b"bye"
+        server.stop_accepting()
+    assert (server.accepted, server.slots.active) == (2, 0)
+
+
+async def test_stop_accepting_lets_connections_in_flight_finish(sockets: Sockets) -> None:
+    finish = trio.Event()
+
+    async def waits(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"started")
+        await finish.wait()
+        await stream.send_all(b" finished")
+
+    listener = sockets.unix()
+    server = server_for(waits, listener)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        with await connect(listener) as client:
+            assert await client.recv(100) == b"started"
+            server.stop_accepting()
+            await trio.testing.wait_all_tasks_blocked()
+            # Not accepting any more: a new client stays in the backlog, unserved.
+            with await connect(listener) as late:
+                await trio.testing.wait_all_tasks_blocked()
+                assert server.accepted == 1
+                finish.set()
+                assert await client.recv(100) == b" finished"
+                assert await client.recv(100) == b""
+                late.setblocking(False)
+    assert (server.accepted, server.cancelled) == (1, 0)
+
+
+# --- handler errors ---------------------------------------------------------
+
+
+async def test_a_raising_handler_is_logged_and_the_others_keep_being_served(
+    sockets: Sockets, records: pytest.LogCaptureFixture
+) -> None:
+    async def fragile(stream: trio.SocketStream) -> None:
+        data = await stream.receive_some(100)
+        if data == b"boom":
+            raise RuntimeError("handler bug")
+        await stream.send_all(data)
+
+    listener = sockets.tcp()
+    server = server_for(fragile, listener)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        with await connect(listener) as in_flight:
+            # The connection that raises is closed; the service goes on.
+            assert await exchange(listener, b"boom") == b""
+            assert await exchange(listener, b"after") == b"after"
+            await in_flight.send(b"in flight")
+            assert await in_flight.recv(100) == b"in flight"
+        assert await exchange(listener, b"boom") == b""
+        assert await exchange(listener, b"still") == b"still"
+        server.stop_accepting()
+    errors = [r for r in records.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["handlers.web: a connection on sockets.web raised"] * 2
+    for record in errors:
+        assert record.exc_info is not None
+        assert isinstance(record.exc_info[1], RuntimeError)
+    assert (server.accepted, server.cancelled, server.slots.active) == (5, 0, 0)
+
+
+async def test_on_error_exit_asks_the_service_to_stop_once_per_failure(sockets: Sockets) -> None:
+    failures: list[int] = []
+
+    async def fragile(stream: trio.SocketStream) -> None:
+        if await stream.receive_some(100) == b"boom":
+            raise RuntimeError("handler bug")
+        await stream.send_all(b"ok")
+
+    listener = sockets.tcp()
+    server = server_for(
+        fragile,
+        listener,
+        spec=stream_spec(on_error=OnError.EXIT),
+        on_failure=lambda: failures.append(server.accepted),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        assert await exchange(listener, b"fine") == b"ok"
+        assert failures == []
+        assert await exchange(listener, b"boom") == b""
+        assert failures == [2]
+        server.stop_accepting()
+
+
+# --- cancellation -----------------------------------------------------------
+
+
+async def test_a_cancelled_connection_is_counted_and_closed(sockets: Sockets) -> None:
+    async def forever(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"hi")
+        await trio.sleep_forever()
+
+    listener = sockets.unix()
+    server = server_for(forever, listener)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        with await connect(listener) as client:
+            assert await client.recv(100) == b"hi"
+            server.stop_accepting()
+            server.cancel_connections()
+            assert await client.recv(100) == b""
+    assert (server.accepted, server.cancelled, server.slots.active) == (1, 1, 0)
+
+
+async def test_a_handler_running_its_own_nursery_counts_as_cancelled(
+    sockets: Sockets, records: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Cancelled through a nursery, a handler raises a group of Cancelled, not a bare one."""
+
+    async def with_nursery(stream: trio.SocketStream) -> None:
+        async with trio.open_nursery() as inner:
+            inner.start_soon(trio.sleep_forever)
+            await stream.send_all(b"hi")
+            await trio.sleep_forever()
+
+    listener = sockets.unix()
+    server = server_for(with_nursery, listener)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        with await connect(listener) as client:
+            assert await client.recv(100) == b"hi"
+            server.stop_accepting()
+            server.set_drain_deadline(trio.current_time() + 2)
+            assert await client.recv(100) == b""
+            assert trio.current_time() == 2
+    assert (server.accepted, server.cancelled) == (1, 1)
+    assert not [r for r in records.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_handler_failing_while_cancelled_is_logged_and_still_counted(
+    sockets: Sockets, records: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A group of Cancelled and a handler's own error: the error is logged, the server goes on."""
+
+    async def cleanup_fails() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            raise ValueError("cleanup failed")  # noqa: B012 - the fault under test
+
+    async def with_nursery(stream: trio.SocketStream) -> None:
+        async with trio.open_nursery() as inner:
+            inner.start_soon(cleanup_fails)
+            await stream.send_all(b"hi")
+            await trio.sleep_forever()
+
+    listener = sockets.unix()
+    server = server_for(with_nursery, listener)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        with await connect(listener) as client:
+            assert await client.recv(100) == b"hi"
+            server.stop_accepting()
+            server.cancel_connections()
+            assert await client.recv(100) == b""
+    assert (server.accepted, server.cancelled) == (1, 1)
+    [record] = [r for r in records.records if r.levelno >= logging.ERROR]
+    assert record.getMessage() == "handlers.web: a connection on sockets.web raised"
+    assert record.exc_info is not None
+    error = record.exc_info[1]
+    assert isinstance(error, ExceptionGroup)
+    assert [str(e) for e in error.exceptions] == ["cleanup failed"]
+
+
+# --- max-connections --------------------------------------------------------
+
+
+async def test_max_connections_is_honoured_across_every_socket(sockets: Sockets) -> None:
+    running: list[trio.Event] = []
+    peak = 0
+
+    async def held(stream: trio.SocketStream) -> None:
+        nonlocal peak
+        release = trio.Event()
+        running.append(release)
+        peak = max(peak, sum(not event.is_set() for event in running))
+        await stream.send_all(b"in")
+        await release.wait()
+
+    first, second = sockets.tcp(), sockets.unix()
+    server = server_for(held, first, second, spec=stream_spec(max_connections=2))
+    clients = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        try:
+            for listener in (first, second, first, second, first):
+                clients.append(await connect(listener))
+            await trio.testing.wait_all_tasks_blocked()
+            assert (server.accepted, server.slots.active) == (2, 2)
+            for served in range(3, 6):
+                running[served - 3].set()  # one closes: exactly one more gets in
+                await trio.testing.wait_all_tasks_blocked()
+                assert (server.accepted, server.slots.active) == (served, 2)
+            for event in running:
+                event.set()
+            for client in clients:
+                assert await client.recv(100) == b"in"
+                assert await client.recv(100) == b""
+        finally:
+            for client in clients:
+                client.close()
+        server.stop_accepting()
+    assert peak == 2
+    assert (server.accepted, server.slots.active) == (5, 0)
+
+
+async def test_connection_slots_count_and_wake_waiters() -> None:
+    slots = ConnectionSlots(1)
+    assert slots.available()
+    slots.take()
+    assert not slots.available()
+    woken: list[str] = []
+
+    async def waiter() -> None:
+        await slots.wait_available()
+        woken.append("available")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        assert woken == []
+        slots.give_back()
+    assert woken == ["available"]
+    assert ConnectionSlots(None).available()
+
+
+# --- accept() faults ---------------------------------------------------------
+
+
+class ScriptedListener(socket.socket):
+    """A real listening unix socket whose ``accept()`` first plays a script.
+
+    Each entry is an ``OSError`` to raise, or None to accept for real.  Once
+    the script is used up, every call accepts for real.
+    """
+
+    def __init__(self, path: Path, script: list[OSError | None]) -> None:
+        super().__init__(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.bind(str(path))
+        self.listen()
+        self.script = list(script)
+        self.calls = 0
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        self.calls += 1
+        if self.script:
+            entry = self.script.pop(0)
+            if entry is not None:
+                raise entry
+        return super().accept()
+
+
+def fault(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+def capacity_warnings(records: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in records.records if "accept failed" in r.getMessage()]
+
+
+@pytest.mark.parametrize("code", sorted(serving.ACCEPT_CAPACITY_ERRNOS), ids=errno.errorcode.get)
+async def test_out_of_resources_waits_capacity_backoff_and_logs_once(
+    tmp_path: Path, records: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock, code: int
+) -> None:
+    started: list[float] = []
+
+    async def note(stream: trio.SocketStream) -> None:
+        started.append(trio.current_time())
+        await stream.send_all(b"ok")
+
+    with ScriptedListener(tmp_path / "s.sock", [fault(code)] * 3) as listener:
+        server = server_for(note, listener)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            assert await exchange(listener, b"") == b"ok"
+            server.stop_accepting()
+    # No connection of this server closes meanwhile: a retry every CAPACITY_BACKOFF.
+    assert started == [pytest.approx(3 * serving.CAPACITY_BACKOFF)]
+    assert listener.calls == 4
+    assert capacity_warnings(records) == [
+        f"sockets.web: accept failed: {os.strerror(code)}; waiting for a connection to close before retrying"
+    ]
+
+
+async def test_out_of_fds_retries_as_soon_as_a_connection_closes(
+    tmp_path: Path, records: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+) -> None:
+    started: list[float] = []
+
+    async def note(stream: trio.SocketStream) -> None:
+        started.append(trio.current_time())
+        if len(started) == 1:
+            await trio.sleep(0.03)
+        await stream.send_all(b"ok")
+
+    with ScriptedListener(tmp_path / "s.sock", [None, fault(errno.EMFILE)]) as listener:
+        server = server_for(note, listener)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            with await connect(listener) as first, await connect(listener) as second:
+                assert await second.recv(100) == b"ok"
+                assert await first.recv(100) == b"ok"
+            server.stop_accepting()
+    # The first connection closed at 0.03, before the 0.1 s backoff ran out.
+    assert started == [0, pytest.approx(0.03)]
+    assert len(capacity_warnings(records)) == 1
+
+
+async def test_each_burst_of_accept_failures_is_logged_once(
+    tmp_path: Path, records: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+) -> None:
+    emfile = fault(errno.EMFILE)
+    script = [emfile, emfile, emfile, None, emfile, emfile, None]
+    with ScriptedListener(tmp_path / "s.sock", script) as listener:
+        server = server_for(echo, listener)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            assert await exchange(listener, b"one") == b"one"
+            assert await exchange(listener, b"two") == b"two"
+            server.stop_accepting()
+    assert listener.calls == 7
+    assert len(capacity_warnings(records)) == 2
+
+
+@pytest.mark.parametrize("code", [errno.ECONNABORTED, errno.EPROTO, errno.EPERM], ids=errno.errorcode.get)
+async def test_a_connection_that_died_in_the_backlog_is_skipped_at_once(
+    tmp_path: Path, records: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock, code: int
+) -> None:
+    with ScriptedListener(tmp_path / "s.sock", [fault(code), fault(code)]) as listener:
+        server = server_for(echo, listener)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            assert await exchange(listener, b"hi") == b"hi"
+            server.stop_accepting()
+    assert trio.current_time() == 0
+    assert listener.calls == 3
+    assert records.records == []
+
+
+async def test_an_unexpected_accept_error_propagates(tmp_path: Path) -> None:
+    with ScriptedListener(tmp_path / "s.sock", [fault(errno.EINVAL)]) as listener:
+        server = server_for(echo, listener)
+        with pytest.RaisesGroup(pytest.RaisesExc(OSError, check=lambda e: e.errno == errno.EINVAL), flatten_subgroups=True):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.run)
+                with await connect(listener):
+                    await trio.sleep_forever()
+
+
+async def test_running_out_of_fds_for_real_logs_once_and_recovers(
+    sockets: Sockets, records: pytest.LogCaptureFixture
+) -> None:
+    """EMFILE from the kernel: RLIMIT_NOFILE lowered so that two more fds fit."""
+    release = trio.Event()
+    served = 0
+
+    async def held(stream: trio.SocketStream) -> None:
+        nonlocal served
+        served += 1
+        await stream.send_all(b"in")
+        await release.wait()
+
+    listener = sockets.unix()
+    server = server_for(held, listener)
+    clients = [trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(6)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            used = open_fds()
+            free = [fd for fd in range(max(used) + 3) if fd not in used]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (free[1] + 1, hard))
+            try:
+                for client in clients:
+                    await client.connect(listener.getsockname())
+                for client in clients[:2]:
+                    assert await client.recv(100) == b"in"
+                # Several CAPACITY_BACKOFF periods of failing accept() calls.
+                await trio.sleep(5 * serving.CAPACITY_BACKOFF)
+                assert (served, server.slots.active) == (2, 2)
+                assert len(capacity_warnings(records)) == 1
+                # Connections close, fds free up: everyone is served in turn.
+                release.set()
+                for client in clients:
+                    with trio.fail_after(5):
+                        assert await client.recv(100) in (b"in", b"")
+                        assert await client.recv(100) == b""
+                assert served == 6
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            server.stop_accepting()
+    finally:
+        for client in clients:
+            client.close()
+    assert (server.accepted, server.slots.active) == (6, 0)

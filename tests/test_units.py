@@ -1,0 +1,279 @@
+"""systemd units from a manifest: every option mapped, verified by systemd itself, and run for real."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import require_peer
+
+from trio_activate.errors import ManifestError
+from trio_activate.manifest import load_manifest, parse_manifest
+from trio_activate.units import render_units, unit_name_part
+
+CONFIG = Path(__file__).parent.parent / "config"
+COMMAND = [sys.executable, "-m", "trio_activate"]
+
+EVERY_OPTION = """
+[service]
+name = "every"
+grace-period = 12.5
+
+[sockets.web]
+listen = ["127.0.0.1:8080", "[::1]:8080", "8081"]
+backlog = 128
+reuse-port = true
+ipv6-only = true
+free-bind = true
+
+[sockets.api]
+listen = "/run/every/api.sock"
+type = "seqpacket"
+mode = "0660"
+owner = "root"
+group = "root"
+remove-on-stop = true
+
+[sockets.dns]
+listen = ["127.0.0.1:5353", "@every-dns"]
+type = "datagram"
+
+[handlers.web]
+socket = ["web", "api"]
+call = "m:f"
+
+[handlers.dns]
+socket = "dns"
+call = "m:g"
+"""
+
+
+def units_of(text: str, **options: object) -> dict[str, str]:
+    manifest = parse_manifest(textwrap.dedent(text), source="every.toml")
+    defaults: dict[str, object] = {
+        "command": COMMAND,
+        "manifest_path": "/srv/every.toml",
+        "systemd_version": 252,
+    }
+    defaults.update(options)
+    return {unit.name: unit.text for unit in render_units(manifest, **defaults)}  # type: ignore[arg-type]
+
+
+def directives(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "=" in line]
+
+
+def test_one_socket_unit_per_socket_name_with_every_option_mapped() -> None:
+    units = units_of(EVERY_OPTION)
+    assert list(units) == ["every-web.socket", "every-api.socket", "every-dns.socket", "every.service"]
+    assert directives(units["every-web.socket"]) == [
+        "Description=every: socket web",
+        "ListenStream=127.0.0.1:8080",
+        "ListenStream=[::1]:8080",
+        "ListenStream=8081",
+        "FileDescriptorName=web",
+        "Service=every.service",
+        "Backlog=128",
+        "ReusePort=yes",
+        "FreeBind=yes",
+        "BindIPv6Only=ipv6-only",
+        "WantedBy=sockets.target",
+    ]
+    api = directives(units["every-api.socket"])
+    assert "ListenSequentialPacket=/run/every/api.sock" in api
+    assert {"SocketMode=0660", "SocketUser=root", "SocketGroup=root", "RemoveOnStop=yes"} <= set(api)
+    dns = directives(units["every-dns.socket"])
+    assert dns[1:3] == ["ListenDatagram=127.0.0.1:5353", "ListenDatagram=@every-dns"]
+    assert not any(line.startswith("Backlog=") for line in dns), "Backlog= is for stream sockets"
+
+
+def test_the_service_runs_serve_with_every_socket() -> None:
+    service = directives(units_of(EVERY_OPTION)["every.service"])
+    sockets = "every-web.socket every-api.socket every-dns.socket"
+    assert f"Sockets={sockets}" in service
+    assert f"Requires={sockets}" in service
+    assert f"ExecStart={shlex.join(COMMAND)} serve /srv/every.toml" in service
+    assert "Type=notify" in service
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in service
+    assert "NotifyAccess=main" in service
+    assert "KillMode=mixed" in service
+    assert "TimeoutStopSec=23" in service, "above grace-period (12.5 s, rounded up) with a margin"
+    assert "WantedBy=multi-user.target" in service
+
+
+def test_systemd_253_and_later_get_notify_reload() -> None:
+    service = directives(units_of(EVERY_OPTION, systemd_version=253)["every.service"])
+    assert "Type=notify-reload" in service
+    assert "ReloadSignal=SIGHUP" in service
+    assert not any(line.startswith("ExecReload=") for line in service)
+
+
+def test_unknown_systemd_version_gets_plain_notify() -> None:
+    assert "Type=notify" in directives(units_of(EVERY_OPTION, systemd_version=None)["every.service"])
+
+
+def test_user_units_are_wanted_by_default_target() -> None:
+    assert "WantedBy=default.target" in units_of(EVERY_OPTION, user=True)["every.service"]
+
+
+def test_name_overrides_the_service_name() -> None:
+    assert "other.service" in units_of(EVERY_OPTION, name="other")
+
+
+def test_socket_names_are_escaped_for_unit_names_and_specifiers() -> None:
+    units = units_of('[sockets."a b%"]\nlisten = "127.0.0.1:1"\n')
+    assert "service-a\\x20b\\x25.socket" in units
+    assert "FileDescriptorName=a b%%" in units["service-a\\x20b\\x25.socket"]
+    assert unit_name_part(".hidden") == "\\x2ehidden"
+
+
+@pytest.mark.parametrize(
+    ("listen", "message"),
+    [
+        ('"./x.sock"', r"sockets.s.listen: ./x.sock is relative; systemd units need an absolute path"),
+        ('"127.0.0.1:0"', r"sockets.s.listen: 127.0.0.1:0 asks the kernel for a port"),
+        ('["127.0.0.1:1", "0"]', r"sockets.s.listen\[1\]: 0 asks the kernel for a port"),
+    ],
+)
+def test_what_systemd_cannot_express_is_an_error_naming_the_key(listen: str, message: str) -> None:
+    with pytest.raises(ManifestError, match=message):
+        units_of(f"[sockets.s]\nlisten = {listen}\n")
+
+
+def verify(folder: Path) -> subprocess.CompletedProcess[str]:
+    analyze = require_peer("systemd-analyze")
+    names = sorted(str(p) for p in folder.iterdir())
+    return subprocess.run([analyze, "verify", *names], capture_output=True, text=True, timeout=60)
+
+
+def write_units(manifest: Path, folder: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMAND, "systemd", str(manifest), "--output", str(folder), "--systemd-version", "252", *extra],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG.glob("*.toml")), ids=lambda p: p.name)
+def test_units_for_every_example_verify_cleanly(path: Path, tmp_path: Path) -> None:
+    if any(a for s in load_manifest(path).sockets for a in s.listen if str(a).startswith(".")):
+        pytest.skip("relative unix paths are for development")
+    result = write_units(path, tmp_path)
+    assert result.returncode == 0, result.stderr
+    checked = verify(tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stderr == "", "systemd-analyze warns about anything it ignores"
+
+
+def test_units_with_every_option_verify_cleanly(tmp_path: Path) -> None:
+    manifest = tmp_path / "every.toml"
+    manifest.write_text(EVERY_OPTION)
+    out = tmp_path / "units"
+    out.mkdir()
+    result = write_units(manifest, out)
+    assert result.returncode == 0, result.stderr
+    checked = verify(out)
+    assert (checked.returncode, checked.stderr) == (0, "")
+
+
+def test_verify_catches_a_broken_unit_so_the_check_can_fail(tmp_path: Path) -> None:
+    manifest = tmp_path / "every.toml"
+    manifest.write_text(EVERY_OPTION)
+    out = tmp_path / "units"
+    out.mkdir()
+    write_units(manifest, out)
+    socket_unit = out / "every-web.socket"
+    socket_unit.write_text(socket_unit.read_text().replace("Backlog=", "Backlogg="))
+    assert "Backlogg" in verify(out).stderr
+
+
+def test_units_are_printed_with_a_header_per_file_without_output(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*COMMAND, "systemd", str(CONFIG / "echo.toml"), "--systemd-version", "252"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.findall(r"^### (\S+)$", result.stdout, re.M) == ["echo-echo.socket", "echo.service"]
+
+
+def test_existing_units_are_never_overwritten_without_force(tmp_path: Path) -> None:
+    (tmp_path / "echo.service").write_text("mine")
+    result = write_units(CONFIG / "echo.toml", tmp_path)
+    assert result.returncode == 2
+    assert "echo.service: already exists; --force overwrites" in result.stderr
+    assert (tmp_path / "echo.service").read_text() == "mine"
+    assert not (tmp_path / "echo-echo.socket").exists(), "all or nothing"
+    assert write_units(CONFIG / "echo.toml", tmp_path, "--force").returncode == 0
+    assert (tmp_path / "echo.service").read_text().startswith("[Unit]")
+
+
+def test_a_manifest_systemd_cannot_express_is_one_line_exit_2(tmp_path: Path) -> None:
+    manifest = tmp_path / "rel.toml"
+    manifest.write_text('[sockets.s]\nlisten = "./s.sock"\n')
+    result = write_units(manifest, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"trio-activate: {manifest.name}: sockets.s.listen: ./s.sock is relative; "
+        "systemd units need an absolute path"
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_the_generated_exec_start_serves_under_systemd_socket_activate(tmp_path: Path) -> None:
+    """The .socket unit's Listen lines and name, given to systemd-socket-activate, reach the service."""
+    activate = require_peer("systemd-socket-activate")
+    port = free_port()
+    manifest = tmp_path / "echo.toml"
+    manifest.write_text(
+        f'[sockets.echo]\nlisten = "127.0.0.1:{port}"\n'
+        '[handlers.echo]\nsocket = "echo"\ncall = "trio_activate.examples:echo"\n'
+    )
+    out = tmp_path / "units"
+    out.mkdir()
+    assert write_units(manifest, out).returncode == 0
+    socket_lines = directives((out / "echo-echo.socket").read_text())
+    listen = [line.split("=", 1)[1] for line in socket_lines if line.startswith("ListenStream=")]
+    (name,) = [line.split("=", 1)[1] for line in socket_lines if line.startswith("FileDescriptorName=")]
+    (exec_start,) = [
+        line.split("=", 1)[1]
+        for line in directives((out / "echo.service").read_text())
+        if "ExecStart" in line
+    ]
+    argv = [
+        activate,
+        *[f"--listen={address}" for address in listen],
+        f"--fdname={name}",
+        *shlex.split(exec_start),
+    ]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client = socket.create_connection(("127.0.0.1", port), timeout=10)
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "systemd-socket-activate never listened"
+                time.sleep(0.05)
+        with client:
+            client.sendall(b"ping\n")
+            assert client.recv(100) == b"ping\n"
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=15)
+    assert process.returncode == 0, err.decode()

@@ -1,0 +1,202 @@
+"""systemd units from a manifest: one ``.socket`` per socket name, one ``.service``.
+
+Layer 1: pure.  The caller passes every fact the units depend on (the
+``trio-activate`` executable's path, the manifest's absolute path, the
+target systemd version); nothing here looks at the machine.
+
+The manifest is the single source of truth: in development the internal
+activator reads it, in production systemd must pass the same sockets under
+the same names.  So each ``[sockets.NAME]`` becomes ``SERVICE-NAME.socket``
+with ``FileDescriptorName=NAME`` (a name applies to a whole socket unit,
+hence one unit per name) and one ``Listen*=`` line per address, and the
+service lists them all in ``Sockets=``.
+
+Mapping (manifest -> systemd.socket(5)): ``backlog`` -> ``Backlog=``,
+``reuse-port`` -> ``ReusePort=``, ``ipv6-only`` -> ``BindIPv6Only=ipv6-only``
+(else ``both``), ``free-bind`` -> ``FreeBind=``, ``mode`` -> ``SocketMode=``,
+``owner``/``group`` -> ``SocketUser=``/``SocketGroup=``, ``remove-on-stop`` ->
+``RemoveOnStop=``.
+
+What systemd cannot express is an error naming the key: a relative unix
+path (a unit has no "manifest folder") and port 0 (a unit must name its
+port).
+
+The service: ``Type=notify-reload`` where systemd supports it (253+), else
+``Type=notify`` with ``ExecReload=`` sending SIGHUP; ``NotifyAccess=main``
+(supervised workers report to the supervisor's private socket, never to
+systemd; the supervisor's PID is the main PID); ``KillMode=mixed`` (SIGTERM
+to the main process only, which drains its workers; SIGKILL to everything
+left at the end); ``TimeoutStopSec=`` above ``grace-period`` so systemd does
+not kill a drain in progress.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .address import InetAddress, UnixAddress
+from .errors import ManifestError
+from .manifest import Manifest, SocketSpec, SocketType
+
+__all__ = ["NOTIFY_RELOAD_VERSION", "Unit", "render_units"]
+
+# systemd 253 added Type=notify-reload.
+NOTIFY_RELOAD_VERSION = 253
+# Seconds added to grace-period for TimeoutStopSec=: the drain's own margin.
+STOP_TIMEOUT_MARGIN = 10
+
+_LISTEN_DIRECTIVE = {
+    SocketType.STREAM: "ListenStream",
+    SocketType.DATAGRAM: "ListenDatagram",
+    SocketType.SEQPACKET: "ListenSequentialPacket",
+}
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str
+    text: str
+
+
+def render_units(
+    manifest: Manifest,
+    *,
+    command: Sequence[str],
+    manifest_path: str,
+    systemd_version: int | None,
+    user: bool = False,
+    name: str | None = None,
+) -> list[Unit]:
+    """The units for ``manifest``: every ``.socket`` in manifest order, then the ``.service``.
+
+    ``command`` is how to run trio-activate (absolute paths), e.g.
+    ``["/usr/bin/trio-activate"]`` or ``["/usr/bin/python3", "-m", "trio_activate"]``.
+    """
+    service_name = name or manifest.service.name
+    sockets = [_socket_unit(manifest, spec, service_name) for spec in manifest.sockets]
+    service = _service_unit(
+        manifest,
+        service_name,
+        [unit.name for unit in sockets],
+        command=command,
+        manifest_path=manifest_path,
+        systemd_version=systemd_version,
+        user=user,
+    )
+    return [*sockets, service]
+
+
+def _socket_unit(manifest: Manifest, spec: SocketSpec, service_name: str) -> Unit:
+    lines = [
+        "[Unit]",
+        f"Description={service_name}: socket {spec.name}",
+        "",
+        "[Socket]",
+    ]
+    directive = _LISTEN_DIRECTIVE[spec.type]
+    for index, address in enumerate(spec.listen):
+        key = f"sockets.{spec.name}.listen" + ("" if len(spec.listen) == 1 else f"[{index}]")
+        if isinstance(address, UnixAddress) and address.is_relative:
+            raise ManifestError(
+                f"{manifest.source}: {key}: {address} is relative; systemd units need an absolute path"
+            )
+        if isinstance(address, InetAddress) and address.port == 0:
+            raise ManifestError(
+                f"{manifest.source}: {key}: {address} asks the kernel for a port; "
+                "a systemd unit must name one"
+            )
+        lines.append(f"{directive}={_escape_specifiers(str(address))}")
+    lines.append(f"FileDescriptorName={_escape_specifiers(spec.name)}")
+    lines.append(f"Service={service_name}.service")
+    if spec.type is not SocketType.DATAGRAM:
+        lines.append(f"Backlog={spec.backlog}")
+    inet = [a for a in spec.listen if isinstance(a, InetAddress)]
+    if inet:
+        lines.append(f"ReusePort={_yes(spec.reuse_port)}")
+        lines.append(f"FreeBind={_yes(spec.free_bind)}")
+        if any(a.family.name == "AF_INET6" for a in inet):
+            lines.append(f"BindIPv6Only={'ipv6-only' if spec.ipv6_only else 'both'}")
+    if any(isinstance(a, UnixAddress) for a in spec.listen):
+        lines.append(f"SocketMode={spec.mode:04o}")
+        if spec.owner is not None:
+            lines.append(f"SocketUser={spec.owner}")
+        if spec.group is not None:
+            lines.append(f"SocketGroup={spec.group}")
+        lines.append(f"RemoveOnStop={_yes(spec.remove_on_stop)}")
+    lines += ["", "[Install]", "WantedBy=sockets.target", ""]
+    return Unit(f"{service_name}-{unit_name_part(spec.name)}.socket", "\n".join(lines))
+
+
+def _service_unit(
+    manifest: Manifest,
+    service_name: str,
+    socket_units: list[str],
+    *,
+    command: Sequence[str],
+    manifest_path: str,
+    systemd_version: int | None,
+    user: bool,
+) -> Unit:
+    notify_reload = systemd_version is not None and systemd_version >= NOTIFY_RELOAD_VERSION
+    stop_timeout = math.ceil(manifest.service.grace_period) + STOP_TIMEOUT_MARGIN
+    lines = [
+        "[Unit]",
+        f"Description={service_name} (trio-activate)",
+        f"Requires={' '.join(socket_units)}",
+        f"After={' '.join(socket_units)}",
+        "",
+        "[Service]",
+        f"Type={'notify-reload' if notify_reload else 'notify'}",
+        f"ExecStart={' '.join(_quote(word) for word in command)} serve {_quote(manifest_path)}",
+    ]
+    if notify_reload:
+        lines.append("ReloadSignal=SIGHUP")
+    else:
+        lines.append("ExecReload=/bin/kill -HUP $MAINPID")
+    lines += [
+        f"Sockets={' '.join(socket_units)}",
+        "NotifyAccess=main",
+        "KillMode=mixed",
+        f"TimeoutStopSec={stop_timeout}",
+        "Restart=on-failure",
+        "",
+        "[Install]",
+        f"WantedBy={'default.target' if user else 'multi-user.target'}",
+        "",
+    ]
+    return Unit(f"{service_name}.service", "\n".join(lines))
+
+
+def _escape_specifiers(value: str) -> str:
+    """systemd expands ``%x`` specifiers in these settings; a literal ``%`` is ``%%``."""
+    return value.replace("%", "%%")
+
+
+def unit_name_part(name: str) -> str:
+    """``name`` as part of a unit name, escaped as ``systemd-escape`` does.
+
+    Unit names allow ASCII letters, digits, ``:``, ``_``, ``.`` and ``-``
+    (``\\`` only as part of an escape); every other byte becomes ``\\xNN``,
+    and so does a leading ``.``.
+    """
+    out = []
+    for index, char in enumerate(name):
+        if (char.isascii() and char.isalnum()) or char in ":_-" or (char == "." and index > 0):
+            out.append(char)
+        else:
+            out.extend(f"\\x{byte:02x}" for byte in char.encode())
+    return "".join(out)
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def _quote(path: str) -> str:
+    """Quote a path for ExecStart= when it needs it (systemd splits on spaces, and expands % and $)."""
+    escaped = path.replace("%", "%%").replace("$", "$$")
+    if any(c in escaped for c in " \t\"'\\"):
+        return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return escaped
