@@ -44,6 +44,7 @@ from .manifest import Manifest, load_manifest
 __all__ = [
     "ACTIVATOR_MARKER",
     "DEV_VARIABLE",
+    "HANDOFF_FROM_VARIABLE",
     "SOCKET_FILES_VARIABLE",
     "WORKER_FDS_VARIABLE",
     "check_not_looping",
@@ -60,6 +61,9 @@ ACTIVATOR_MARKER = "TRIO_ACTIVATE_ACTIVATOR_PID"
 # cannot be given LISTEN_PID, which is its own PID, known only after fork; so it
 # settles its own LISTEN_* first thing (settle_worker_environment).
 WORKER_FDS_VARIABLE = "TRIO_ACTIVATE_WORKER_FDS"
+# Set in a successor that a single-process serve hands its sockets over to on
+# SIGHUP: the predecessor's PID (see handoff.py).
+HANDOFF_FROM_VARIABLE = "TRIO_ACTIVATE_HANDOFF_FROM"
 # Set by `trio-activate dev` in its workers: full tracebacks for start-up
 # errors, and handler modules compiled from source (never stale bytecode).
 DEV_VARIABLE = "TRIO_ACTIVATE_DEV"

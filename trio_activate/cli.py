@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .activator import DEV_VARIABLE, settle_worker_environment
+from .activator import DEV_VARIABLE, HANDOFF_FROM_VARIABLE, settle_worker_environment
 from .errors import ActivationError
 from .manifest import dump_manifest, load_manifest
 
@@ -253,8 +253,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             return run_supervisor(manifest, args.manifest, owned, workers=workers, log_level=args.log_level)
         from .service_main import run_service
+        from .spawn import WorkerCommand, worker_argv
 
-        return run_service(manifest, owned)
+        # A standalone process (not a supervisor's worker) reloads on SIGHUP by
+        # handing its sockets over to a successor; a hand-over successor is one too.
+        reload_command = None
+        if not is_worker or HANDOFF_FROM_VARIABLE in os.environ:
+            sockets = [(sock.fileno(), name) for name, group in owned.sockets.items() for sock in group]
+            reload_command = WorkerCommand(
+                worker_argv(str(args.manifest.absolute()), args.log_level), sockets
+            )
+        return run_service(manifest, owned, reload_command=reload_command)
     finally:
         owned.close()
 

@@ -32,11 +32,12 @@ import logging
 import math
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import trio
 
+from . import notify_message
 from .handlers import LoadedHandler
 from .manifest import HandlerKind, Manifest
 from .notifier import Notifier
@@ -79,8 +80,16 @@ class Service:
         handlers: Sequence[HandlerSockets],
         *,
         notifier: Notifier | None = None,
+        reloader: Callable[[], Awaitable[int | None]] | None = None,
     ) -> None:
+        """``reloader``: what SIGHUP does when ``serve(handle_signals=True)``: start a
+        successor and return its PID once it serves, or None if it failed.
+        Without one, SIGHUP stays blocked (a supervised worker leaves reloads
+        to its supervisor)."""
         self.manifest = manifest
+        self.reloader = reloader
+        self._reloading = False
+        self._service_nursery: trio.Nursery | None = None
         self.handlers = list(handlers)
         self.notifier = notifier if notifier is not None else Notifier(None)
         self.exit_status = EXIT_OK
@@ -115,6 +124,7 @@ class Service:
     ) -> int:
         """Serve until ``shutdown()`` (or SIGTERM/SIGINT with ``handle_signals``); return the exit status."""
         async with trio.open_nursery() as service_nursery:
+            self._service_nursery = service_nursery
             if handle_signals:
                 await service_nursery.start(self._watch_signals)
             await service_nursery.start(serve_watchdog, self.notifier)
@@ -201,15 +211,46 @@ class Service:
         else:
             log.info("stopped: every connection finished (%d served)", accepted)
 
+    def switch_notifier(self, notifier: Notifier) -> None:
+        """Report to ``notifier`` from now on, watchdog included (a successor that became the main PID)."""
+        self.notifier = notifier
+        if self._service_nursery is not None:
+            self._service_nursery.start_soon(serve_watchdog, notifier)
+
+    async def _reload(self) -> None:
+        if self.reloader is None or self._reloading or self._stop_requested.is_set():
+            return
+        self._reloading = True
+        try:
+            log.info("SIGHUP: starting a successor; this process serves until it is ready")
+            self.notifier.reloading()
+            successor = await self.reloader()
+            if successor is None:
+                self.notifier.ready("Reload failed; the previous code keeps serving")
+                return
+            log.info("handed over to process %d; draining", successor)
+            self.notifier.send(notify_message.format_message({"MAINPID": str(successor), "READY": "1"}))
+            # The successor is the main process now: nothing more from us to the manager.
+            self.notifier = Notifier(None)
+            self.shutdown()
+        finally:
+            self._reloading = False
+
     async def _watch_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
-        with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+        wanted = set(SHUTDOWN_SIGNALS)
+        if self.reloader is not None:
+            wanted.add(signal.SIGHUP)
+        with trio.open_signal_receiver(*wanted) as signals:
             # Signals held pending since start-up are delivered now, into the receiver.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, wanted)
             try:
                 task_status.started()
                 async for signum in signals:
                     name = signal.Signals(signum).name
-                    if not self._stopping and not self._stop_requested.is_set():
+                    if signum == signal.SIGHUP:
+                        assert self._service_nursery is not None
+                        self._service_nursery.start_soon(self._reload)
+                    elif not self._stopping and not self._stop_requested.is_set():
                         log.info("%s: shutting down gracefully", name)
                         self.shutdown()
                     elif signum == signal.SIGINT:
@@ -218,7 +259,7 @@ class Service:
             finally:
                 # From here to process exit, a late signal must not kill us
                 # with the default action: keep it pending instead.
-                signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
+                signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
 
 
 async def serve_connection_once(

@@ -22,10 +22,12 @@ from .activator import DEV_VARIABLE
 from .address import address_from_sockname
 from .errors import HandlerError
 from .handlers import LoadedHandler, load_handlers
+from .handoff import hand_over, take_handoff, wait_for_exit
 from .manifest import HandlerKind, Manifest
 from .notifier import Notifier
 from .runtime import HandlerSockets, Service, serve_connection_once
 from .serving import Listening
+from .spawn import WorkerCommand
 
 __all__ = ["run_service"]
 
@@ -38,7 +40,15 @@ ORIGINS = {
 }
 
 
-def run_service(manifest: Manifest, owned: ServiceSockets) -> int:
+def run_service(
+    manifest: Manifest, owned: ServiceSockets, *, reload_command: WorkerCommand | None = None
+) -> int:
+    """Serve until stopped; return the exit status.
+
+    ``reload_command``: how to start a successor on SIGHUP (zero-downtime
+    hand-over); None leaves reloads to a supervisor.
+    """
+    handoff = take_handoff(os.environ)
     _log_banner(manifest, owned)
     handlers = load_handlers(manifest, fresh_bytecode=DEV_VARIABLE in os.environ)
     if owned.connection is not None:
@@ -56,13 +66,41 @@ def run_service(manifest: Manifest, owned: ServiceSockets) -> int:
         for handler in handlers
     ]
     with Notifier.from_environ(unset=True) as notifier:
-        service = Service(manifest, plan, notifier=notifier)
-        status: int = trio.run(_serve_with_signals, service)
+        reloader = None
+        if reload_command is not None:
+            command = reload_command
+
+            async def reloader() -> int | None:
+                return await hand_over(
+                    command, manager=service.notifier, start_timeout=manifest.service.start_timeout
+                )
+
+        service = Service(manifest, plan, notifier=notifier, reloader=reloader)
+        status: int = trio.run(_serve_with_signals, service, handoff)
     return status
 
 
-async def _serve_with_signals(service: Service) -> int:
-    return await service.serve(handle_signals=True)
+async def _serve_with_signals(service: Service, handoff: tuple[int, Notifier] | None) -> int:
+    if handoff is None:
+        return await service.serve(handle_signals=True)
+    predecessor, manager = handoff
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_become_main, service, predecessor, manager)
+        status = await service.serve(handle_signals=True)
+        nursery.cancel_scope.cancel()
+    return status
+
+
+async def _become_main(
+    service: Service, predecessor: int, manager: Notifier, *, task_status: trio.TaskStatus[None]
+) -> None:
+    """A successor: once the predecessor has exited, report to the service manager ourselves."""
+    task_status.started()
+    with manager:
+        await wait_for_exit(predecessor)
+        log.info("predecessor %d exited; this process is the service now", predecessor)
+        service.switch_notifier(manager)
+        await trio.sleep_forever()
 
 
 def _accept_handler(manifest: Manifest, handlers: list[LoadedHandler]) -> LoadedHandler:
@@ -87,7 +125,7 @@ def _log_banner(manifest: Manifest, owned: ServiceSockets) -> None:
         manifest.service.name,
         os.getpid(),
         count,
-        ORIGINS.get(owned.origin, owned.origin),
+        ORIGINS.get(owned.origin, owned.origin).replace("sockets", "socket" if count == 1 else "sockets", 1),
     )
     for name, group in owned.sockets.items():
         for sock in group:

@@ -18,7 +18,8 @@ import trio
 from .acquire import ServiceSockets
 from .manifest import Manifest
 from .notifier import Notifier
-from .supervisor import Supervisor, WorkerCommand, worker_argv
+from .spawn import WorkerCommand, worker_argv
+from .supervisor import Supervisor
 
 __all__ = ["run_supervisor"]
 

@@ -47,27 +47,19 @@ which closes them after ``run()`` returns.  Every worker is reaped.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import secrets
 import signal
-import socket
-import struct
-import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
-from .activator import DEV_VARIABLE, WORKER_FDS_VARIABLE
-from .listen_env import LISTEN_VARIABLES
 from .notifier import Notifier
-from .notify_message import parse_notify_message
+from .spawn import NotifyInbox, WorkerCommand, spawn_worker
 
-__all__ = ["Supervisor", "WorkerCommand", "worker_argv"]
+__all__ = ["Supervisor"]
 
 log = logging.getLogger("trio_activate")
 
@@ -76,18 +68,6 @@ RESTART_BACKOFF_START = 0.1
 RESTART_BACKOFF_MAX = 10.0
 # After SIGTERM a worker has its grace period to drain, and this much more to exit.
 STOP_MARGIN = 5.0
-
-# Variables a worker must not inherit from the supervisor.
-_PRIVATE = (*LISTEN_VARIABLES, "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-
-
-@dataclass(frozen=True)
-class WorkerCommand:
-    """How to start one worker: the command line, and the sockets as (fd, name) to pass."""
-
-    argv: Sequence[str]
-    sockets: Sequence[tuple[int, str]]
-    dev: bool = False
 
 
 @dataclass(eq=False)
@@ -146,8 +126,7 @@ class Supervisor:
         self._stopping = False
         self._reload_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
-        self._inbox: trio.socket.SocketType | None = None
-        self._inbox_address = ""
+        self._inbox: NotifyInbox | None = None
 
     # --- public --------------------------------------------------------------
 
@@ -155,7 +134,8 @@ class Supervisor:
         self, *, handle_signals: bool = True, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> int:
         """Start the first generation and supervise until stopped; return the exit status."""
-        with self._open_inbox():
+        with NotifyInbox() as inbox:
+            self._inbox = inbox
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._receive_notifications)
@@ -263,17 +243,8 @@ class Supervisor:
         return generation
 
     async def _spawn(self, generation: int, slot: int) -> Worker:
-        env = {k: v for k, v in self.environ.items() if k not in _PRIVATE}
-        env[WORKER_FDS_VARIABLE] = json.dumps([[fd, name] for fd, name in self.command.sockets])
-        env["NOTIFY_SOCKET"] = self._inbox_address
-        if self.dev:
-            env[DEV_VARIABLE] = "1"
-        process = await trio.lowlevel.open_process(
-            list(self.command.argv),
-            pass_fds=[fd for fd, _ in self.command.sockets],
-            env=env,
-            stdin=subprocess.DEVNULL,
-        )
+        assert self._inbox is not None
+        process = await spawn_worker(self.command, notify_socket=self._inbox.address, environ=self.environ)
         worker = Worker(process, generation, slot)
         self._workers_by_pid[worker.pid] = worker
         assert self._nursery is not None
@@ -363,21 +334,13 @@ class Supervisor:
 
     # --- notifications and signals -----------------------------------------
 
-    def _open_inbox(self) -> _Inbox:
-        return _Inbox(self)
-
     async def _receive_notifications(self) -> None:
         inbox = self._inbox
         assert inbox is not None
-        space = socket.CMSG_SPACE(struct.calcsize("3i"))
         while True:
-            data, ancillary, _flags, _address = await inbox.recvmsg(4096, space)
-            pid = _sender_pid(ancillary)
+            pid, fields = await inbox.receive()
             worker = self._workers_by_pid.get(pid) if pid is not None else None
-            if worker is None:
-                continue
-            fields = parse_notify_message(data)
-            if fields.get("READY") == "1" and not worker.ready:
+            if worker is not None and fields.get("READY") == "1" and not worker.ready:
                 worker.ready = True
                 log.debug("worker %d ready", worker.pid)
                 self._notify_changed()
@@ -417,40 +380,6 @@ class Supervisor:
         return f"Generation {generation.number}: {len(generation.workers)} worker(s) ({pids})"
 
 
-class _Inbox:
-    """Context manager owning the supervisor's private notify socket."""
-
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.supervisor = supervisor
-
-    def __enter__(self) -> None:
-        # Bound before trio sees it: binding an abstract name never blocks.
-        plain = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        try:
-            plain.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            name = f"trio-activate/{os.getpid()}/{secrets.token_hex(8)}"
-            plain.bind(b"\0" + name.encode())
-            sock = trio.socket.from_stdlib_socket(plain)
-        except BaseException:
-            plain.close()
-            raise
-        self.supervisor._inbox = sock
-        self.supervisor._inbox_address = "@" + name
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.supervisor._inbox is not None:
-            self.supervisor._inbox.close()
-            self.supervisor._inbox = None
-
-
-def _sender_pid(ancillary: list[tuple[int, int, bytes]]) -> int | None:
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-            pid, _uid, _gid = struct.unpack("3i", data[: struct.calcsize("3i")])
-            return int(pid)
-    return None
-
-
 def _signal(worker: Worker, signum: int) -> None:
     # The worker may have exited already (and been reaped): nothing to signal.
     with contextlib.suppress(ProcessLookupError):
@@ -461,8 +390,3 @@ def _describe_status(status: int) -> str:
     if status < 0:
         return signal.Signals(-status).name
     return str(status)
-
-
-def worker_argv(manifest_path: str, log_level: str) -> list[str]:
-    """``trio-activate serve`` for a worker: this interpreter, this package, the same manifest."""
-    return [sys.executable, "-m", "trio_activate", "--log-level", log_level, "serve", manifest_path]

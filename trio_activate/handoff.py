@@ -1,0 +1,148 @@
+"""Zero-downtime reload without a supervisor: hand the sockets over to a successor.
+
+Layer 4 (processes, on trio).
+
+A single-process ``serve`` (one worker, no supervisor) reloads on SIGHUP by
+starting a successor, ``trio-activate serve`` itself, with the same
+listening sockets (``spawn.spawn_worker``).  The successor reports
+``READY=1`` to a private inbox; only then does this process tell the service
+manager ``MAINPID=<successor>`` and ``READY=1`` (ending the reload that
+``RELOADING=1`` began), stop accepting, drain within the grace period and
+exit.  Connections that arrive meanwhile wait in the backlog, so none is
+refused; a successor that fails to start is stopped and this process keeps
+serving.
+
+The successor learns from two private variables that it is one:
+``TRIO_ACTIVATE_HANDOFF_FROM`` (its predecessor's PID) and, when there is a
+service manager, ``TRIO_ACTIVATE_MANAGER_NOTIFY`` (the manager's
+``NOTIFY_SOCKET``, and the watchdog interval).  It keeps quiet towards the
+manager until its predecessor has exited (it is not the main PID before
+then), then takes over notifications and the watchdog, and handles the next
+SIGHUP the same way.
+
+Outside a service manager, the successor outlives the process the shell
+started: the shell's job ends while the service goes on.  Run
+``serve --supervise`` in a terminal to reload under one stable process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from collections.abc import Mapping
+
+import trio
+
+from .activator import HANDOFF_FROM_VARIABLE
+from .notifier import Notifier
+from .spawn import NotifyInbox, WorkerCommand, spawn_worker
+
+__all__ = ["HANDOFF_FROM_VARIABLE", "MANAGER_NOTIFY_VARIABLE", "hand_over", "take_handoff", "wait_for_exit"]
+
+log = logging.getLogger("trio_activate")
+
+MANAGER_NOTIFY_VARIABLE = "TRIO_ACTIVATE_MANAGER_NOTIFY"
+STOP_TIMEOUT = 10.0
+
+
+async def hand_over(
+    command: WorkerCommand,
+    *,
+    manager: Notifier,
+    start_timeout: float,
+    environ: Mapping[str, str] | None = None,
+) -> int | None:
+    """Start a successor over ``command``'s sockets; its PID once it is ready, or None.
+
+    On failure (it exited, or was not ready within ``start_timeout``) the
+    successor is stopped and reaped before this returns.  On success it is
+    left running: it outlives this process.
+    """
+    extra = {HANDOFF_FROM_VARIABLE: str(os.getpid())}
+    if manager.enabled and manager.address is not None:
+        address = manager.address
+        text = "@" + address[1:].decode() if isinstance(address, bytes) else address
+        extra[MANAGER_NOTIFY_VARIABLE] = json.dumps({"address": text, "watchdog": manager.watchdog_interval})
+    with NotifyInbox() as inbox:
+        process = await spawn_worker(
+            command,
+            notify_socket=inbox.address,
+            environ=os.environ if environ is None else environ,
+            extra_env=extra,
+        )
+        ready = False
+        with trio.move_on_after(start_timeout):
+            async with trio.open_nursery() as nursery:
+
+                async def watch_exit() -> None:
+                    await process.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch_exit)
+                while True:
+                    pid, fields = await inbox.receive()
+                    if pid == process.pid and fields.get("READY") == "1":
+                        ready = True
+                        nursery.cancel_scope.cancel()
+                        break
+    if ready:
+        return process.pid
+    if process.returncode is not None:
+        log.error(
+            "reload failed: the successor %d exited with status %d before it was ready",
+            process.pid,
+            process.returncode,
+        )
+    else:
+        log.error(
+            "reload failed: the successor %d was not ready within %gs; stopping it",
+            process.pid,
+            start_timeout,
+        )
+    with trio.CancelScope(shield=True):
+        process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(STOP_TIMEOUT):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    return None
+
+
+def take_handoff(environ: dict[str, str] | os._Environ[str]) -> tuple[int, Notifier] | None:
+    """In a successor: the predecessor's PID and a notifier for the manager, or None if not one.
+
+    Removes the private variables, so no child inherits them.
+    """
+    predecessor = environ.pop(HANDOFF_FROM_VARIABLE, None)
+    manager_text = environ.pop(MANAGER_NOTIFY_VARIABLE, None)
+    if predecessor is None or not predecessor.isdigit():
+        return None
+    manager = Notifier(None)
+    if manager_text:
+        try:
+            settings = json.loads(manager_text)
+            address: str = settings["address"]
+            watchdog = settings.get("watchdog")
+            sockaddr: str | bytes = b"\0" + address[1:].encode() if address.startswith("@") else address
+            manager = Notifier(sockaddr, watchdog_interval=float(watchdog) if watchdog else None)
+        except (ValueError, KeyError, TypeError):
+            log.warning(
+                "ignoring malformed %s: no notifications to the service manager", MANAGER_NOTIFY_VARIABLE
+            )
+    return int(predecessor), manager
+
+
+async def wait_for_exit(pid: int) -> None:
+    """Wait until process ``pid`` has exited (a pidfd becomes readable then)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        trio.lowlevel.notify_closing(pidfd)
+        os.close(pidfd)
