@@ -32,6 +32,7 @@ log = logging.getLogger("trio_activate")
 
 EXIT_OK = 0
 EXIT_ERROR = 2
+PID_T_MAX = 2**31 - 1
 
 STARTER_MANIFEST = """\
 # trio-activate manifest: named sockets and the handlers that serve them.
@@ -294,6 +295,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
 def cmd_reload(args: argparse.Namespace) -> int:
     target: str = args.target
     if target.isascii() and target.isdigit():
+        if not _is_pid(target):
+            print(f"trio-activate: {target[:40]!r} is not a PID", file=sys.stderr)
+            return EXIT_ERROR
         pid = int(target)
     else:
         try:
@@ -301,7 +305,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"trio-activate: {target}: cannot read: {exc.strerror or exc}", file=sys.stderr)
             return EXIT_ERROR
-        if not (text.isascii() and text.isdigit()):
+        if not _is_pid(text):
             print(f"trio-activate: {target}: {text[:40]!r} is not a PID", file=sys.stderr)
             return EXIT_ERROR
         pid = int(text)
@@ -312,6 +316,15 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     print(f"sent SIGHUP to {pid}", file=sys.stderr)
     return EXIT_OK
+
+
+def _is_pid(text: str) -> bool:
+    """Plain decimal digits naming one process: 1 to 2**31-1.
+
+    ``kill(0, ...)`` would signal our own process group (the shell's job,
+    the script that ran us), and a number beyond ``pid_t`` cannot be passed.
+    """
+    return text.isascii() and text.isdigit() and len(text) <= 10 and 1 <= int(text) <= PID_T_MAX
 
 
 def _positive_int(text: str) -> int:

@@ -88,6 +88,10 @@ class Service:
         to its supervisor)."""
         self.manifest = manifest
         self.reloader = reloader
+        # Set once this process is the one the service manager knows: at once,
+        # except in a hand-over successor until its predecessor has exited.
+        self.is_main = trio.Event()
+        self.is_main.set()
         self._reloading = False
         self._service_nursery: trio.Nursery | None = None
         self.handlers = list(handlers)
@@ -183,16 +187,21 @@ class Service:
     def _report_ready(self) -> None:
         served = ", ".join(f"{item.handler.spec.name} ({len(item.sockets)} fd)" for item in self.handlers)
         log.info("ready: %s serving %s", self.name, served or "no handler")
-        self.notifier.ready()
-        self.notifier.status(f"Serving {served}" if served else "Ready; no handler")
+        # One datagram: whoever waits for READY=1 may stop listening right after it.
+        self.notifier.ready(f"Serving {served}" if served else "Ready; no handler")
 
     def _begin_shutdown(self) -> None:
+        if self._stopping:
+            return
         self._stopping = True
         grace = self.manifest.service.grace_period
         in_flight = self._in_flight_at_stop = sum(server.slots.active for server in self._servers)
         log.info("stopping: no longer accepting; %d connection(s) in flight get %gs", in_flight, grace)
-        self.notifier.stopping()
-        self.notifier.status(f"Stopping: draining {in_flight} connection(s)")
+        self.notifier.send(
+            notify_message.format_message(
+                {"STOPPING": "1", "STATUS": f"Stopping: draining {in_flight} connection(s)"}
+            )
+        )
         self._instant_scope.cancel()
         deadline = trio.current_time() + grace if math.isfinite(grace) else math.inf
         for server in self._servers:
@@ -222,16 +231,23 @@ class Service:
             return
         self._reloading = True
         try:
+            # A successor still sharing the stage with its predecessor is not the
+            # main process yet: its RELOADING=1 would go nowhere.
+            await self.is_main.wait()
             log.info("SIGHUP: starting a successor; this process serves until it is ready")
             self.notifier.reloading()
             successor = await self.reloader()
             if successor is None:
                 self.notifier.ready("Reload failed; the previous code keeps serving")
                 return
-            log.info("handed over to process %d; draining", successor)
-            self.notifier.send(notify_message.format_message({"MAINPID": str(successor), "READY": "1"}))
-            # The successor is the main process now: nothing more from us to the manager.
-            self.notifier = Notifier(None)
+            # The successor is the main process from now on: nothing more from
+            # us to the manager (a STOPPING=1 would stop the whole service).
+            manager, self.notifier = self.notifier, Notifier(None)
+            # Stop accepting before the manager hears of the successor: from here
+            # on every new connection is the successor's.
+            self._begin_shutdown()
+            log.info("handed over to process %d", successor)
+            manager.send(notify_message.format_message({"MAINPID": str(successor), "READY": "1"}))
             self.shutdown()
         finally:
             self._reloading = False

@@ -84,23 +84,25 @@ async def _serve_with_signals(service: Service, handoff: tuple[int, Notifier] | 
     if handoff is None:
         return await service.serve(handle_signals=True)
     predecessor, manager = handoff
-    async with trio.open_nursery() as nursery:
-        await nursery.start(_become_main, service, predecessor, manager)
-        status = await service.serve(handle_signals=True)
-        nursery.cancel_scope.cancel()
-    return status
-
-
-async def _become_main(
-    service: Service, predecessor: int, manager: Notifier, *, task_status: trio.TaskStatus[None]
-) -> None:
-    """A successor: once the predecessor has exited, report to the service manager ourselves."""
-    task_status.started()
+    # A hand-over successor: READY=1 goes to the predecessor (our NOTIFY_SOCKET
+    # is its private inbox); after that we speak to the service manager, which
+    # hears MAINPID=<us> from the predecessor right then.  We reload only once
+    # the predecessor has exited, so two reloads never overlap.
+    service.is_main = trio.Event()
+    statuses: list[int] = []
     with manager:
-        await wait_for_exit(predecessor)
-        log.info("predecessor %d exited; this process is the service now", predecessor)
-        service.switch_notifier(manager)
-        await trio.sleep_forever()
+        async with trio.open_nursery() as nursery:
+
+            async def serve(*, task_status: trio.TaskStatus[None]) -> None:
+                statuses.append(await service.serve(handle_signals=True, task_status=task_status))
+                nursery.cancel_scope.cancel()
+
+            await nursery.start(serve)
+            service.switch_notifier(manager)
+            await wait_for_exit(predecessor)
+            log.info("predecessor %d exited; this process is the service now", predecessor)
+            service.is_main.set()
+    return statuses[0]
 
 
 def _accept_handler(manifest: Manifest, handlers: list[LoadedHandler]) -> LoadedHandler:

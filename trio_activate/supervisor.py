@@ -36,8 +36,8 @@ stops the service (``dev`` never gives up: it waits for the next change).
 Towards systemd (``NOTIFY_SOCKET`` set for the supervisor): ``READY=1`` when
 the first generation is ready, ``RELOADING=1`` with ``MONOTONIC_USEC=`` when
 a reload starts and ``READY=1`` when it ends (``Type=notify-reload``),
-``STOPPING=1``.  The supervisor's PID never changes, so ``MAINPID`` stays
-right.
+``STOPPING=1``, and ``WATCHDOG=1`` pings when ``WATCHDOG_USEC`` asks for
+them.  The supervisor's PID never changes, so ``MAINPID`` stays right.
 
 Resource handling: the supervisor owns nothing but its notify socket and
 its worker processes; the listening sockets belong to the caller (the CLI),
@@ -139,6 +139,8 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._receive_notifications)
+                # The service manager watches the supervisor (its MAINPID), not the workers.
+                await nursery.start(serve_watchdog, self.notifier)
                 if handle_signals:
                     await nursery.start(self._watch_signals)
                 if not await self._start_first_generation():
