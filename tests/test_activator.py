@@ -275,7 +275,7 @@ def test_self_activated_serve_keeps_its_pid_and_adopts_fd_3(short_dir: Path) -> 
     assert report["fd3"]["listening"] is True
     assert report["fd3"]["inheritable"] is False  # adoption set FD_CLOEXEC again
     assert status == 0, err
-    assert f"pid {proc.pid}, 1 sockets created by the internal activator" in err
+    assert f"pid {proc.pid}, 1 socket created by the internal activator" in err
     # The re-exec'd process knows the activator made the file, so remove-on-stop removes it.
     assert not sock_path.exists()
 
@@ -322,7 +322,7 @@ def test_serve_with_variables_for_another_process_self_activates(
     assert report["env"] == {}
     assert report["fd3"]["sockname"] == str(sock_path)
     assert status == 0, err
-    assert "sockets created by the internal activator" in err
+    assert "created by the internal activator" in err
 
 
 def test_re_exec_that_finds_no_sockets_fails_instead_of_looping(short_dir: Path) -> None:
@@ -341,6 +341,25 @@ def test_re_exec_that_finds_no_sockets_fails_instead_of_looping(short_dir: Path)
     assert "the activator re-executed this process with its sockets, but they were not found" in line
     assert "LISTEN_PID is not set" in line
     assert not sock_path.exists()
+
+
+def test_serve_imports_no_trio_up_to_the_point_of_the_re_exec(short_dir: Path) -> None:
+    """Rule: the activator runs before trio is imported, so a self-activating serve stays
+    fast.  A re-exec'd process that finds no sockets stops exactly where it would
+    otherwise activate; `-X importtime` lists every module imported by then."""
+    manifest, _ = reporter_manifest(short_dir)
+    cmd = [sys.executable, "-X", "importtime", *serve_cmd(manifest)[1:]]
+    result = subprocess.run(
+        ["/bin/sh", "-c", f'{ACTIVATOR_MARKER}=$$ exec "$0" "$@"', *cmd],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert result.returncode == 2
+    imported = [line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if "|" in line]
+    assert "trio_activate.activator" in imported
+    assert "trio_activate.create" in imported
+    assert [name for name in imported if name == "trio" or name.startswith("trio.")] == []
 
 
 def test_check_not_looping_fails_only_for_our_own_marker() -> None:
@@ -368,6 +387,7 @@ print(f"pid {os.getpid()}", file=sys.stderr, flush=True)
 import trio_activate
 
 found = trio_activate.self_activate(sys.argv[1])
+trio_imported = "trio" in sys.modules
 
 
 def describe(fd):
@@ -395,6 +415,7 @@ print(json.dumps({
     "env": {k: v for k, v in os.environ.items() if k.startswith("LISTEN_")},
     "sockets": [describe(fd) for fd in found.fds],
     "open": sorted(open_fds()),
+    "trio_imported": trio_imported,
 }))
 """
 
@@ -441,6 +462,7 @@ def test_self_activate_in_a_script_re_execs_in_place_with_fds_from_3_in_manifest
     assert web_inet[2][1] != 0  # the kernel's port, kept across the exec
     assert web_inet[3] is True
     assert packets == [unix, datagram, str(second), True]
+    assert report["trio_imported"] is False  # the activator runs before trio is imported
     # Nothing but stdio and the placed fds crossed the exec.
     assert report["open"] == [0, 1, 2, 3, 4, 5]
     assert report["env"]["LISTEN_PID"] == str(report["pid"])
@@ -598,4 +620,4 @@ def test_pid_is_unchanged_across_the_exec_even_under_the_console_script(short_di
         status, err = stop(proc)
     assert report["pid"] == proc.pid
     assert status == 0, err
-    assert "sockets created by the internal activator" in err
+    assert "created by the internal activator" in err

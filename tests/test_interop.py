@@ -297,7 +297,7 @@ def test_serve_adopts_a_named_tcp_listener_and_stops_on_sigterm(peer: str, short
         err = run.err()
     assert status == 0, err
     # Adopted as passed by a manager, in place: the PID the peer had is the server's.
-    assert f"pid {run.proc.pid}, 1 sockets passed by the service manager" in err
+    assert f"pid {run.proc.pid}, 1 socket passed in LISTEN_FDS" in err
 
 
 def test_serve_adopts_a_datagram_socket_and_answers_the_datagram_that_started_it(
@@ -338,7 +338,7 @@ call = "trio_activate.examples:udp_echo"
         err = run.err()
     assert (data, sender) == (b"ping", ("127.0.0.1", port))
     assert status == 0, err
-    assert "sockets passed by the service manager" in err
+    assert "socket passed in LISTEN_FDS" in err
 
 
 def test_serve_under_accept_serves_each_connection_in_a_fresh_process_that_exits_0(

@@ -16,12 +16,27 @@ from typing import Any
 from .errors import ActivationError as ActivationError
 from .errors import AdoptionError as AdoptionError
 from .errors import CreationError as CreationError
+from .errors import HandlerError as HandlerError
 from .errors import ListenEnvError as ListenEnvError
 from .errors import ManifestError as ManifestError
 from .manifest import Manifest as Manifest
 from .manifest import load_manifest as load_manifest
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Activation",
+    "ActivationError",
+    "AdoptionError",
+    "CreationError",
+    "HandlerError",
+    "ListenEnvError",
+    "Manifest",
+    "ManifestError",
+    "activated",
+    "load_manifest",
+    "self_activate",
+]
 
 # name -> module that defines it; imported on first access.
 _LAZY: dict[str, str] = {

@@ -87,7 +87,10 @@ def acquire_sockets(
     env = os.environ if environ is None else environ
     pid = os.getpid()
     self_activated = env.get(ACTIVATOR_MARKER) == str(pid)
-    files_text = env.pop(SOCKET_FILES_VARIABLE, None) if self_activated else None
+    # Popped on every path, so no child inherits it; trusted only from our own activator.
+    files_text = env.pop(SOCKET_FILES_VARIABLE, None)
+    if not self_activated:
+        files_text = None
     found = take_listen_env(env, pid=pid, pidfd_id=own_pidfd_id())
     if not isinstance(found, ListenFds):
         check_not_looping(env, pid=pid, reason=found.reason)

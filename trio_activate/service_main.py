@@ -34,7 +34,7 @@ __all__ = ["run_service"]
 log = logging.getLogger("trio_activate")
 
 ORIGINS = {
-    "passed": "sockets passed by the service manager",
+    "passed": "sockets passed in LISTEN_FDS",
     "self-activated": "sockets created by the internal activator",
     "created": "sockets created in-process",
 }

@@ -58,6 +58,7 @@ import trio
 
 from .notifier import Notifier
 from .spawn import NotifyInbox, WorkerCommand, spawn_worker
+from .watchdog import serve_watchdog
 
 __all__ = ["Supervisor"]
 
