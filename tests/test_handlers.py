@@ -194,7 +194,9 @@ socket = "b"
 call = "good_app:missing"
 """
     loaded = parse_manifest(text, path=tmp_path / "two.toml", source="two.toml")
-    with pytest.raises(HandlerError, match=r"^two\.toml: handlers\.second\.call: 'good_app' has no attribute"):
+    with pytest.raises(
+        HandlerError, match=r"^two\.toml: handlers\.second\.call: 'good_app' has no attribute"
+    ):
         load_handlers(loaded)
 
 
