@@ -6,7 +6,10 @@ and re-execs itself through its internal activator.
 
 ``import trio_activate`` stays light: the activator runs before trio is
 imported (importing trio costs ~150 ms), so names that need trio are
-re-exported lazily through a module-level ``__getattr__`` (PEP 562).
+re-exported lazily through a module-level ``__getattr__`` (PEP 562), and
+so is the manifest: the console script imports this package before it can
+block SIGTERM for a starting service (see ``_entry``), so it holds nothing
+but the error classes.
 """
 
 from __future__ import annotations
@@ -19,8 +22,6 @@ from .errors import CreationError as CreationError
 from .errors import HandlerError as HandlerError
 from .errors import ListenEnvError as ListenEnvError
 from .errors import ManifestError as ManifestError
-from .manifest import Manifest as Manifest
-from .manifest import load_manifest as load_manifest
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,8 @@ __all__ = [
 
 # name -> module that defines it; imported on first access.
 _LAZY: dict[str, str] = {
+    "Manifest": ".manifest",
+    "load_manifest": ".manifest",
     "Activation": ".embedded",
     "activated": ".embedded",
     "self_activate": ".activator",
