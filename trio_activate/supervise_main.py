@@ -58,22 +58,26 @@ def run_supervisor(
 
 
 async def _supervise(supervisor: Supervisor, watch: list[Path]) -> int:
+    stop_watching = trio.Event()
     async with trio.open_nursery() as nursery:
         if watch:
-            nursery.start_soon(_reload_on_changes, supervisor, watch)
+            nursery.start_soon(_reload_on_changes, supervisor, watch, stop_watching)
         status = await supervisor.run()
+        # Before cancelling: awatch waits in a thread that cancellation cannot
+        # interrupt (for up to its 5 s timeout); the event ends it within one step.
+        stop_watching.set()
         nursery.cancel_scope.cancel()
     return status
 
 
-async def _reload_on_changes(supervisor: Supervisor, paths: list[Path]) -> None:
+async def _reload_on_changes(supervisor: Supervisor, paths: list[Path], stop: trio.Event) -> None:
     from watchfiles import awatch
 
     existing = [p.absolute() for p in paths if p.exists()]
     for path in paths:
         if not path.exists():
             log.warning("not watching %s: it does not exist", path)
-    async for changes in awatch(*existing, watch_filter=CodeChangeFilter(existing)):
+    async for changes in awatch(*existing, watch_filter=CodeChangeFilter(existing), stop_event=stop):
         changed = sorted({path for _, path in changes})
         more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
         log.info("changed: %s%s", changed[0], more)

@@ -187,7 +187,10 @@ class Supervisor:
         delay = RESTART_BACKOFF_START
         for attempt in range(1, START_ATTEMPTS + 1):
             try:
-                self.current = await self._start_generation()
+                # Held so that a reload asked for meanwhile (SIGHUP) starts after this
+                # generation is current and then replaces it, instead of racing it.
+                async with self._reload_lock:
+                    self.current = await self._start_generation()
             except StartFailed as exc:
                 if self.dev:
                     log.error("%s; waiting for a change to try again", exc)
@@ -197,7 +200,10 @@ class Supervisor:
                     self.exit_status = 1
                     return False
                 log.error("%s; retrying in %.1fs", exc, delay)
-                await trio.sleep(delay)
+                with trio.move_on_after(delay):
+                    await self._stop.wait()
+                if self._stop.is_set():
+                    return False
                 delay = min(delay * 2, RESTART_BACKOFF_MAX)
             else:
                 break
@@ -252,6 +258,11 @@ class Supervisor:
         self._workers_by_pid[worker.pid] = worker
         assert self._nursery is not None
         self._nursery.start_soon(self._reap, worker)
+        if self._stopping:
+            # Spawned (in a thread) while the shutdown collected its workers:
+            # stop this one too, or the supervisor would wait for it forever.
+            worker.stopping = True
+            _signal(worker, signal.SIGTERM)
         log.debug("generation %d: started worker %d", generation, worker.pid)
         return worker
 

@@ -1,0 +1,183 @@
+"""`trio-activate dev`: a change starts a new worker, which takes over once ready.
+
+Runs the real command line against handler modules written into
+``tmp_path`` (the manifest's ``python-path``), with the process and client
+helpers of ``test_supervisor.py``: every test's process group is killed when
+it ends.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_supervisor import (
+    RELOADS,
+    ClientLoop,
+    ask,
+    free_port,
+    is_gone,
+    loopback,
+    running,
+    write_handler,
+    write_manifest,
+)
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A folder with a short path: a unix socket path must fit in 108 bytes, tmp_path may not."""
+    with tempfile.TemporaryDirectory(prefix="ta-", dir="/tmp") as name:
+        yield Path(name)
+
+
+def test_twenty_reloads_on_file_changes_fail_no_connection(tmp_path: Path) -> None:
+    """Each change is served by its new code, and not one connection of the steady stream fails."""
+    port = free_port()
+    write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    with running("dev", manifest, cwd=tmp_path) as dev:
+        dev.wait_for(r"ready: generation 1, 1 worker")
+        with ClientLoop(loopback(port)) as loop:
+            loop.wait_for(version="v1")
+            for number in range(2, 2 + RELOADS):
+                version = f"v{number}"
+                write_handler(tmp_path, version)
+                loop.wait_for(version=version)
+        assert loop.failures == []
+        versions = {answer.version for answer in loop.answers}
+        assert versions == {f"v{number}" for number in range(1, 2 + RELOADS)}
+        assert dev.count(r"info: reloaded: generation \d+ serving") == RELOADS
+        assert dev.count(r"app\.py changed") == RELOADS
+
+
+def test_a_syntax_error_keeps_the_old_worker_serving_and_shows_the_error(tmp_path: Path) -> None:
+    port = free_port()
+    app = write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    with running("dev", manifest, cwd=tmp_path) as dev:
+        dev.wait_for(r"ready: generation 1, 1 worker")
+        with ClientLoop(loopback(port)) as loop:
+            first = loop.wait_for()
+            since = dev.mark()
+            app.write_text(app.read_text() + "\ndef broken(:\n")
+            dev.wait_for(r"error: reload failed: .*; generation 1 keeps serving$", since=since)
+            # dev shows the error in full: the traceback, the line, the caret.
+            dev.wait_for(r"SyntaxError: ", since=since)
+            dev.wait_for(r"^\s+def broken\(:$", since=since)
+            dev.wait_for(rf"cannot import 'app': .*\({app}, line \d+\)$", since=since)
+            assert loop.wait_for() == first
+
+            write_handler(tmp_path, "v2")
+            fixed = loop.wait_for(version="v2")
+        assert loop.failures == []
+        assert {answer.pid for answer in loop.answers} == {first.pid, fixed.pid}
+
+
+def test_a_rewrite_within_the_same_second_at_the_same_size_is_served(tmp_path: Path) -> None:
+    """dev never runs stale bytecode, even where a cached .pyc still looks valid for the new source."""
+    port = free_port()
+    app = write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    # The trap: a .pyc of v1, which records the source's mtime (whole seconds) and size.
+    pyc = Path(importlib.util.cache_from_source(str(app)))
+    subprocess.run(
+        [sys.executable, "-c", f"import py_compile; py_compile.compile({str(app)!r}, doraise=True)"],
+        check=True,
+        timeout=30,
+    )
+    assert pyc.exists()
+    before = app.stat()
+    with running("--log-level", "debug", "dev", manifest, cwd=tmp_path) as dev:
+        dev.wait_for(r"ready: generation 1, 1 worker")
+        assert ask(loopback(port), "a").version == "v1"
+        since = dev.mark()
+        app.write_text(app.read_text().replace("'v1'", "'v2'"))
+        os.utime(app, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = app.stat()
+        assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+        # The trap is armed: a plain import runs the stale v1 from the .pyc.
+        stale = subprocess.run(
+            [sys.executable, "-c", "import app; print(app.VERSION)"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert stale.stdout == "v1\n"
+        dev.wait_for(r"reloaded: generation 2 serving", since=since)
+        dev.wait_for(r"generation 1 stopped$", since=since)
+        assert ask(loopback(port), "b").version == "v2"
+
+
+def test_dev_reloads_on_the_manifest_and_watch_paths_but_not_on_other_files(tmp_path: Path) -> None:
+    port = free_port()
+    write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    extra = tmp_path / "settings.json"
+    extra.write_text("{}")
+    with running("--log-level", "debug", "dev", manifest, "--watch", extra, cwd=tmp_path) as dev:
+        dev.wait_for(r"ready: generation 1, 1 worker")
+        since = dev.mark()
+        manifest.write_text(manifest.read_text().replace("grace-period = 5.0", "grace-period = 4.0"))
+        dev.wait_for(r"reloaded: generation 2 serving", since=since)
+        assert dev.count(rf"changed: {manifest}$", since=since) == 1
+
+        since = dev.mark()
+        extra.write_text('{"a": 1}')
+        dev.wait_for(r"reloaded: generation 3 serving", since=since)
+        assert dev.count(rf"changed: {extra}$", since=since) == 1
+
+        # Neither a log nor a bytecode cache in a watched folder reloads; the next .py change does.
+        since = dev.mark()
+        (tmp_path / "service.log").write_text("a line\n")
+        (tmp_path / "__pycache__").mkdir(exist_ok=True)
+        (tmp_path / "__pycache__" / "app.cpython-311.pyc").write_bytes(b"junk")
+        write_handler(tmp_path, "v2")
+        dev.wait_for(r"reloaded: generation 4 serving", since=since)
+        changes = [line for line in dev.lines[since:] if "info: changed:" in line]
+        assert changes == [f"trio-activate: info: changed: {tmp_path / 'app.py'}"]
+        dev.wait_for(r"generation 3 stopped$", since=since)
+        assert ask(loopback(port), "x").version == "v2"
+
+
+def test_a_first_worker_that_fails_waits_for_a_change(tmp_path: Path) -> None:
+    """dev never gives up: a broken start waits for the fix instead of exiting."""
+    port = free_port()
+    write_handler(tmp_path, "v1", preamble='raise RuntimeError("half-written")\n')
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    with running("dev", manifest, cwd=tmp_path) as dev:
+        dev.wait_for(r"before it was ready; waiting for a change to try again")
+        assert dev.process.poll() is None
+        write_handler(tmp_path, "v1")
+        dev.wait_for(r"reloaded: generation 2 serving")
+        assert ask(loopback(port), "x").version == "v1"
+
+
+def test_ctrl_c_stops_everything_and_removes_the_socket_files(tmp_path: Path, short_dir: Path) -> None:
+    """SIGINT to the terminal's process group (supervisor and worker): both stop, the socket file goes."""
+    path = short_dir / "app.sock"
+    write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, str(path))
+    with running("--log-level", "debug", "dev", manifest, cwd=tmp_path) as dev:
+        dev.wait_for(r"ready: generation 1, 1 worker")
+        (worker,) = dev.workers_of(1)
+        assert ask(str(path), "x").pid == worker
+        assert path.exists()
+        interrupted = time.monotonic()
+        os.killpg(dev.pid, signal.SIGINT)
+        assert dev.wait() == 0
+        # Promptly: the file watcher's thread must not hold the exit for its 5 s timeout.
+        assert time.monotonic() - interrupted < 2.5
+        assert is_gone(worker)
+        assert not path.exists()
+        assert list(short_dir.iterdir()) == []
+        assert "Traceback" not in dev.log

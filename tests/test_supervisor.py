@@ -1,0 +1,840 @@
+"""The supervisor: zero-downtime reloads, restarts, start failures, notify, shutdown; and `reload`.
+
+Every test runs the real command line (`serve` with workers or ``--supervise``)
+in its own session, with handler modules written into ``tmp_path``, and
+talks to it over real sockets.  The session's process group is killed when a
+test ends, so no worker outlives it.  The helpers here are shared with
+``test_dev.py``.
+
+A handler answers one request line ``TOKEN`` with ``TOKEN PID VERSION``
+after 10 ms: the token shows the answer belongs to the request, the PID
+which worker served it, the version which code it runs; the delay keeps a
+connection in flight most of the time, so a generation that stopped
+without draining would fail one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import pytest
+
+TRIO_ACTIVATE = [sys.executable, "-m", "trio_activate"]
+TIMEOUT = 15.0
+RELOADS = 20
+
+HANDLER = """\
+import os
+
+import trio
+
+VERSION = {version!r}
+
+
+async def handle(stream):
+    request = b""
+    while not request.endswith(b"\\n"):
+        data = await stream.receive_some(1024)
+        if not data:
+            return
+        request += data
+    await trio.sleep(0.01)  # in flight for a while: a worker stopped abruptly would cut it
+    await stream.send_all(f"{{request.decode().strip()}} {{os.getpid()}} {{VERSION}}\\n".encode())
+"""
+
+# Runs at start-up in every interpreter given this folder on PYTHONPATH.  The
+# audit hook sees ``os.unsetenv("LISTEN_PID")``, which `take_listen_env` does
+# right after reading the variables, and records what the process read then.
+SITECUSTOMIZE = """\
+import json
+import os
+import sys
+
+_RECORD = os.environ.get("TEST_LISTEN_RECORD")
+
+
+def _hook(event, args):
+    if event == "os.unsetenv" and args and args[0] in (b"LISTEN_PID", "LISTEN_PID"):
+        names = ("LISTEN_PID", "LISTEN_PIDFDID", "LISTEN_FDS", "LISTEN_FDNAMES")
+        seen = {name: os.environ.get(name) for name in names}
+        seen["pid"] = os.getpid()
+        with open(_RECORD, "a") as file:
+            file.write(json.dumps(seen) + "\\n")
+
+
+if _RECORD:
+    sys.addaudithook(_hook)
+"""
+
+
+# --- files -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A port the kernel just had free on 127.0.0.1 (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def write_handler(folder: Path, version: str, *, preamble: str = "") -> Path:
+    path = folder / "app.py"
+    path.write_text(preamble + HANDLER.format(version=version))
+    return path
+
+
+def write_manifest(
+    folder: Path,
+    listen: str,
+    *,
+    workers: int = 1,
+    grace_period: float = 5.0,
+    start_timeout: float | None = None,
+) -> Path:
+    service = f'python-path = ["."]\nworkers = {workers}\ngrace-period = {grace_period}\n'
+    if start_timeout is not None:
+        service += f"start-timeout = {start_timeout}\n"
+    path = folder / "app.toml"
+    path.write_text(
+        f"[service]\n{service}\n"
+        f'[sockets.web]\nlisten = "{listen}"\n\n'
+        f'[handlers.web]\nsocket = "web"\ncall = "app:handle"\n'
+    )
+    return path
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A folder with a short path: a unix socket path must fit in 108 bytes, tmp_path may not."""
+    with tempfile.TemporaryDirectory(prefix="ta-", dir="/tmp") as name:
+        yield Path(name)
+
+
+# --- processes ---------------------------------------------------------------
+
+
+class Running:
+    """A trio-activate process in its own session, its stderr collected line by line."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def log(self) -> str:
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for raw in self.process.stderr:
+            with self._changed:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self.lines.append("<EOF>")
+            self._changed.notify_all()
+
+    def mark(self) -> int:
+        """Where the log is now, for `wait_for(..., since=)`."""
+        with self._changed:
+            return len(self.lines)
+
+    def wait_for(self, pattern: str, *, since: int = 0, timeout: float = TIMEOUT) -> re.Match[str]:
+        """The first log line from `since` on that matches `pattern`; fails after `timeout`."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        index = since
+        with self._changed:
+            while True:
+                while index < len(self.lines):
+                    found = regex.search(self.lines[index])
+                    index += 1
+                    if found:
+                        return found
+                if self.lines[-1:] == ["<EOF>"]:
+                    pytest.fail(f"exited before logging {pattern!r}:\n{self.log_unlocked()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    pytest.fail(f"no {pattern!r} within {timeout}s:\n{self.log_unlocked()}")
+                self._changed.wait(left)
+
+    def log_unlocked(self) -> str:
+        return "\n".join(self.lines)
+
+    def count(self, pattern: str, *, since: int = 0) -> int:
+        regex = re.compile(pattern)
+        with self._changed:
+            return sum(1 for line in self.lines[since:] if regex.search(line))
+
+    def workers_of(self, generation: int, *, since: int = 0) -> set[int]:
+        """PIDs of the workers a generation started (needs ``--log-level debug``)."""
+        regex = re.compile(rf"generation {generation}: started worker (\d+)$")
+        with self._changed:
+            return {int(m[1]) for line in self.lines[since:] if (m := regex.search(line))}
+
+    def send_signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = TIMEOUT) -> int:
+        status = self.process.wait(timeout=timeout)
+        self._reader.join(timeout)
+        return status
+
+
+@contextmanager
+def running(*args: str | Path, cwd: Path, env: dict[str, str] | None = None) -> Iterator[Running]:
+    """Run ``trio-activate ARGS``; on the way out kill its whole process group, workers included."""
+    process = subprocess.Popen(
+        [*TRIO_ACTIVATE, *map(str, args)],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        yield Running(process)
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=TIMEOUT)
+        assert process.stderr is not None
+        process.stderr.close()
+
+
+def children_of(pid: int) -> set[int]:
+    """Live (not zombie) processes whose parent is `pid`."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        state, ppid = stat.rpartition(")")[2].split()[:2]
+        if int(ppid) == pid and state != "Z":
+            found.add(int(entry.name))
+    return found
+
+
+def is_gone(pid: int) -> bool:
+    """True when `pid` no longer runs (absent, or a zombie nobody reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rpartition(")")[2].split()[0] == "Z"
+
+
+def wait_until(condition: Callable[[], bool], *, timeout: float = TIMEOUT, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout}s: {what}")
+        time.sleep(0.02)
+
+
+# --- clients -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    pid: int
+    version: str
+
+
+class WrongAnswer(Exception):
+    pass
+
+
+def ask(address: tuple[str, int] | str, token: str, *, timeout: float = 5.0) -> Answer:
+    """One connection: send ``TOKEN``, read ``TOKEN PID VERSION``; raise on anything else."""
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(address)
+        sock.sendall(token.encode() + b"\n")
+        reply = b""
+        while not reply.endswith(b"\n"):
+            data = sock.recv(1024)
+            if not data:
+                break
+            reply += data
+    fields = reply.decode(errors="replace").split()
+    if len(fields) != 3 or fields[0] != token or not fields[1].isdigit():
+        raise WrongAnswer(f"asked {token!r}, got {reply!r}")
+    return Answer(int(fields[1]), fields[2])
+
+
+class ClientLoop:
+    """A steady stream of connections, one after another, bounded in count and time.
+
+    Every failure (refused, reset, timed out, a wrong answer) is recorded,
+    never retried.
+    """
+
+    def __init__(
+        self,
+        address: tuple[str, int] | str,
+        *,
+        max_connections: int = 50_000,
+        max_seconds: float = 60.0,
+        pause: float = 0.002,
+    ) -> None:
+        self.address = address
+        self.max_connections = max_connections
+        self.max_seconds = max_seconds
+        self.pause = pause
+        self.answers: list[Answer] = []
+        self.failures: list[str] = []
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ClientLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(TIMEOUT)
+        assert not self._thread.is_alive()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        for number in range(self.max_connections):
+            if self._stop.is_set() or time.monotonic() > deadline:
+                break
+            token = f"t{number}"
+            try:
+                answer = ask(self.address, token)
+            except (OSError, WrongAnswer) as exc:
+                with self._changed:
+                    self.failures.append(f"{token}: {exc!r}")
+                    self._changed.notify_all()
+            else:
+                with self._changed:
+                    self.answers.append(answer)
+                    self._changed.notify_all()
+            time.sleep(self.pause)
+        with self._changed:
+            self._stop.set()
+            self._changed.notify_all()
+
+    def wait_for(
+        self, *, pids: Collection[int] | None = None, version: str | None = None, timeout: float = TIMEOUT
+    ) -> Answer:
+        """The first answer from now on from one of `pids` with `version` (when given)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            index = len(self.answers)
+            while True:
+                while index < len(self.answers):
+                    answer = self.answers[index]
+                    index += 1
+                    if (pids is None or answer.pid in pids) and version in (None, answer.version):
+                        return answer
+                left = deadline - time.monotonic()
+                if self._stop.is_set() or left <= 0:
+                    pytest.fail(
+                        f"no such answer within {timeout}s; last: {self.answers[-3:]}, "
+                        f"failures: {self.failures[-3:]}"
+                    )
+                self._changed.wait(left)
+
+
+def loopback(port: int) -> tuple[str, int]:
+    return ("127.0.0.1", port)
+
+
+# --- zero downtime -----------------------------------------------------------
+
+
+def test_twenty_sighup_reloads_fail_no_connection(tmp_path: Path) -> None:
+    """Each reload's new generation answers, and not one connection of the steady stream fails."""
+    port = free_port()
+    write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    with running("--log-level", "debug", "serve", "--supervise", manifest, cwd=tmp_path) as service:
+        service.wait_for(r"ready: generation 1, 1 worker")
+        with ClientLoop(loopback(port)) as loop:
+            loop.wait_for()
+            for generation in range(2, 2 + RELOADS):
+                since = service.mark()
+                service.send_signal(signal.SIGHUP)
+                service.wait_for(rf"reloaded: generation {generation} serving", since=since)
+                new = service.workers_of(generation, since=since)
+                assert len(new) == 1
+                loop.wait_for(pids=new)
+        assert loop.failures == []
+        assert len({answer.pid for answer in loop.answers}) == 1 + RELOADS
+        assert {answer.version for answer in loop.answers} == {"v1"}
+        service.send_signal(signal.SIGTERM)
+        assert service.wait() == 0
+
+
+def test_restarting_a_plain_serve_fails_connections(tmp_path: Path) -> None:
+    """The control experiment: the same client loop does see failures without a supervisor."""
+    port = free_port()
+    write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    with running("serve", manifest, cwd=tmp_path) as first:
+        first.wait_for(r"ready: app serving web")
+        with ClientLoop(loopback(port)) as loop:
+            loop.wait_for(pids={first.pid})
+            first.send_signal(signal.SIGTERM)
+            assert first.wait() == 0
+            with running("serve", manifest, cwd=tmp_path) as second:
+                second.wait_for(r"ready: app serving web")
+                loop.wait_for(pids={second.pid})
+                loop.stop()
+                second.send_signal(signal.SIGTERM)
+                assert second.wait() == 0
+    # Between the two processes nothing listens: the kernel refuses.
+    assert any("ConnectionRefusedError" in failure for failure in loop.failures), loop.failures[:5]
+
+
+# --- failed reloads and starts -----------------------------------------------
+
+
+def test_a_reload_with_a_syntax_error_keeps_the_old_generation_serving(tmp_path: Path) -> None:
+    port = free_port()
+    app = write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    with running("serve", "--supervise", manifest, cwd=tmp_path) as service:
+        service.wait_for(r"ready: generation 1, 1 worker")
+        with ClientLoop(loopback(port)) as loop:
+            old = loop.wait_for()
+            app.write_text(app.read_text() + "\ndef broken(:\n")
+            since = service.mark()
+            service.send_signal(signal.SIGHUP)
+            failed = service.wait_for(r"error: reload failed: (.*)", since=since)
+            assert "generation 2: worker" in failed[1]
+            assert failed[0].endswith("generation 1 keeps serving")
+            # The error itself is shown, naming the file and line.
+            service.wait_for(r"cannot import 'app': .*app\.py, line \d+\)", since=since)
+            after = loop.wait_for()
+        assert loop.failures == []
+        assert after == old
+        assert {answer.pid for answer in loop.answers} == {old.pid}
+
+
+def test_workers_that_die_at_import_are_retried_then_the_service_exits_1(tmp_path: Path) -> None:
+    port = free_port()
+    write_handler(tmp_path, "v1", preamble='raise RuntimeError("no database")\n')
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", workers=2)
+    with running("--log-level", "debug", "serve", manifest, cwd=tmp_path) as service:
+        assert service.wait() == 1
+        log = service.log
+        workers = set().union(*(service.workers_of(generation) for generation in range(1, 6)))
+        assert len(workers) == 10
+        assert all(is_gone(pid) for pid in workers)
+    assert log.count("importing 'app' raised RuntimeError: no database") >= 5
+    assert service.count(r"error: generation \d+: worker \d+ exited with status 2 before it was ready") == 5
+    assert service.count(r"; retrying in") == 4
+    assert "giving up after 5 attempts" in log
+    assert "ready: generation" not in log
+
+
+def test_a_worker_not_ready_within_start_timeout_counts_as_failed(tmp_path: Path) -> None:
+    """The first attempt hangs at import; it fails by start-timeout, is killed, and the retry serves."""
+    port = free_port()
+    marker = tmp_path / "hung-once"
+    hang_once = textwrap.dedent(f"""\
+        import pathlib, time
+        if not pathlib.Path({str(marker)!r}).exists():
+            pathlib.Path({str(marker)!r}).write_text("")
+            time.sleep(60)
+        """)
+    write_handler(tmp_path, "v1", preamble=hang_once)
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", start_timeout=1.0, grace_period=0.0)
+    started = time.monotonic()
+    with running("--log-level", "debug", "serve", "--supervise", manifest, cwd=tmp_path) as service:
+        service.wait_for(r"ready: generation 2, 1 worker", timeout=20)
+        service.wait_for(r"generation 1: not ready within start-timeout \(1s\); retrying")
+        (hung,) = service.workers_of(1)
+        service.wait_for(rf"worker {hung} did not stop in time; killing it")
+        assert is_gone(hung)
+        (serving,) = service.workers_of(2)
+        assert ask(loopback(port), "x") == Answer(serving, "v1")
+        service.send_signal(signal.SIGTERM)
+        assert service.wait() == 0
+    assert time.monotonic() - started >= 1.0
+
+
+def test_sighup_during_the_first_start_reloads_after_it(tmp_path: Path) -> None:
+    """A SIGHUP that arrives while the first generation starts is a reload once it is ready.
+
+    The first worker to import the handler is slow, so a reload started at
+    the same time would be ready first; whatever the order, one generation
+    serves in the end, the last one.
+    """
+    port = free_port()
+    marker = tmp_path / "slow-once"
+    slow_once = textwrap.dedent(f"""\
+        import pathlib, time
+        if not pathlib.Path({str(marker)!r}).exists():
+            pathlib.Path({str(marker)!r}).write_text("")
+            time.sleep(1.5)
+        """)
+    write_handler(tmp_path, "v1", preamble=slow_once)
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    with running("--log-level", "debug", "serve", "--supervise", manifest, cwd=tmp_path) as service:
+        wait_until(lambda: _blocks(service.pid, signal.SIGHUP), what="SIGHUP held until handled")
+        service.send_signal(signal.SIGHUP)
+        service.wait_for(r"reloaded: generation 2 serving")
+        (serving,) = service.workers_of(2)
+        wait_until(lambda: children_of(service.pid) == {serving}, what=f"only {serving} runs")
+        time.sleep(0.5)
+        assert children_of(service.pid) == {serving}
+        assert ask(loopback(port), "x").pid == serving
+        service.send_signal(signal.SIGTERM)
+        assert service.wait() == 0
+
+
+def _blocks(pid: int, signum: int) -> bool:
+    """Whether `pid` holds `signum` blocked (pending until it handles it)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    (blocked,) = (line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:"))
+    return bool(int(blocked, 16) & (1 << (signum - 1)))
+
+
+# --- workers -----------------------------------------------------------------
+
+
+def test_a_killed_worker_is_restarted_and_the_supervisor_leaks_no_fd(tmp_path: Path) -> None:
+    """50 restarts after ``kill -9`` (10 rounds of 5); the supervisor's fd count stays the same."""
+    port = free_port()
+    write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", workers=5)
+    with running("--log-level", "debug", "serve", manifest, cwd=tmp_path) as service:
+        service.wait_for(r"ready: generation 1, 5 worker")
+        before = _open_fds(service.pid)
+        workers = service.workers_of(1)
+        restarts = 0
+        counts = []
+        while restarts < 50:
+            since = service.mark()
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+            replaced = set()
+            for pid in workers:
+                found = service.wait_for(rf"worker (\d+) replaced worker {pid}$", since=since)
+                replaced.add(int(found[1]))
+            assert replaced.isdisjoint(workers)
+            assert all(is_gone(pid) for pid in workers)
+            workers = replaced
+            restarts += len(replaced)
+            counts.append(len(_open_fds(service.pid)))
+        wait_until(lambda: children_of(service.pid) == workers, what="only the replacements run")
+        after = _open_fds(service.pid)
+        assert counts == [len(before)] * len(counts), (before, after)
+        assert sorted(after.values()) == sorted(before.values())
+        answered = {ask(loopback(port), f"q{n}").pid for n in range(50)}
+        assert answered <= workers
+        service.send_signal(signal.SIGTERM)
+        assert service.wait() == 0
+    assert service.count("died with status SIGKILL; restarting") == 50
+
+
+def _open_fds(pid: int) -> dict[int, str]:
+    """Each open fd of `pid` and what it is, e.g. ``socket``, ``anon_inode:[pidfd]``, ``/dev/null``."""
+    fds = {}
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with suppress(FileNotFoundError):
+            fds[int(fd.name)] = re.sub(r":\[\d+\]$", "", os.readlink(fd))
+    return fds
+
+
+def test_two_workers_both_serve_each_with_listen_pid_its_own(tmp_path: Path) -> None:
+    """Both workers accept; each read LISTEN_PID (and LISTEN_PIDFDID where there are any) naming itself."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    record = tmp_path / "listen.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(hooks), "TEST_LISTEN_RECORD": str(record)}
+    port = free_port()
+    write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", workers=2)
+    with running("--log-level", "debug", "serve", manifest, cwd=tmp_path, env=env) as service:
+        service.wait_for(r"ready: generation 1, 2 worker")
+        workers = service.workers_of(1)
+        assert len(workers) == 2
+        answered: set[int] = set()
+        deadline = time.monotonic() + 10
+        for number in range(2000):
+            answered.add(ask(loopback(port), f"q{number}").pid)
+            if answered == workers or time.monotonic() > deadline:
+                break
+        assert answered == workers
+        pidfd_ids = {pid: _pidfd_id(pid) for pid in workers}
+        service.send_signal(signal.SIGTERM)
+        assert service.wait() == 0
+    seen = {entry["pid"]: entry for entry in map(json.loads, record.read_text().splitlines())}
+    for pid in workers:
+        assert seen[pid]["LISTEN_PID"] == str(pid)
+        assert seen[pid]["LISTEN_FDS"] == "1"
+        assert seen[pid]["LISTEN_FDNAMES"] == "web"
+        if pidfd_ids[pid] is not None:
+            assert seen[pid]["LISTEN_PIDFDID"] == str(pidfd_ids[pid])
+
+
+def _pidfd_id(pid: int) -> int | None:
+    """The pidfd id of another process (its pidfs inode, Linux 6.9+), or None where there is none."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+    try:
+        return os.fstat(pidfd).st_ino if _has_pidfs() else None
+    finally:
+        os.close(pidfd)
+
+
+def _has_pidfs() -> bool:
+    from trio_activate.fds import own_pidfd_id
+
+    return own_pidfd_id() is not None
+
+
+# --- notify ------------------------------------------------------------------
+
+
+@contextmanager
+def notify_socket(folder: Path) -> Iterator[socket.socket]:
+    """A real datagram socket acting as the service manager's NOTIFY_SOCKET, with sender credentials."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        sock.bind(str(folder / "notify"))
+        sock.settimeout(TIMEOUT)
+        yield sock
+
+
+def receive(sock: socket.socket) -> tuple[int, dict[str, str]]:
+    """The next message: (sender PID, its fields)."""
+    space = socket.CMSG_SPACE(struct.calcsize("3i"))
+    data, ancillary, _flags, _address = sock.recvmsg(4096, space)
+    pid = next(
+        struct.unpack("3i", cdata[: struct.calcsize("3i")])[0]
+        for level, kind, cdata in ancillary
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+    )
+    fields = dict(line.split("=", 1) for line in data.decode().splitlines() if line)
+    return pid, fields
+
+
+def receive_until(sock: socket.socket, key: str) -> list[tuple[int, dict[str, str]]]:
+    """Messages up to and including the first that carries `key`."""
+    messages = []
+    while True:
+        messages.append(receive(sock))
+        if key in messages[-1][1]:
+            return messages
+
+
+def test_notify_reloading_then_ready_on_a_real_notify_socket(short_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    with notify_socket(short_dir) as manager:
+        env = {**os.environ, "NOTIFY_SOCKET": str(short_dir / "notify")}
+        with running("serve", "--supervise", manifest, cwd=tmp_path, env=env) as service:
+            ((sender, ready),) = receive_until(manager, "READY")
+            assert sender == service.pid
+            assert ready["READY"] == "1"
+            assert ready["STATUS"].startswith("Generation 1: 1 worker(s)")
+
+            before = time.monotonic_ns() // 1000
+            service.send_signal(signal.SIGHUP)
+            reloading = receive_until(manager, "RELOADING")
+            after = time.monotonic_ns() // 1000
+            assert before <= int(reloading[-1][1]["MONOTONIC_USEC"]) <= after
+            ready_again = receive_until(manager, "READY")
+            assert ready_again[-1][1]["READY"] == "1"
+            assert ready_again[-1][1]["STATUS"].startswith("Generation 2:")
+
+            service.send_signal(signal.SIGTERM)
+            stopping = receive_until(manager, "STOPPING")
+            assert service.wait() == 0
+        messages = [*reloading, *ready_again, *stopping]
+        # Only the supervisor speaks to the manager: workers have their own NOTIFY_SOCKET.
+        assert {pid for pid, _ in messages} == {service.pid}
+
+
+def test_notify_a_failed_reload_ends_with_ready_and_the_reason(short_dir: Path, tmp_path: Path) -> None:
+    """systemd waits for READY=1 after RELOADING=1 even when the reload failed."""
+    port = free_port()
+    app = write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    with notify_socket(short_dir) as manager:
+        env = {**os.environ, "NOTIFY_SOCKET": str(short_dir / "notify")}
+        with running("serve", "--supervise", manifest, cwd=tmp_path, env=env) as service:
+            receive_until(manager, "READY")
+            app.write_text("def broken(:\n")
+            service.send_signal(signal.SIGHUP)
+            receive_until(manager, "RELOADING")
+            ((_, ready),) = receive_until(manager, "READY")
+            assert ready["STATUS"].startswith("Reload failed: generation 2: worker")
+            assert ready["STATUS"].endswith("still serving generation 1")
+
+
+def test_the_supervisor_pings_the_watchdog(short_dir: Path, tmp_path: Path) -> None:
+    """With WatchdogSec= the service manager kills a service that stops pinging: the supervisor pings."""
+    port = free_port()
+    write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    with notify_socket(short_dir) as manager:
+        env = {**os.environ, "NOTIFY_SOCKET": str(short_dir / "notify"), "WATCHDOG_USEC": "400000"}
+        with running("serve", "--supervise", manifest, cwd=tmp_path, env=env) as service:
+            receive_until(manager, "READY")
+            pings = [receive_until(manager, "WATCHDOG")[-1] for _ in range(3)]
+            assert {pid for pid, _ in pings} == {service.pid}
+
+
+# --- shutdown and `reload` ---------------------------------------------------
+
+
+def test_sigterm_drains_every_generation_and_exits_0(tmp_path: Path) -> None:
+    """A connection in flight in the old, draining generation and one in the new both finish."""
+    port = free_port()
+    write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", workers=2, grace_period=20.0)
+    with (
+        running("--log-level", "debug", "serve", manifest, cwd=tmp_path) as service,
+        ExitStack() as connections,
+    ):
+        service.wait_for(r"ready: generation 1, 2 worker")
+        first = service.workers_of(1)
+        old = connections.enter_context(_connect_and_wait_for_accept(port, first))
+        since = service.mark()
+        service.send_signal(signal.SIGHUP)
+        service.wait_for(r"reloaded: generation 2 serving", since=since)
+        second = service.workers_of(2)
+        # Generation 1 stops accepting (one of its workers drains the connection), then:
+        wait_until(
+            lambda: service.count(r"info: stopping: no longer accepting", since=since) == 2,
+            what="generation 1 stopped accepting",
+        )
+        new = connections.enter_context(_connect_and_wait_for_accept(port, second))
+        since = service.mark()
+        service.send_signal(signal.SIGTERM)
+        service.wait_for(r"stopping: \d worker\(s\) drain within 20s", since=since)
+        time.sleep(0.3)
+        assert service.process.poll() is None  # both connections hold their generation open
+        replies = []
+        for sock, token in ((old, "old"), (new, "new")):
+            sock.sendall(token.encode() + b"\n")
+            replies.append(sock.recv(1024).split())
+        assert [reply[0] for reply in replies] == [b"old", b"new"]
+        assert int(replies[0][1]) in first
+        assert int(replies[1][1]) in second
+        assert service.wait() == 0
+    assert all(is_gone(pid) for pid in first | second)
+    assert "killing" not in service.log
+
+
+def _sockets_of(pid: int) -> int:
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
+
+
+@contextmanager
+def _connect_and_wait_for_accept(port: int, workers: set[int]) -> Iterator[socket.socket]:
+    """A connection that one of `workers` has accepted (it holds one more socket than before)."""
+    before = {pid: _sockets_of(pid) for pid in workers}
+    with socket.create_connection(loopback(port), timeout=TIMEOUT) as sock:
+        wait_until(
+            lambda: any(_sockets_of(pid) > count for pid, count in before.items()),
+            what=f"one of {workers} accepted",
+        )
+        yield sock
+
+
+def test_reload_pid_and_reload_pidfile_send_sighup(tmp_path: Path) -> None:
+    port = free_port()
+    write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    with running("serve", "--supervise", manifest, cwd=tmp_path) as service:
+        service.wait_for(r"ready: generation 1, 1 worker")
+        pidfile = tmp_path / "app.pid"
+        pidfile.write_text(f"{service.pid}\n")
+        for target, generation in ((str(service.pid), 2), (str(pidfile), 3)):
+            since = service.mark()
+            result = run_cli("reload", target)
+            assert result.returncode == 0, result.stderr
+            assert result.stderr == f"sent SIGHUP to {service.pid}\n"
+            service.wait_for(rf"reload \(SIGHUP\): starting generation {generation}", since=since)
+            service.wait_for(rf"reloaded: generation {generation} serving", since=since)
+        service.send_signal(signal.SIGTERM)
+        assert service.wait() == 0
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    # In a session of its own: a bug that signalled "process group 0" could only hit itself.
+    return subprocess.run(
+        [*TRIO_ACTIVATE, *args], capture_output=True, text=True, timeout=TIMEOUT, start_new_session=True
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, r"app\.pid: cannot read: No such file or directory"),
+        ("", r"app\.pid: '' is not a PID"),
+        ("12ab\n", r"app\.pid: '12ab' is not a PID"),
+        ("-5\n", r"app\.pid: '-5' is not a PID"),
+        ("0\n", r"app\.pid: '0' is not a PID"),
+        ("99999999999999999999999\n", r"app\.pid: '99999999999999999999999' is not a PID"),
+        ("9" * 5000, rf"app\.pid: '{'9' * 40}' is not a PID"),
+        ("4194305\n", r"cannot signal PID 4194305: No such process"),
+    ],
+)
+def test_reload_with_a_bad_pidfile_is_one_line_and_exit_2(
+    tmp_path: Path, content: str | None, message: str
+) -> None:
+    pidfile = tmp_path / "app.pid"
+    if content is not None:
+        pidfile.write_text(content)
+    result = run_cli("reload", str(pidfile))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert re.fullmatch(rf"trio-activate: .*{message}\n", result.stderr)
+
+
+@pytest.mark.parametrize("target", ["0", "99999999999999999999999"])
+def test_reload_with_an_impossible_pid_is_one_line_and_exit_2(target: str) -> None:
+    result = run_cli("reload", target)
+    assert result.returncode == 2
+    assert result.stderr == f"trio-activate: {target!r} is not a PID\n"
