@@ -629,8 +629,9 @@ def run_reload(failed: Scenario, timing: Scenario, settings: Settings, workdir: 
             f"reloads {min(reported):.0f}-{max(reported):.0f} ms"
         )
     failed.notes.append(
-        f"keep-alive: the old generation's connections are cancelled after its grace-period "
-        f"({RELOAD_GRACE_PERIOD:g} s here), each with a request in flight that then fails"
+        f"keep-alive: after SIGHUP the old generation answers each connection's next request with "
+        f"Connection: close (trio_activate.is_stopping); what is still open after its grace-period "
+        f"({RELOAD_GRACE_PERIOD:g} s here) is cancelled"
     )
 
 

@@ -35,7 +35,9 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "activated",
+    "is_stopping",
     "load_manifest",
+    "move_on_stop",
     "self_activate",
 ]
 
@@ -46,6 +48,8 @@ _LAZY: dict[str, str] = {
     "Activation": ".embedded",
     "activated": ".embedded",
     "self_activate": ".activator",
+    "is_stopping": ".stopping",
+    "move_on_stop": ".stopping",
 }
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import trio
 
+from .stopping import is_stopping
+
 __all__ = ["echo", "hello_http", "udp_echo"]
 
 HELLO_BODY = b"Hello, world!\n"
@@ -37,26 +39,40 @@ async def udp_echo(sock: trio.socket.SocketType) -> None:
 async def hello_http(stream: trio.SocketStream) -> None:
     """Answer every HTTP/1.1 request on the connection with a fixed 200 response.
 
-    Honours ``Connection: close`` and HTTP/1.0's default of closing.  Just
-    enough HTTP for examples and load tests; not a server to put on the net.
+    Honours ``Connection: close`` and HTTP/1.0's default of closing.  Once
+    the service begins to stop, the next response says ``Connection: close``
+    and ends the connection: the client's following request goes to a new
+    connection (the next generation, during a reload), so a steady client
+    loses nothing.  (Closing an idle keep-alive connection at once would race
+    a request the client may be sending right then.)  A peer that resets the
+    connection just ends it.  Just enough HTTP for examples and load tests;
+    not a server to put on the net.
     """
     buffer = b""
-    while True:
-        while b"\r\n\r\n" not in buffer:
-            if len(buffer) > _MAX_HEADER_BYTES:
+    try:
+        while True:
+            while b"\r\n\r\n" not in buffer:
+                if len(buffer) > _MAX_HEADER_BYTES:
+                    return
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buffer += data
+            head, _, buffer = buffer.partition(b"\r\n\r\n")
+            lowered = head.lower()
+            close = (
+                b"connection: close" in lowered
+                or (
+                    lowered.split(b"\r\n", 1)[0].endswith(b"http/1.0")
+                    and b"connection: keep-alive" not in lowered
+                )
+                or is_stopping()
+            )
+            await stream.send_all(_response(close))
+            if close:
                 return
-            data = await stream.receive_some(65536)
-            if not data:
-                return
-            buffer += data
-        head, _, buffer = buffer.partition(b"\r\n\r\n")
-        lowered = head.lower()
-        close = b"connection: close" in lowered or (
-            lowered.split(b"\r\n", 1)[0].endswith(b"http/1.0") and b"connection: keep-alive" not in lowered
-        )
-        await stream.send_all(_response(close))
-        if close:
-            return
+    except trio.BrokenResourceError:
+        return  # the peer reset the connection: nothing left to answer
 
 
 def _response(close: bool) -> bytes:

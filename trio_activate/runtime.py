@@ -42,6 +42,7 @@ from .handlers import LoadedHandler
 from .manifest import HandlerKind, Manifest
 from .notifier import Notifier
 from .serving import Listening, StreamServer
+from .stopping import StopSignal, current_stop_signal
 from .watchdog import serve_watchdog
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "Service", "block_shutdown_signals", "serve_connection_once"]
@@ -98,6 +99,7 @@ class Service:
         self.notifier = notifier if notifier is not None else Notifier(None)
         self.exit_status = EXIT_OK
         self._stop_requested = trio.Event()
+        self.stop_signal = StopSignal()
         self._stopping = False
         self._servers: list[StreamServer] = []
         self._instant_scope = trio.CancelScope()
@@ -127,20 +129,25 @@ class Service:
         self, *, handle_signals: bool = False, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> int:
         """Serve until ``shutdown()`` (or SIGTERM/SIGINT with ``handle_signals``); return the exit status."""
-        async with trio.open_nursery() as service_nursery:
-            self._service_nursery = service_nursery
-            if handle_signals:
-                await service_nursery.start(self._watch_signals)
-            await service_nursery.start(serve_watchdog, self.notifier)
-            async with trio.open_nursery() as handlers_nursery:
-                self._handlers_scope = handlers_nursery.cancel_scope
-                await self._start_handlers(handlers_nursery)
-                self._report_ready()
-                task_status.started()
-                await self._stop_requested.wait()
-                self._begin_shutdown()
-            self._report_drained()
-            service_nursery.cancel_scope.cancel()
+        # Every task below sees this service's stop signal (stopping.is_stopping, move_on_stop).
+        token = current_stop_signal.set(self.stop_signal)
+        try:
+            async with trio.open_nursery() as service_nursery:
+                self._service_nursery = service_nursery
+                if handle_signals:
+                    await service_nursery.start(self._watch_signals)
+                await service_nursery.start(serve_watchdog, self.notifier)
+                async with trio.open_nursery() as handlers_nursery:
+                    self._handlers_scope = handlers_nursery.cancel_scope
+                    await self._start_handlers(handlers_nursery)
+                    self._report_ready()
+                    task_status.started()
+                    await self._stop_requested.wait()
+                    self._begin_shutdown()
+                self._report_drained()
+                service_nursery.cancel_scope.cancel()
+        finally:
+            current_stop_signal.reset(token)
         return self.exit_status
 
     async def _start_handlers(self, nursery: trio.Nursery) -> None:
@@ -207,6 +214,8 @@ class Service:
         for server in self._servers:
             server.stop_accepting()
             server.set_drain_deadline(deadline)
+        # Handlers waiting between requests (move_on_stop) close now.
+        self.stop_signal.stop()
 
     def _report_drained(self) -> None:
         cancelled = sum(server.cancelled for server in self._servers)
