@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -69,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ActivationError as exc:
         if DEV_VARIABLE in os.environ and exc.__cause__ is not None:
             # dev: the error in full, so a typo shows where it is.
+            import traceback
+
             traceback.print_exception(exc.__cause__, file=sys.stderr)
         print(f"trio-activate: {exc}", file=sys.stderr)
         return EXIT_ERROR

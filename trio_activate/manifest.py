@@ -29,7 +29,6 @@ Socket order matters: the activator passes fds in manifest order (each socket's
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 import math
 import re
@@ -39,8 +38,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-
-import tomli_w
 
 from .address import AbstractAddress, Address, InetAddress, UnixAddress, parse_address
 from .errors import ManifestError
@@ -292,7 +289,7 @@ class _Table:
         for key in self.data:
             if key in self.taken:
                 continue
-            close = difflib.get_close_matches(key, sorted(self.taken), n=1)
+            close = _close_matches(key, sorted(self.taken), n=1)
             hint = (
                 f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(self.taken))}"
             )
@@ -331,6 +328,12 @@ class _Table:
         if isinstance(value, str):
             raise self.error(key, 'expected a list of strings, got a string (write ["..."])')
         return self.strings(key, value)
+
+
+def _close_matches(word: str, choices: list[str], n: int) -> list[str]:
+    import difflib  # only an error needs it: valid manifests do not pay for it
+
+    return difflib.get_close_matches(word, choices, n=n)
 
 
 def _type_name(value: object) -> str:
@@ -619,7 +622,7 @@ class _Parser:
             for index, name in enumerate(handler.sockets):
                 key = f"handlers.{handler.name}.socket" + ("" if len(handler.sockets) == 1 else f"[{index}]")
                 if name not in known:
-                    close = difflib.get_close_matches(name, known, n=1)
+                    close = _close_matches(name, known, n=1)
                     hint = f"did you mean {close[0]!r}?" if close else f"declared: {', '.join(known)}"
                     raise self.error(key, f"no socket named {name!r} ({hint})")
                 if name in claimed:
@@ -713,4 +716,6 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
 
 def dump_manifest(manifest: Manifest) -> str:
     """The normalized manifest as TOML text; ``parse_manifest`` reads it back equal."""
+    import tomli_w  # only `check` writes TOML: the serving path does not pay for it
+
     return tomli_w.dumps(manifest_to_dict(manifest))
