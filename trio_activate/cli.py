@@ -195,7 +195,8 @@ def _configure_logging(level: str) -> None:
         log.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
     handler.trio_activate_cli = True  # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter("trio-activate: %(levelname_lower)s: %(message)s"))
+    # The PID tells a supervisor's lines from its workers' (and one generation from the next).
+    handler.setFormatter(logging.Formatter("trio-activate[%(process)d]: %(levelname_lower)s: %(message)s"))
     handler.addFilter(_lowercase_level)
     log.addHandler(handler)
     log.setLevel(level.upper())
