@@ -365,3 +365,73 @@ def test_sockets_passed_by_systemd_socket_activate_are_adopted(tmp_path: Path) -
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=15)
+
+
+EXTRA_PROGRAM = """
+import sys
+import trio
+from trio_activate import activated
+
+
+async def main():
+    async with activated(sys.argv[1], extra_names=["admin"]) as act:
+        [admin] = act.extra["admin"]
+        print(sorted(act.sockets), sorted(act.extra), admin.getsockname(), flush=True)
+        [listener] = act.listeners["web"]
+        stream = await listener.accept()
+        async with stream:
+            await stream.send_all(b"web " + await stream.receive_some(100))
+
+
+trio.run(main)
+"""
+
+
+def test_extra_names_keep_passed_fds_the_manifest_does_not_declare(tmp_path: Path) -> None:
+    """Rule: an embedding program can take a passed name before adoption closes it as unclaimed."""
+    activate = require_peer("systemd-socket-activate")
+    program = tmp_path / "program.py"
+    program.write_text(EXTRA_PROGRAM)
+    manifest = tmp_path / "service.toml"
+    manifest.write_text('[sockets.web]\nlisten = "./web.sock"\n')
+    web, admin = str(tmp_path / "web.sock"), str(tmp_path / "admin.sock")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
+    argv = [
+        activate,
+        "-l",
+        web,
+        "-l",
+        admin,
+        "--fdname=web:admin",
+        sys.executable,
+        str(program),
+        str(manifest),
+    ]
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not os.path.exists(web):
+            assert proc.poll() is None, proc.communicate()[1].decode()
+            assert time.monotonic() < deadline, "systemd-socket-activate did not bind"
+            time.sleep(0.01)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(15)
+            client.connect(web)
+            client.sendall(b"hello")
+            assert client.recv(100) == b"web hello"
+        out, err = proc.communicate(timeout=15)
+        assert proc.returncode == 0, err.decode()
+        assert out.decode().strip() == f"['web'] ['admin'] {admin}"
+        assert "closing" not in err.decode(), "the extra fd was not treated as unclaimed"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=15)
+
+
+async def test_extra_names_must_not_be_manifest_sockets() -> None:
+    with pytest.raises(ValueError, match=r"extra_names: \['web'\] are manifest sockets"):
+        async with activated(sockets={"web": "127.0.0.1:0"}, extra_names=["web"]):
+            pass

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 
 from .activator import ACTIVATOR_MARKER, SOCKET_FILES_VARIABLE, check_not_looping, self_activate
@@ -30,7 +30,7 @@ from .create import create_sockets, remove_socket_file_if_same
 from .fds import own_pidfd_id
 from .listen_env import ListenFds, take_listen_env
 from .manifest import Manifest
-from .passed import adopt
+from .passed import PassedFds, adopt
 
 __all__ = ["ServiceSockets", "SocketFile", "acquire_sockets"]
 
@@ -57,6 +57,8 @@ class ServiceSockets:
     origin: str
     """"systemd" style passing ("passed"), "self-activated", or "created" in-process."""
     connection: socket.socket | None = None
+    extra: dict[str, list[socket.socket]] = field(default_factory=dict)
+    """Passed fds under names the manifest does not declare, taken before adoption (``extra_names``)."""
     files: list[SocketFile] = field(default_factory=list)
     remove_on_stop: frozenset[str] = frozenset()
 
@@ -70,10 +72,10 @@ class ServiceSockets:
         for item in files:
             if item.socket_name in self.remove_on_stop:
                 remove_socket_file_if_same(item.path, item.file_id)
-        held = [s for group in self.sockets.values() for s in group]
+        held = [s for groups in (self.sockets, self.extra) for group in groups.values() for s in group]
         if self.connection is not None:
             held.append(self.connection)
-        self.sockets, self.connection = {}, None
+        self.sockets, self.extra, self.connection = {}, {}, None
         for sock in held:
             sock.close()
 
@@ -83,7 +85,14 @@ def acquire_sockets(
     *,
     reexec: bool,
     environ: MutableMapping[str, str] | None = None,
+    extra_names: Sequence[str] = (),
 ) -> ServiceSockets:
+    """The service's sockets; see the module docstring.
+
+    ``extra_names``: passed fds under these names (which the manifest does
+    not declare) are taken before adoption, which would close them as
+    unclaimed, and kept in ``ServiceSockets.extra``.
+    """
     env = os.environ if environ is None else environ
     pid = os.getpid()
     self_activated = env.get(ACTIVATOR_MARKER) == str(pid)
@@ -98,11 +107,25 @@ def acquire_sockets(
             self_activate(manifest, environ=env)
         return _create_in_process(manifest)
     env.pop(ACTIVATOR_MARKER, None)
-    adopted = adopt(manifest, found)
+    passed = PassedFds(found)
+    extra: dict[str, list[socket.socket]] = {}
+    try:
+        for name in extra_names:
+            taken = passed.take(name)
+            if taken:
+                extra[name] = taken
+        adopted = adopt(manifest, passed)
+    except BaseException:
+        passed.close()
+        for group in extra.values():
+            for sock in group:
+                sock.close()
+        raise
     sockets = ServiceSockets(
         sockets=adopted.sockets,
         origin="self-activated" if self_activated else "passed",
         connection=adopted.connection,
+        extra=extra,
         files=_parse_socket_files(files_text),
         remove_on_stop=_remove_on_stop(manifest),
     )

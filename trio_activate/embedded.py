@@ -51,6 +51,10 @@ class Activation:
             for name, group in self.sockets.items()
             if all(s.type == socket.SOCK_STREAM and _is_listening(s) for s in group)
         }
+        self.extra: dict[str, list[trio.socket.SocketType]] = {
+            name: [trio.socket.from_stdlib_socket(s) for s in group] for name, group in owned.extra.items()
+        }
+        """Passed sockets under names the manifest does not declare, asked for with ``extra_names``."""
         self.connection: trio.socket.SocketType | None = (
             trio.socket.from_stdlib_socket(owned.connection) if owned.connection is not None else None
         )
@@ -100,6 +104,7 @@ async def activated(
     *,
     sockets: Mapping[str, str | Sequence[str] | Mapping[str, Any]] | None = None,
     environ: MutableMapping[str, str] | None = None,
+    extra_names: Sequence[str] = (),
 ) -> AsyncIterator[Activation]:
     """Get the service's sockets for the block: adopted when passed, created otherwise.
 
@@ -109,6 +114,10 @@ async def activated(
 
         async with activated(sockets={"http": "127.0.0.1:8080"}) as act:
             await trio.serve_listeners(handler, act.listeners["http"])
+
+    ``extra_names``: passed fds under these names, which the manifest does
+    not declare, are kept in ``act.extra`` (owned and closed like the rest)
+    instead of being closed as unclaimed.
     """
     if (manifest is None) == (sockets is None):
         raise TypeError("activated() takes a manifest or sockets=, exactly one of them")
@@ -123,8 +132,11 @@ async def activated(
     elif manifest is not None and not isinstance(manifest, Manifest):
         manifest = load_manifest(manifest)
     assert isinstance(manifest, Manifest)
+    declared = set(manifest.socket_names()).intersection(extra_names)
+    if declared:
+        raise ValueError(f"extra_names: {sorted(declared)} are manifest sockets, not extra ones")
     await trio.lowlevel.checkpoint()
-    owned = acquire_sockets(manifest, reexec=False, environ=environ)
+    owned = acquire_sockets(manifest, reexec=False, environ=environ, extra_names=extra_names)
     try:
         activation = Activation(manifest, owned)
         yield activation
