@@ -212,3 +212,14 @@ def test_open_fds_lists_exactly_the_open_fds() -> None:
     # The fd listdir used for /proc/self/fd is gone by the time we look.
     for number in open_fds():
         os.fstat(number)
+
+
+def test_inspect_tells_a_connection_from_a_socket_that_does_not_listen() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        with socket.create_connection(listener.getsockname()) as client, socket.socket() as idle:
+            idle.bind(("127.0.0.1", 0))
+            assert inspect_fd(client.fileno(), "c").connected
+            assert not inspect_fd(idle.fileno(), "i").connected
+            assert not inspect_fd(listener.fileno(), "l").connected

@@ -341,12 +341,14 @@ call = "trio_activate.examples:udp_echo"
     assert "socket passed in LISTEN_FDS" in err
 
 
+@pytest.mark.parametrize("fdname", [[], ["--fdname=echo"]], ids=["unnamed", "named"])
 def test_serve_under_accept_serves_each_connection_in_a_fresh_process_that_exits_0(
-    peer: str, short_dir: Path
+    peer: str, short_dir: Path, fdname: list[str]
 ) -> None:
+    """With --fdname, systemd-socket-activate names the connection: still an Accept=yes connection."""
     port = free_port()
     manifest = echo_manifest(short_dir, f"127.0.0.1:{port}")
-    cmd = [peer, "--accept", "-l", f"127.0.0.1:{port}", *TRIO_ACTIVATE, "serve", str(manifest)]
+    cmd = [peer, "--accept", "-l", f"127.0.0.1:{port}", *fdname, *TRIO_ACTIVATE, "serve", str(manifest)]
     with started(cmd, short_dir) as run:
         for payload in (b"first connection\n", b"second connection\n"):
             with connect(run, socket.AF_INET, ("127.0.0.1", port)) as client:

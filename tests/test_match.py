@@ -206,6 +206,18 @@ def test_fd_named_connection_is_the_accept_yes_connection_and_no_listener_is_mis
     assert result == Match(by_socket={}, connection=3, unclaimed=(), warnings=())
 
 
+def test_a_lone_connected_fd_under_a_manifest_name_is_the_connection() -> None:
+    # systemd-socket-activate --accept --fdname=web names the connection "web".
+    conn = PassedSocket(3, "web", AF_INET, STREAM, False, InetAddress("127.0.0.1", 8080), connected=True)
+    result = match_passed(WEB, [conn], names_given=True)
+    assert result == Match(by_socket={}, connection=3, unclaimed=(), warnings=())
+
+
+def test_a_named_fd_that_is_neither_listening_nor_connected_is_an_error() -> None:
+    with pytest.raises(AdoptionError, match="not listening"):
+        match_passed(WEB, [passed(3, "web", listening=False)], names_given=True)
+
+
 def test_single_unnamed_non_listening_stream_fd_is_the_connection() -> None:
     # systemd-socket-activate --accept passes the connection without LISTEN_FDNAMES.
     result = match_passed(WEB, [passed(3, "unknown", listening=False)], names_given=False)

@@ -17,6 +17,7 @@ does not hold could close an unrelated fd that another thread opened there.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -160,6 +161,12 @@ def inspect_fd(fd: int, name: str) -> PassedSocket:
         family = sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
         listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
         sockname = sock.getsockname()
+        connected = False
+        if not listening:
+            # A peer address means a connection (Accept=yes), not a socket that forgot to listen.
+            with contextlib.suppress(OSError):
+                sock.getpeername()
+                connected = True
     except OSError as exc:
         raise AdoptionError(f"{_what(fd, name)}: cannot inspect the socket: {exc.strerror or exc}") from None
     finally:
@@ -171,6 +178,7 @@ def inspect_fd(fd: int, name: str) -> PassedSocket:
         type=kind,
         listening=listening,
         address=address_from_sockname(family, sockname),
+        connected=connected,
     )
 
 

@@ -105,6 +105,8 @@ class PassedSocket:
     type: int
     listening: bool
     address: Address | None
+    connected: bool = False
+    """A peer address was found (``getpeername``): a connection, not a listening socket."""
 
 
 @dataclass(frozen=True)
@@ -315,6 +317,12 @@ def match_passed(manifest: Manifest, passed: Sequence[PassedSocket], *, names_gi
     warnings: list[str] = []
 
     for item, name in zip(passed, names, strict=True):
+        if name in declared and len(passed) == 1 and _is_connection_shape(item) and item.connected:
+            # `systemd-socket-activate --accept --fdname=NAME` names the one
+            # connection it passes NAME: an Accept=yes connection all the same.
+            _check_connection(manifest, item, f"named {name!r}, connected and not listening")
+            connections.append(item)
+            continue
         if name in declared:
             spec = declared[name]
         elif name == CONNECTION_NAME:
