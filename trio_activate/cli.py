@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     reload = subcommands.add_parser(
         "reload",
-        help="reload a supervised service with zero downtime (sends SIGHUP)",
-        description="Send SIGHUP to a supervised trio-activate serve: its PID, or a file holding it.",
+        help="reload a running serve with zero downtime (sends SIGHUP)",
+        description="Send SIGHUP to a running trio-activate serve (supervised or not), by PID or pid file.",
     )
     reload.add_argument("target", metavar="PID|PIDFILE")
     reload.set_defaults(command=cmd_reload)
