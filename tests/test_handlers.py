@@ -283,3 +283,45 @@ def test_serve_with_a_bad_handler_exits_2_with_one_line_and_no_ready(
     [line] = result.stderr.splitlines()
     assert line.startswith("trio-activate: svc.toml: handlers.web.call: ")
     assert expected in line
+
+
+def test_a_failed_start_leaves_no_socket_file_it_made(tmp_path: Path) -> None:
+    """Rule: a self-activated serve whose handler cannot be imported removes the socket file it created,
+    whatever remove-on-stop says (that setting is for a service that ran)."""
+    service = tmp_path / "svc.toml"
+    service.write_text(
+        '[sockets.web]\nlisten = "./web.sock"\n[handlers.web]\nsocket = "web"\ncall = "app:handle"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "trio_activate", "serve", str(service)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "cannot import 'app'" in result.stderr
+    assert not (tmp_path / "web.sock").exists()
+
+
+def test_a_file_that_is_not_ours_survives_a_failed_start(tmp_path: Path) -> None:
+    """The removal is by identity: a socket file someone else put at the path afterwards stays."""
+    (tmp_path / "app.py").write_text(
+        "import os, socket\n"
+        "os.unlink(os.path.join(os.path.dirname(__file__), 'web.sock'))\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "s.bind(os.path.join(os.path.dirname(__file__), 'web.sock'))\n"
+        "raise RuntimeError('replaced the socket file, then failed')\n"
+    )
+    service = tmp_path / "svc.toml"
+    service.write_text(
+        '[sockets.web]\nlisten = "./web.sock"\n[handlers.web]\nsocket = "web"\ncall = "app:handle"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "trio_activate", "serve", str(service)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "replaced the socket file, then failed" in result.stderr
+    assert (tmp_path / "web.sock").exists()

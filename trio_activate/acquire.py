@@ -62,6 +62,15 @@ class ServiceSockets:
     files: list[SocketFile] = field(default_factory=list)
     remove_on_stop: frozenset[str] = frozenset()
 
+    def never_started(self) -> None:
+        """The service failed before it served: it leaves no socket file it made.
+
+        ``remove-on-stop`` governs what a service that ran leaves behind; a
+        start that failed (a handler that cannot be imported, no worker ever
+        ready) must not leave a half-made service's files.  Call before ``close()``.
+        """
+        self.remove_on_stop = frozenset(item.socket_name for item in self.files)
+
     def close(self) -> None:
         """Remove our ``remove-on-stop`` socket files, then close every socket once.
 

@@ -267,6 +267,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 worker_argv(str(args.manifest.absolute()), args.log_level), sockets
             )
         return run_service(manifest, owned, reload_command=reload_command)
+    except ActivationError:
+        owned.never_started()
+        raise
     finally:
         owned.close()
 

@@ -54,6 +54,8 @@ def run_supervisor(
             ", reloading on changes" if watch else "; SIGHUP reloads",
         )
         status: int = trio.run(_supervise, supervisor, list(watch))
+    if supervisor.current is None:
+        owned.never_started()
     return status
 
 
