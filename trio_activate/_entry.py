@@ -16,11 +16,19 @@ import signal
 import sys
 
 SERVING_COMMANDS = frozenset({"serve", "dev"})
+# Held pending until the runtime (or supervisor) installs its handlers and unblocks them;
+# blocked masks survive execv, so the self-activation re-exec is covered too.
+SHUTDOWN_AND_RELOAD_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+def hold_shutdown_signals() -> None:
+    """Block SIGTERM, SIGINT and SIGHUP: they wait until the service can handle them."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_AND_RELOAD_SIGNALS)
 
 
 def main() -> int:
     if SERVING_COMMANDS.intersection(sys.argv[1:]):
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+        hold_shutdown_signals()
     from .cli import main as cli_main
 
     return cli_main()

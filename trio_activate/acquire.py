@@ -25,7 +25,7 @@ import socket
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 
-from .activator import ACTIVATOR_MARKER, SOCKET_FILES_VARIABLE, check_not_looping, self_activate
+from .activator import ACTIVATOR_MARKER, SOCKET_FILES_VARIABLE, check_not_looping, reexec_with_new_sockets
 from .create import create_sockets, remove_socket_file_if_same
 from .fds import own_pidfd_id
 from .listen_env import ListenFds, take_listen_env
@@ -109,11 +109,12 @@ def acquire_sockets(
     files_text = env.pop(SOCKET_FILES_VARIABLE, None)
     if not self_activated:
         files_text = None
-    found = take_listen_env(env, pid=pid, pidfd_id=own_pidfd_id())
+    pidfd_id = own_pidfd_id()
+    found = take_listen_env(env, pid=pid, pidfd_id=pidfd_id)
     if not isinstance(found, ListenFds):
         check_not_looping(env, pid=pid, reason=found.reason)
         if reexec:
-            self_activate(manifest, environ=env)
+            reexec_with_new_sockets(manifest, pidfd_id=pidfd_id, environ=env)
         return _create_in_process(manifest)
     env.pop(ACTIVATOR_MARKER, None)
     passed = PassedFds(found)
@@ -155,10 +156,6 @@ def _create_in_process(manifest: Manifest) -> ServiceSockets:
 
 def _remove_on_stop(manifest: Manifest) -> frozenset[str]:
     return frozenset(spec.name for spec in manifest.sockets if spec.remove_on_stop)
-
-
-def encode_socket_files(files: list[SocketFile]) -> str:
-    return json.dumps([[f.socket_name, f.path, *f.file_id] for f in files])
 
 
 def _parse_socket_files(text: str | None) -> list[SocketFile]:

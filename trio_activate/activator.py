@@ -34,6 +34,7 @@ import os
 import sys
 from collections.abc import MutableMapping, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from .create import CreatedSocket, create_sockets, remove_socket_file
 from .errors import ActivationError
@@ -50,6 +51,7 @@ __all__ = [
     "check_not_looping",
     "exec_with_sockets",
     "place_fds",
+    "reexec_with_new_sockets",
     "self_activate",
     "settle_worker_environment",
 ]
@@ -104,9 +106,12 @@ def exec_with_sockets(
     names: Sequence[str],
     argv: Sequence[str],
     *,
+    pidfd_id: int | None,
     environ: MutableMapping[str, str] | None = None,
 ) -> None:
     """Place ``created`` at fds 3.., and exec ``argv`` with ``LISTEN_*`` naming this process.
+
+    ``pidfd_id`` is this process's own (``fds.own_pidfd_id()``); exec keeps it.
 
     ``environ`` (default ``os.environ``) plus the ``LISTEN_*`` and private
     variables is the exec'd program's environment; ``environ`` itself is not
@@ -137,7 +142,7 @@ def exec_with_sockets(
     # claim fds that are closed below (a later adoption would take whatever
     # reused the numbers).
     exec_env = dict(env)
-    exec_env.update(format_listen_env(names, pid=os.getpid(), pidfd_id=own_pidfd_id()))
+    exec_env.update(format_listen_env(names, pid=os.getpid(), pidfd_id=pidfd_id))
     exec_env[ACTIVATOR_MARKER] = str(os.getpid())
     exec_env[SOCKET_FILES_VARIABLE] = json.dumps(
         [
@@ -230,10 +235,26 @@ def self_activate(
     env = os.environ if environ is None else environ
     if not isinstance(manifest, Manifest):
         manifest = load_manifest(manifest)
-    found = read_listen_env(env, pid=os.getpid(), pidfd_id=own_pidfd_id())
+    pidfd_id = own_pidfd_id()
+    found = read_listen_env(env, pid=os.getpid(), pidfd_id=pidfd_id)
     if isinstance(found, ListenFds):
         return found
     check_not_looping(env, pid=os.getpid(), reason=found.reason)
+    reexec_with_new_sockets(manifest, pidfd_id=pidfd_id, environ=env, argv=argv)
+
+
+def reexec_with_new_sockets(
+    manifest: Manifest,
+    *,
+    pidfd_id: int | None,
+    environ: MutableMapping[str, str] | None = None,
+    argv: Sequence[str] | None = None,
+) -> NoReturn:
+    """Create the manifest's sockets and exec this command line again with them (same PID).
+
+    For callers that already found this process not activated (and checked
+    it is not looping); returns only by raising.
+    """
     created = create_sockets(manifest)
-    exec_with_sockets(created, manifest.fd_names(), argv or reexec_argv(), environ=env)
+    exec_with_sockets(created, manifest.fd_names(), argv or reexec_argv(), pidfd_id=pidfd_id, environ=environ)
     raise AssertionError("unreachable: exec_with_sockets returns only by raising")

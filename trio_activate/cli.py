@@ -17,11 +17,16 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
+from ._entry import hold_shutdown_signals
 from .activator import DEV_VARIABLE, HANDOFF_FROM_VARIABLE, settle_worker_environment
 from .errors import ActivationError
-from .manifest import dump_manifest, load_manifest
+from .manifest import Manifest, dump_manifest, load_manifest
+
+if TYPE_CHECKING:
+    from .acquire import ServiceSockets
 
 # Layer 2 only up to the re-exec: trio is imported by `serve` after it.
 
@@ -236,19 +241,26 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    # First thing: SIGTERM/SIGINT/SIGHUP during start-up wait, and end in an
-    # orderly way once the service handles them (see runtime.block_shutdown_signals;
-    # inlined so that this path does not import trio before the re-exec).
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
-    is_worker = settle_worker_environment()
+def _load_and_acquire(path: Path, *, warn: bool) -> tuple[Manifest, ServiceSockets]:
+    """The manifest and its sockets: adopted, or created by a self-activation re-exec.
+
+    Runs before trio is imported, so a re-exec does not pay for it.
+    """
     from .acquire import acquire_sockets
 
-    manifest = load_manifest(args.manifest)
-    if not is_worker:
+    manifest = load_manifest(path)
+    if warn:
         for warning in manifest.warnings:
             log.warning("%s", warning)
-    owned = acquire_sockets(manifest, reexec=True)
+    return manifest, acquire_sockets(manifest, reexec=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    # First thing (again, for an in-process main()): signals during start-up wait.
+    hold_shutdown_signals()
+    is_worker = settle_worker_environment()
+    # A supervisor's worker: the supervisor already showed the manifest's warnings.
+    manifest, owned = _load_and_acquire(args.manifest, warn=not is_worker)
     try:
         workers = args.workers if args.workers is not None else manifest.service.workers
         if not is_worker and owned.connection is None and (workers > 1 or args.supervise):
@@ -275,13 +287,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
-    from .acquire import acquire_sockets
-
-    manifest = load_manifest(args.manifest)
-    for warning in manifest.warnings:
-        log.warning("%s", warning)
-    owned = acquire_sockets(manifest, reexec=True)
+    hold_shutdown_signals()
+    manifest, owned = _load_and_acquire(args.manifest, warn=True)
     # dev made these sockets: stopping removes every socket file it created.
     owned.remove_on_stop = frozenset(manifest.socket_names())
     try:

@@ -45,7 +45,7 @@ from .serving import Listening, StreamServer
 from .stopping import StopSignal, current_stop_signal
 from .watchdog import serve_watchdog
 
-__all__ = ["EXIT_FAILED", "EXIT_OK", "Service", "block_shutdown_signals", "serve_connection_once"]
+__all__ = ["EXIT_FAILED", "EXIT_OK", "Service", "serve_connection_once"]
 
 log = logging.getLogger("trio_activate")
 
@@ -53,17 +53,6 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 
 SHUTDOWN_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
-
-
-def block_shutdown_signals() -> None:
-    """Hold SIGTERM and SIGINT pending until the service is ready to handle them.
-
-    Called first thing by the CLI: a signal that arrives during start-up
-    (imports, adoption, the self-activation re-exec: the mask survives
-    ``execv``) then waits, and is handled as an orderly shutdown as soon as
-    the signal watcher runs, instead of killing the process mid-start.
-    """
-    signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
 
 
 @dataclass(frozen=True)

@@ -34,9 +34,9 @@ __all__ = ["run_service"]
 log = logging.getLogger("trio_activate")
 
 ORIGINS = {
-    "passed": "sockets passed in LISTEN_FDS",
-    "self-activated": "sockets created by the internal activator",
-    "created": "sockets created in-process",
+    "passed": "passed in LISTEN_FDS",
+    "self-activated": "created by the internal activator",
+    "created": "created in-process",
 }
 
 
@@ -122,12 +122,13 @@ def _accept_handler(manifest: Manifest, handlers: list[LoadedHandler]) -> Loaded
 def _log_banner(manifest: Manifest, owned: ServiceSockets) -> None:
     count = sum(len(group) for group in owned.sockets.values()) + (owned.connection is not None)
     log.info(
-        "trio-activate %s: service %s, pid %d, %d %s",
+        "trio-activate %s: service %s, pid %d, %d %s %s",
         __version__,
         manifest.service.name,
         os.getpid(),
         count,
-        ORIGINS.get(owned.origin, owned.origin).replace("sockets", "socket" if count == 1 else "sockets", 1),
+        "socket" if count == 1 else "sockets",
+        ORIGINS.get(owned.origin, owned.origin),
     )
     for name, group in owned.sockets.items():
         for sock in group:
