@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import shutil
+from collections.abc import Iterator
 
 import pytest
+
+from trio_activate.fds import open_fds
 
 
 def require_peer(binary: str) -> str:
@@ -21,3 +26,22 @@ def require_peer(binary: str) -> str:
             pytest.fail(f"{binary} is required (REQUIRE_INTEROP_PEERS is set) but not on PATH")
         pytest.skip(f"{binary} not installed (Debian package: systemd)")
     return path
+
+
+@pytest.fixture
+def no_fd_leaks() -> Iterator[None]:
+    """The test leaves the process's fd table as it found it (after a GC: a dropped socket closes then)."""
+    before = open_fds()
+    yield
+    gc.collect()
+    assert open_fds() == before
+
+
+@pytest.fixture
+def records(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> pytest.LogCaptureFixture:
+    """The package's log records, whatever an earlier in-process CLI run did to its logger."""
+    logger = logging.getLogger("trio_activate")
+    monkeypatch.setattr(logger, "propagate", True)
+    monkeypatch.setattr(logger, "handlers", [])
+    caplog.set_level(logging.INFO, logger="trio_activate")
+    return caplog

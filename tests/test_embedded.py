@@ -9,14 +9,12 @@ in turn and checks that every cancellation point leaves nothing behind.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +29,7 @@ from trio_activate.errors import HandlerError
 from trio_activate.fds import open_fds
 from trio_activate.manifest import parse_manifest
 
-
-@pytest.fixture(autouse=True)
-def no_fd_leaks() -> Iterator[None]:
-    before = open_fds()
-    yield
-    gc.collect()
-    assert open_fds() == before
+pytestmark = pytest.mark.usefixtures("no_fd_leaks")
 
 
 @pytest.fixture(autouse=True)

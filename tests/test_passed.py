@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +34,7 @@ from trio_activate.manifest import Manifest, parse_manifest
 from trio_activate.match import Match, PassedSocket
 from trio_activate.passed import DEFAULT_STEPS, Adopted, AdoptSteps, PassedFds, adopt
 
-
-@pytest.fixture(autouse=True)
-def no_fd_leaks() -> Iterator[None]:
-    before = open_fds()
-    yield
-    gc.collect()  # a dropped socket object would close its fd only now
-    assert open_fds() == before
+pytestmark = pytest.mark.usefixtures("no_fd_leaks")
 
 
 def load(tmp_path: Path, text: str) -> Manifest:

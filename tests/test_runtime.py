@@ -16,7 +16,6 @@ subprocess is killed in a ``finally``.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -36,7 +35,6 @@ import trio
 import trio.testing
 from conftest import require_peer
 
-from trio_activate.fds import open_fds
 from trio_activate.handlers import LoadedHandler
 from trio_activate.manifest import HandlerSpec, manifest_from_dict
 from trio_activate.notifier import Notifier
@@ -47,22 +45,7 @@ from trio_activate.serving import Listening
 Handler = Callable[[Any], Awaitable[None]]
 
 
-@pytest.fixture(autouse=True)
-def no_fd_leaks() -> Iterator[None]:
-    before = open_fds()
-    yield
-    gc.collect()
-    assert open_fds() == before
-
-
-@pytest.fixture(autouse=True)
-def records(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> pytest.LogCaptureFixture:
-    """The package's log records, whatever an earlier in-process CLI run did to its logger."""
-    logger = logging.getLogger("trio_activate")
-    monkeypatch.setattr(logger, "propagate", True)
-    monkeypatch.setattr(logger, "handlers", [])
-    caplog.set_level(logging.INFO, logger="trio_activate")
-    return caplog
+pytestmark = pytest.mark.usefixtures("no_fd_leaks", "records")
 
 
 def messages(records: pytest.LogCaptureFixture) -> list[str]:

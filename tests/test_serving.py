@@ -14,7 +14,6 @@ no fd open.
 from __future__ import annotations
 
 import errno
-import gc
 import logging
 import os
 import resource
@@ -36,22 +35,7 @@ from trio_activate.serving import ConnectionSlots, Listening, StreamServer
 Handler = Callable[[Any], Awaitable[None]]
 
 
-@pytest.fixture(autouse=True)
-def no_fd_leaks() -> Iterator[None]:
-    before = open_fds()
-    yield
-    gc.collect()
-    assert open_fds() == before
-
-
-@pytest.fixture(autouse=True)
-def records(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> pytest.LogCaptureFixture:
-    """The package's log records, whatever an earlier in-process CLI run did to its logger."""
-    logger = logging.getLogger("trio_activate")
-    monkeypatch.setattr(logger, "propagate", True)
-    monkeypatch.setattr(logger, "handlers", [])
-    caplog.set_level(logging.INFO, logger="trio_activate")
-    return caplog
+pytestmark = pytest.mark.usefixtures("no_fd_leaks", "records")
 
 
 class Sockets:
