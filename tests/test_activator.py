@@ -23,9 +23,10 @@ from typing import Any
 
 import pytest
 
-from trio_activate.activator import ACTIVATOR_MARKER, check_not_looping
+from trio_activate.activator import check_not_looping
 from trio_activate.errors import ActivationError
 from trio_activate.fds import own_pidfd_id
+from trio_activate.private_env import ACTIVATOR_MARKER
 
 TIMEOUT = 10.0
 

@@ -1,24 +1,55 @@
-"""The ``trio-activate`` console script's first code: hold shutdown signals, then import the CLI.
+"""The ``trio-activate`` console script's first code: hold shutdown signals, start fast, import the CLI.
 
-A SIGTERM or SIGINT that reaches a starting service must end in an orderly
-exit, not in death by signal.  The runtime unblocks them once its handlers
-are installed; everything before that point should run with them blocked,
-so this module blocks them before importing anything more (the package's
-``__init__`` is already imported and holds only the error classes).  Only
-for the commands that serve: ``check`` or ``fds`` keep the default
-behaviour.  The interpreter's own start-up (about 20 ms) remains a window
-no code in the process can close.
+Held signals: a SIGTERM or SIGINT that reaches a starting service must end
+in an orderly exit, not in death by signal.  The runtime unblocks them once
+its handlers are installed; everything before that point runs with them
+blocked, so this module blocks them before importing anything more (the
+package's ``__init__`` is already imported and holds only the error
+classes).  Only for the commands that serve: ``check`` or ``fds`` keep the
+default behaviour.  The interpreter's own start-up (about 20 ms) remains a
+window no code in the process can close.
+
+The fast start: ``serve`` or ``dev`` with nothing passed self-activates by
+re-exec.  Done in order (read the manifest, create the sockets, exec, then
+import trio) the service's start-up pays for reading the manifest twice and
+for two interpreters end to end.  So this process forks first: the child is
+the activator (it reads the manifest and creates the sockets), while this
+process execs at once and imports trio meanwhile, on another core.  The
+re-exec'd process takes the sockets over a private channel where it would
+have read ``LISTEN_*`` (``activator.receive_from_forked_activator``),
+settles its own ``LISTEN_*`` from them, and adopts them by exactly the path
+it takes under systemd.  Errors (a bad manifest, a busy port) are reported
+by the re-exec'd process, as one line, as before.
+
+This module imports only ``os``, ``sys``, ``signal`` and the C ``_socket``:
+the console script has already paid for ``re`` (and with it ``enum``), and
+anything more here is start-up time for every serve.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+from collections.abc import Mapping, Sequence
+
+from .private_env import ACTIVATOR_CHANNEL_VARIABLE, ACTIVATOR_MARKER, WORKER_FDS_VARIABLE
 
 SERVING_COMMANDS = frozenset({"serve", "dev"})
 # Held pending until the runtime (or supervisor) installs its handlers and unblocks them;
 # blocked masks survive execv, so the self-activation re-exec is covered too.
 SHUTDOWN_AND_RELOAD_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+# Any of these says sockets were, or are being, passed to this process: it must
+# adopt or fail as the CLI decides, never self-activate on the fast path.
+PASSING_VARIABLES = (
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    ACTIVATOR_MARKER,
+    ACTIVATOR_CHANNEL_VARIABLE,
+    WORKER_FDS_VARIABLE,
+)
+# The forked activator's exit status when it failed in a way it could not report.
+ACTIVATOR_CRASHED = 70  # EX_SOFTWARE
 
 
 def hold_shutdown_signals() -> None:
@@ -29,6 +60,96 @@ def hold_shutdown_signals() -> None:
 def main() -> int:
     if SERVING_COMMANDS.intersection(sys.argv[1:]):
         hold_shutdown_signals()
+        if fast_start_applies(sys.argv[1:], os.environ):
+            fork_activator_and_reexec()
     from .cli import main as cli_main
 
     return cli_main()
+
+
+def reexec_argv() -> list[str]:
+    """The command line this process was started with, to run again in place.
+
+    ``sys.orig_argv`` keeps the interpreter's own options (``-X``, ``-m``),
+    which ``sys.argv`` loses.
+    """
+    return [sys.executable, *sys.orig_argv[1:]]
+
+
+def serving_command(args: Sequence[str]) -> str | None:
+    """``serve`` or ``dev`` when ``args`` certainly run that command, else None.
+
+    Reads the command line the way the CLI's parser does for the options
+    that may come before the command (only ``--log-level``).  Anything else
+    there, an abbreviation included, gives None: the fast start is skipped
+    and the ordinary path, which parses properly, runs instead.
+    """
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--log-level":
+            index += 2
+        elif arg.startswith("--log-level="):
+            index += 1
+        elif arg.startswith("-"):
+            return None
+        else:
+            return arg if arg in SERVING_COMMANDS else None
+    return None
+
+
+def fast_start_applies(args: Sequence[str], environ: Mapping[str, str]) -> bool:
+    """True when this process serves, nothing was passed to it, and it may fork."""
+    if serving_command(args) is None:
+        return False
+    if any(name in environ for name in PASSING_VARIABLES):
+        return False
+    return _single_threaded()
+
+
+def _single_threaded() -> bool:
+    """Whether this process has one thread, so that ``os.fork()`` is safe to run Python after.
+
+    Nothing in the console script starts threads, but a ``sitecustomize`` or a
+    ``.pth`` file could have; when unsure, say no (the ordinary path runs).
+    """
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def fork_activator_and_reexec() -> None:
+    """Fork the activator, then exec this command line again at once.  Returns only in the child.
+
+    The child gets one end of a unix seqpacket pair and runs the activator
+    (``cli.run_forked_activator``), then exits without returning here.  This
+    process gives the other end to its exec'd self, with the child's PID, in
+    ``TRIO_ACTIVATE_ACTIVATOR_CHANNEL``.  If the exec fails, the channel
+    closes with this process, which tells the child to remove what it made.
+    """
+    import _socket  # the socket module's enums and selectors cost several ms here
+
+    own_end, child_end = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    child = os.fork()
+    if child == 0:
+        own_end.close()
+        status = ACTIVATOR_CRASHED
+        try:
+            from .cli import run_forked_activator
+
+            status = run_forked_activator(child_end.detach())
+        finally:
+            os._exit(status)  # never back into the console script: the exec'd parent serves
+    child_end.close()
+    channel = own_end.detach()
+    os.set_inheritable(channel, True)
+    os.environ[ACTIVATOR_CHANNEL_VARIABLE] = f"{channel}:{child}"
+    argv = reexec_argv()
+    try:
+        os.execv(argv[0], argv)
+    except OSError as exc:
+        print(f"trio-activate: cannot re-exec {argv[0]}: {exc.strerror or exc}", file=sys.stderr)
+        os.close(channel)
+        os.waitpid(child, 0)
+        raise SystemExit(2) from None

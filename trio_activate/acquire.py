@@ -23,21 +23,22 @@ import logging
 import os
 import socket
 from collections.abc import MutableMapping, Sequence
-from dataclasses import dataclass, field
 
-from .activator import ACTIVATOR_MARKER, SOCKET_FILES_VARIABLE, check_not_looping, reexec_with_new_sockets
+from .activator import check_not_looping, reexec_with_new_sockets
 from .create import create_sockets, remove_socket_file_if_same
 from .fds import own_pidfd_id
 from .listen_env import ListenFds, take_listen_env
 from .manifest import Manifest
 from .passed import PassedFds, adopt
+from .private_env import ACTIVATOR_CHANNEL_VARIABLE, ACTIVATOR_MARKER, SOCKET_FILES_VARIABLE
+from .records import field, record
 
 __all__ = ["ServiceSockets", "SocketFile", "acquire_sockets"]
 
 log = logging.getLogger("trio_activate")
 
 
-@dataclass(frozen=True)
+@record
 class SocketFile:
     """A unix socket file this service made, identified as it was right after bind()."""
 
@@ -46,7 +47,7 @@ class SocketFile:
     file_id: tuple[int, int]
 
 
-@dataclass(eq=False)
+@record(frozen=False, eq=False)
 class ServiceSockets:
     """Every socket of one service, by manifest name.  Owns them until ``close()``.
 
@@ -103,6 +104,10 @@ def acquire_sockets(
     unclaimed, and kept in ``ServiceSockets.extra``.
     """
     env = os.environ if environ is None else environ
+    if ACTIVATOR_CHANNEL_VARIABLE in env:  # the fast start: sockets on their way from a forked activator
+        from .activator_channel import receive_from_forked_activator
+
+        receive_from_forked_activator(env)
     pid = os.getpid()
     self_activated = env.get(ACTIVATOR_MARKER) == str(pid)
     # Popped on every path, so no child inherits it; trusted only from our own activator.

@@ -31,47 +31,27 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import sys
 from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from ._entry import reexec_argv
 from .create import CreatedSocket, create_sockets, remove_socket_file
 from .errors import ActivationError
 from .fds import own_pidfd_id
-from .listen_env import SD_LISTEN_FDS_START, ListenFds, format_listen_env, read_listen_env
+from .listen_env import SD_LISTEN_FDS_START, ListenFds, format_listen_env, read_listen_env, unset_listen_env
 from .manifest import Manifest, load_manifest
+from .private_env import ACTIVATOR_MARKER, SOCKET_FILES_VARIABLE, WORKER_FDS_VARIABLE
 
 __all__ = [
-    "ACTIVATOR_MARKER",
-    "DEV_VARIABLE",
-    "HANDOFF_FROM_VARIABLE",
-    "SOCKET_FILES_VARIABLE",
-    "WORKER_FDS_VARIABLE",
     "check_not_looping",
     "exec_with_sockets",
     "place_fds",
     "reexec_with_new_sockets",
     "self_activate",
+    "settle_listen_environment",
     "settle_worker_environment",
 ]
-
-# Set to our PID just before the re-exec; removed by whoever adopts.
-ACTIVATOR_MARKER = "TRIO_ACTIVATE_ACTIVATOR_PID"
-# Set by the supervisor for each worker it spawns: JSON [[fd, name], ...] of the
-# sockets it passed (with pass_fds, at the supervisor's fd numbers).  The worker
-# cannot be given LISTEN_PID, which is its own PID, known only after fork; so it
-# settles its own LISTEN_* first thing (settle_worker_environment).
-WORKER_FDS_VARIABLE = "TRIO_ACTIVATE_WORKER_FDS"
-# Set in a successor that a single-process serve hands its sockets over to on
-# SIGHUP: the predecessor's PID (see handoff.py).
-HANDOFF_FROM_VARIABLE = "TRIO_ACTIVATE_HANDOFF_FROM"
-# Set by `trio-activate dev` in its workers: full tracebacks for start-up
-# errors, and handler modules compiled from source (never stale bytecode).
-DEV_VARIABLE = "TRIO_ACTIVATE_DEV"
-# The unix socket files the activator created, as JSON [[name, path, st_dev, st_ino], ...],
-# so the re-exec'd process can honour remove-on-stop for files that are its own, and only those.
-SOCKET_FILES_VARIABLE = "TRIO_ACTIVATE_SOCKET_FILES"
 
 
 def place_fds(sources: Sequence[int]) -> None:
@@ -142,6 +122,7 @@ def exec_with_sockets(
     # claim fds that are closed below (a later adoption would take whatever
     # reused the numbers).
     exec_env = dict(env)
+    unset_listen_env(exec_env)  # a stale LISTEN_PIDFDID must not outlive the others
     exec_env.update(format_listen_env(names, pid=os.getpid(), pidfd_id=pidfd_id))
     exec_env[ACTIVATOR_MARKER] = str(os.getpid())
     exec_env[SOCKET_FILES_VARIABLE] = json.dumps(
@@ -179,23 +160,28 @@ def settle_worker_environment(environ: MutableMapping[str, str] | None = None) -
         pairs = [(int(fd), str(name)) for fd, name in json.loads(text)]
     except (ValueError, TypeError):
         raise ActivationError(f"{WORKER_FDS_VARIABLE}={text[:80]!r}: expected [[fd, name], ...]") from None
-    sources = [fd for fd, _ in pairs]
+    settle_listen_environment([fd for fd, _ in pairs], [name for _, name in pairs], env)
+    return True
+
+
+def settle_listen_environment(
+    sources: Sequence[int], names: Sequence[str], environ: MutableMapping[str, str]
+) -> None:
+    """Do what systemd does after fork, in this process: the fds at 3, 4, ... and ``LISTEN_*`` naming us.
+
+    Moves ``sources`` (this process's own fds, in any numbers) to 3.. with
+    ``place_fds`` and closes the originals.  Replaces every ``LISTEN_*``
+    variable, so a stale ``LISTEN_PIDFDID`` cannot outlive the others when
+    this kernel gives no pidfd id.  Call it while the process is
+    single-threaded: nothing else may open an fd in 3.. meanwhile.
+    """
     placed = range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(sources))
     place_fds(sources)
     for fd in sources:
         if fd not in placed:
             os.close(fd)
-    env.update(format_listen_env([name for _, name in pairs], pid=os.getpid(), pidfd_id=own_pidfd_id()))
-    return True
-
-
-def reexec_argv() -> list[str]:
-    """The command line this process was started with, to run again in place.
-
-    ``sys.orig_argv`` keeps the interpreter's own options (``-X``, ``-m``),
-    which ``sys.argv`` loses.
-    """
-    return [sys.executable, *sys.orig_argv[1:]]
+    unset_listen_env(environ)
+    environ.update(format_listen_env(names, pid=os.getpid(), pidfd_id=own_pidfd_id()))
 
 
 def check_not_looping(environ: MutableMapping[str, str], *, pid: int, reason: str) -> None:

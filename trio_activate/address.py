@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass
 from pathlib import PurePosixPath
+
+from .records import record
 
 __all__ = [
     "AbstractAddress",
@@ -41,7 +42,7 @@ __all__ = [
 UNIX_PATH_MAX = 107
 
 
-@dataclass(frozen=True)
+@record
 class InetAddress:
     """An IPv4 or IPv6 address and port.  ``host is None`` is the bare-port form."""
 
@@ -67,7 +68,7 @@ class InetAddress:
         return f"{self.host}:{self.port}"
 
 
-@dataclass(frozen=True)
+@record
 class UnixAddress:
     """A unix socket file.  ``path`` is as written: absolute, or relative to the manifest."""
 
@@ -89,7 +90,7 @@ class UnixAddress:
         return self.path
 
 
-@dataclass(frozen=True)
+@record
 class AbstractAddress:
     """A socket in the abstract namespace; ``name`` is without the leading ``@``."""
 

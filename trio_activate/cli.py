@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from ._entry import hold_shutdown_signals
-from .activator import DEV_VARIABLE, HANDOFF_FROM_VARIABLE, settle_worker_environment
+from .activator import settle_worker_environment
 from .errors import ActivationError
 from .manifest import Manifest, dump_manifest, load_manifest
+from .private_env import DEV_VARIABLE, HANDOFF_FROM_VARIABLE
 
 if TYPE_CHECKING:
     from .acquire import ServiceSockets
@@ -302,6 +303,28 @@ def cmd_dev(args: argparse.Namespace) -> int:
         )
     finally:
         owned.close()
+
+
+def run_forked_activator(channel_fd: int) -> int:
+    """The activator ``_entry`` forks for a fast start: this command line's sockets, over ``channel_fd``.
+
+    Returns the exit status.  It prints nothing of its own: the re-exec'd
+    parent parses the same command line and reports any usage error, and
+    reports the activator's errors, which come over the channel.
+    """
+    from .activator_channel import hand_sockets_to_service
+
+    quiet = open(os.devnull, "w")  # noqa: SIM115 - for the life of this short process
+    saved = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr = quiet
+    try:
+        args = build_parser().parse_args()
+    except SystemExit:  # --help, --version or a usage error: the parent shows it
+        return EXIT_ERROR
+    finally:
+        sys.stdout, sys.stderr = saved
+    _configure_logging(args.log_level)  # cleanup warnings, in the service's format
+    return hand_sockets_to_service(channel_fd, args.manifest)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:

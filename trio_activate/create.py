@@ -96,12 +96,12 @@ import socket
 import stat
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .address import UNIX_PATH_MAX, AbstractAddress, Address, InetAddress, UnixAddress, address_from_sockname
 from .errors import CreationError
 from .manifest import Manifest, SocketSpec
+from .records import field, record
 
 __all__ = [
     "CreatedSocket",
@@ -124,7 +124,7 @@ _NO_IPV6 = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL})
 _MAX_ID = 2**32 - 2
 
 
-@dataclass
+@record(frozen=False)
 class CreatedSocket:
     """One socket made for one ``listen`` address.  Whoever holds it owns ``sock``."""
 
@@ -200,7 +200,7 @@ def remove_socket_file(created: CreatedSocket) -> None:
 # --- the work ----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class _Where:
     """Builds the one-line errors for one address of one socket."""
 

@@ -18,18 +18,18 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from .errors import HandlerError
 from .manifest import HandlerSpec, Manifest
+from .records import record
 
 __all__ = ["LoadedHandler", "load_handler", "load_handlers", "prepend_python_path"]
 
 HandlerFunction = Callable[..., Awaitable[Any]]
 
 
-@dataclass(frozen=True)
+@record
 class LoadedHandler:
     spec: HandlerSpec
     function: HandlerFunction

@@ -35,8 +35,8 @@ from collections.abc import Mapping
 
 import trio
 
-from .activator import HANDOFF_FROM_VARIABLE
 from .notifier import Notifier
+from .private_env import HANDOFF_FROM_VARIABLE
 from .spawn import NotifyInbox, WorkerCommand, spawn_worker
 
 __all__ = ["HANDOFF_FROM_VARIABLE", "MANAGER_NOTIFY_VARIABLE", "hand_over", "take_handoff", "wait_for_exit"]

@@ -68,9 +68,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
 
 from .errors import ListenEnvError
+from .records import record
 
 __all__ = [
     "CONNECTION_NAME",
@@ -126,7 +126,7 @@ _DIGITS = re.compile(r"[0-9]+")
 _BASE_PREFIX = re.compile(r"[+-]?0[xXoObB]")
 
 
-@dataclass(frozen=True)
+@record
 class ListenFds:
     """This process was activated: it was handed `fds`, named by `names`.
 
@@ -142,7 +142,7 @@ class ListenFds:
     pidfd_checked: bool
 
 
-@dataclass(frozen=True)
+@record
 class NotActivated:
     """The variables are absent or meant for another process.
 

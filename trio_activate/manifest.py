@@ -18,7 +18,7 @@ Cross-table rules (a handler naming a missing socket, a socket claimed twice,
 duplicate addresses) run after every table parsed, so the first structural
 error a user sees is the first one in the file.
 
-The result is a tree of frozen dataclasses.  ``dump_manifest`` writes it back
+The result is a tree of frozen records (``records.record``).  ``dump_manifest`` writes it back
 with ``tomli-w``, every default made explicit, so ``check`` shows the user
 exactly what the runtime will do, and parse -> dump -> parse is the identity.
 
@@ -28,20 +28,19 @@ Socket order matters: the activator passes fds in manifest order (each socket's
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import math
 import re
 import socket
 import tomllib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .address import AbstractAddress, Address, InetAddress, UnixAddress, parse_address
 from .errors import ManifestError
 from .listen_env import fd_name_problem
+from .records import field, record, replace
 
 __all__ = [
     "DEFAULT_BACKLOG",
@@ -97,7 +96,7 @@ _KERNEL_TYPES = {
 }
 
 
-@dataclass(frozen=True)
+@record
 class ServiceSpec:
     name: str
     grace_period: float = DEFAULT_GRACE_PERIOD
@@ -110,7 +109,7 @@ class ServiceSpec:
     start_timeout: float = DEFAULT_START_TIMEOUT
 
 
-@dataclass(frozen=True)
+@record
 class SocketSpec:
     """One ``[sockets.NAME]`` table: one fd name, one or more addresses."""
 
@@ -147,7 +146,7 @@ class OnError(enum.Enum):
     EXIT = "exit"
 
 
-@dataclass(frozen=True)
+@record
 class HandlerSpec:
     """One ``[handlers.NAME]`` table: a ``module:function`` serving some sockets.
 
@@ -171,7 +170,7 @@ class HandlerSpec:
         return self.call.partition(":")[2]
 
 
-@dataclass(frozen=True)
+@record
 class Manifest:
     service: ServiceSpec
     sockets: tuple[SocketSpec, ...]
@@ -599,7 +598,7 @@ class _Parser:
                         raise table.error(
                             key, f"applies to stream handlers only, and this one is {kind.value}"
                         )
-            resolved.append(dataclasses.replace(handler, kind=kind))
+            resolved.append(replace(handler, kind=kind))
         return tuple(resolved)
 
     def check_accept_handler(self, service: ServiceSpec, handlers: tuple[HandlerSpec, ...]) -> None:

@@ -77,7 +77,6 @@ import ipaddress
 import posixpath
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import PurePosixPath
 from types import MappingProxyType
 
@@ -85,11 +84,12 @@ from .address import AbstractAddress, Address, InetAddress, UnixAddress
 from .errors import AdoptionError
 from .listen_env import CONNECTION_NAME, STORED_NAME, UNKNOWN_NAME
 from .manifest import Manifest, SocketSpec, SocketType
+from .records import record
 
 __all__ = ["Match", "PassedSocket", "describe_family", "describe_type", "match_passed"]
 
 
-@dataclass(frozen=True)
+@record
 class PassedSocket:
     """What was found at one passed fd.
 
@@ -109,7 +109,7 @@ class PassedSocket:
     """A peer address was found (``getpeername``): a connection, not a listening socket."""
 
 
-@dataclass(frozen=True)
+@record
 class Match:
     """Which fds go where.  Every passed fd is in exactly one of the three places."""
 

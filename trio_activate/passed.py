@@ -36,7 +36,6 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol
 
@@ -45,6 +44,7 @@ from .errors import AdoptionError
 from .listen_env import ListenFds
 from .manifest import Manifest
 from .match import Match, PassedSocket, match_passed
+from .records import field, record
 
 __all__ = ["DEFAULT_STEPS", "AdoptSteps", "Adopted", "PassedFds", "adopt"]
 
@@ -65,7 +65,7 @@ def _wrap(fd: int) -> socket.socket:
     return socket.socket(fileno=fd)
 
 
-@dataclass(frozen=True)
+@record
 class AdoptSteps:
     """The calls `PassedFds` and `adopt` make, each replaceable for fault tests.
 
@@ -225,7 +225,7 @@ class PassedFds:
             ) from None
 
 
-@dataclass(eq=False)
+@record(frozen=False, eq=False)
 class Adopted:
     """The adopted sockets: ``sockets[NAME]`` for each ``[sockets.NAME]``, in passed order.
 

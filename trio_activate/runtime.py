@@ -33,7 +33,6 @@ import math
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 
 import trio
 
@@ -41,6 +40,7 @@ from . import notify_message
 from .handlers import LoadedHandler
 from .manifest import HandlerKind, Manifest
 from .notifier import Notifier
+from .records import record
 from .serving import Listening, StreamServer
 from .stopping import StopSignal, current_stop_signal
 from .watchdog import serve_watchdog
@@ -55,7 +55,7 @@ EXIT_FAILED = 1
 SHUTDOWN_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
-@dataclass(frozen=True)
+@record
 class HandlerSockets:
     """One handler and the sockets it serves, each with its manifest name."""
 

@@ -18,13 +18,13 @@ import trio
 
 from . import __version__
 from .acquire import ServiceSockets
-from .activator import DEV_VARIABLE
 from .address import address_from_sockname
 from .errors import HandlerError
 from .handlers import LoadedHandler, load_handlers
 from .handoff import hand_over, take_handoff, wait_for_exit
 from .manifest import HandlerKind, Manifest
 from .notifier import Notifier
+from .private_env import DEV_VARIABLE
 from .runtime import HandlerSockets, Service, serve_connection_once
 from .serving import Listening
 from .spawn import WorkerCommand

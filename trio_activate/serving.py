@@ -34,12 +34,12 @@ import errno
 import logging
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import trio
 
 from .handlers import LoadedHandler
 from .manifest import OnError
+from .records import record
 
 __all__ = ["ACCEPT_BATCH", "ACCEPT_CAPACITY_ERRNOS", "ConnectionSlots", "Listening", "StreamServer"]
 
@@ -59,7 +59,7 @@ ACCEPT_SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 CAPACITY_BACKOFF = 0.1
 
 
-@dataclass(frozen=True)
+@record
 class Listening:
     """One listening socket a stream server accepts on, and the manifest name it came under."""
 

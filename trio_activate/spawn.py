@@ -29,13 +29,13 @@ import struct
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import trio
 
-from .activator import DEV_VARIABLE, WORKER_FDS_VARIABLE
 from .listen_env import LISTEN_VARIABLES
 from .notify_message import parse_notify_message
+from .private_env import DEV_VARIABLE, WORKER_FDS_VARIABLE
+from .records import record
 
 __all__ = ["NotifyInbox", "WorkerCommand", "spawn_worker", "worker_argv"]
 
@@ -44,7 +44,7 @@ _PRIVATE = (*LISTEN_VARIABLES, "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 _UCRED = struct.Struct("3i")
 
 
-@dataclass(frozen=True)
+@record
 class WorkerCommand:
     """How to start one worker: the command line, and the sockets as (fd, name) to pass."""
 

@@ -52,11 +52,11 @@ import os
 import signal
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 import trio
 
 from .notifier import Notifier
+from .records import field, record
 from .spawn import NotifyInbox, WorkerCommand, spawn_worker
 from .watchdog import serve_watchdog
 
@@ -71,7 +71,7 @@ RESTART_BACKOFF_MAX = 10.0
 STOP_MARGIN = 5.0
 
 
-@dataclass(eq=False)
+@record(frozen=False, eq=False)
 class Worker:
     process: trio.Process
     generation: int
@@ -85,7 +85,7 @@ class Worker:
         return self.process.pid
 
 
-@dataclass(eq=False)
+@record(frozen=False, eq=False)
 class Generation:
     number: int
     workers: list[Worker] = field(default_factory=list)

@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from .address import InetAddress, UnixAddress
 from .errors import ManifestError
 from .manifest import Manifest, SocketSpec, SocketType
+from .records import record
 
 __all__ = ["NOTIFY_RELOAD_VERSION", "Unit", "render_units"]
 
@@ -54,7 +54,7 @@ _LISTEN_DIRECTIVE = {
 }
 
 
-@dataclass(frozen=True)
+@record
 class Unit:
     name: str
     text: str

@@ -1,0 +1,191 @@
+"""The fast start's channel: the forked activator hands its sockets to the re-exec'd service.
+
+Layer 2: syscalls, no trio.  ``_entry`` forks the activator and re-execs the
+service at once (see its docstring for why); the two meet here, over a unix
+seqpacket pair the exec'd process finds in ``TRIO_ACTIVATE_ACTIVATOR_CHANNEL``
+("<fd>:<activator pid>").
+
+The exchange, one message per arrow:
+
+    activator -> service   header: JSON {"names": [...], "files": [[name, path, st_dev, st_ino], ...]}
+                           or {"error": "one line"} and nothing more
+    activator -> service   the fds, in manifest order, at most 253 per message (SCM_RIGHTS)
+    service -> activator   b"ok": the sockets are the service's now, and so are the files
+
+Resource handling: the activator owns what it created until it reads
+``ok``.  If the channel closes first (the service failed to start, was
+killed, or found the fds wrong) it removes the socket files it created,
+while its sockets still pin them, so only its own files go, then closes
+the sockets.  The service owns each received fd from ``recvmsg`` on and
+closes all of them if anything is wrong; once it answers ``ok`` they are
+placed at 3.. and ``LISTEN_*`` names them, as if systemd had passed them,
+with ``TRIO_ACTIVATE_ACTIVATOR_PID`` and ``TRIO_ACTIVATE_SOCKET_FILES`` set
+as the exec-in-place activator sets them.  The service reaps the activator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import struct
+from collections.abc import MutableMapping, Sequence
+from pathlib import Path
+
+from .activator import settle_listen_environment
+from .create import CreatedSocket, create_sockets, remove_socket_file
+from .errors import ActivationError
+from .manifest import load_manifest
+from .private_env import ACTIVATOR_CHANNEL_VARIABLE, ACTIVATOR_MARKER, SOCKET_FILES_VARIABLE
+
+__all__ = ["hand_sockets_to_service", "receive_from_forked_activator"]
+
+# SCM_MAX_FD: the kernel's limit on fds in one SCM_RIGHTS message.
+FDS_PER_MESSAGE = 253
+# Room for the header: names and socket file paths of a large manifest.
+HEADER_LIMIT = 1 << 20
+ACKNOWLEDGED = b"ok"
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def hand_sockets_to_service(channel_fd: int, manifest_path: Path) -> int:
+    """The forked activator: create the manifest's sockets and pass them over ``channel_fd``.
+
+    Returns the activator's exit status: 0 when the service took the
+    sockets, 1 otherwise.  An error goes over the channel as one line for
+    the service to report; the activator itself prints nothing.
+    """
+    with socket.socket(fileno=channel_fd) as channel:
+        try:
+            manifest = load_manifest(manifest_path)
+            created = create_sockets(manifest)
+        except ActivationError as exc:
+            _send_quietly(channel, json.dumps({"error": str(exc)}).encode())
+            return 1
+        taken = False
+        try:
+            taken = _pass(channel, created, manifest.fd_names())
+        finally:
+            if not taken:
+                for item in created:
+                    remove_socket_file(item)  # while the socket still pins the file
+            for item in created:
+                item.sock.close()
+    return 0 if taken else 1
+
+
+def _pass(channel: socket.socket, created: Sequence[CreatedSocket], names: Sequence[str]) -> bool:
+    files = [
+        [item.spec_name, item.created_path, *item.created_file_id]
+        for item in created
+        if item.created_path is not None and item.created_file_id is not None
+    ]
+    fds = [item.sock.fileno() for item in created]
+    try:
+        channel.sendall(json.dumps({"names": list(names), "files": files}).encode())
+        for start in range(0, len(fds), FDS_PER_MESSAGE):
+            socket.send_fds(channel, [b"f"], fds[start : start + FDS_PER_MESSAGE])
+        return channel.recv(len(ACKNOWLEDGED)) == ACKNOWLEDGED
+    except OSError:
+        return False  # the service is gone (EPIPE, ECONNRESET): it took nothing
+
+
+def _send_quietly(channel: socket.socket, message: bytes) -> None:
+    with contextlib.suppress(OSError):  # the service is gone; nobody is left to tell
+        channel.sendall(message)
+
+
+def receive_from_forked_activator(environ: MutableMapping[str, str]) -> bool:
+    """In the re-exec'd service: take the forked activator's sockets; True if there was one.
+
+    Afterwards the fds sit at 3.. and ``environ`` holds ``LISTEN_*`` naming
+    this process, the activator marker and the socket files: the state an
+    exec-in-place activation leaves, adopted by the same path.  Raises
+    ``ActivationError`` with the activator's own message when it could not
+    create the sockets, or naming the variable when the channel is wrong.
+    """
+    text = environ.pop(ACTIVATOR_CHANNEL_VARIABLE, None)
+    if text is None:
+        return False
+    channel_fd, activator_pid = _parse_channel(text)
+    try:
+        channel = socket.socket(fileno=channel_fd)
+    except OSError as exc:
+        raise ActivationError(
+            f"{ACTIVATOR_CHANNEL_VARIABLE}={text}: fd {channel_fd} is not a socket ({exc.strerror or exc})"
+        ) from None
+    try:
+        with channel:
+            # A socketpair's peer credentials are its creator's: this very process, before its exec.
+            maker = _UCRED.unpack(channel.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[0]
+            if maker != os.getpid():
+                raise ActivationError(
+                    f"{ACTIVATOR_CHANNEL_VARIABLE}={text}: fd {channel_fd} is not the channel this "
+                    f"process made before its re-exec (it was made by {maker or 'nobody'})"
+                )
+            names, files, fds = _receive(channel, text)
+            try:
+                channel.sendall(ACKNOWLEDGED)
+            except OSError as exc:
+                for fd in fds:
+                    os.close(fd)
+                raise ActivationError(
+                    f"the activator (pid {activator_pid}) went away before the hand-over: "
+                    f"{exc.strerror or exc}"
+                ) from None
+    finally:
+        _reap(activator_pid)
+    # The channel is closed: its number may be one of 3.., which the sockets take now.
+    settle_listen_environment(fds, names, environ)
+    environ[ACTIVATOR_MARKER] = str(os.getpid())
+    environ[SOCKET_FILES_VARIABLE] = json.dumps(files)
+    return True
+
+
+def _parse_channel(text: str) -> tuple[int, int]:
+    fd_text, _, pid_text = text.partition(":")
+    if not (fd_text.isascii() and fd_text.isdigit() and pid_text.isascii() and pid_text.isdigit()):
+        raise ActivationError(f"{ACTIVATOR_CHANNEL_VARIABLE}={text[:80]!r}: expected <fd>:<pid>")
+    return int(fd_text), int(pid_text)
+
+
+def _receive(channel: socket.socket, text: str) -> tuple[list[str], list[list[object]], list[int]]:
+    """The header and every fd; on any error, no fd is left open."""
+    header = channel.recv(HEADER_LIMIT)
+    if not header:
+        raise ActivationError(
+            f"the activator ({ACTIVATOR_CHANNEL_VARIABLE}={text}) exited without the sockets"
+        )
+    try:
+        message = json.loads(header)
+        if "error" in message:
+            raise ActivationError(str(message["error"]))
+        names = [str(name) for name in message["names"]]
+        files = [list(item) for item in message["files"]]
+    except (ValueError, KeyError, TypeError):
+        raise ActivationError(f"the activator ({ACTIVATOR_CHANNEL_VARIABLE}={text}) sent garbage") from None
+    fds: list[int] = []
+    try:
+        while len(fds) < len(names):
+            wanted = min(FDS_PER_MESSAGE, len(names) - len(fds))
+            data, received, flags, _ = socket.recv_fds(channel, 1, wanted)
+            fds.extend(received)
+            if not data:
+                raise ActivationError(f"the activator exited after {len(fds)} of {len(names)} sockets")
+            if flags & socket.MSG_CTRUNC:
+                raise ActivationError(
+                    f"{len(fds)} of {len(names)} sockets arrived from the activator; "
+                    "the rest were cut off (is the open file limit too low?)"
+                )
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return names, files, fds
+
+
+def _reap(pid: int) -> None:
+    """Wait for the activator, which exits as soon as the channel tells it the outcome."""
+    with contextlib.suppress(ChildProcessError):  # not our child (a hand-made variable)
+        os.waitpid(pid, 0)

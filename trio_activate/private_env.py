@@ -1,0 +1,38 @@
+"""The private variables trio-activate sets for its own processes, by name.
+
+Layer 1: names only.  Kept apart from the activator so that the console
+script's first code (``_entry``), which must import next to nothing, can
+tell whether sockets are on their way to this process.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ACTIVATOR_CHANNEL_VARIABLE",
+    "ACTIVATOR_MARKER",
+    "DEV_VARIABLE",
+    "HANDOFF_FROM_VARIABLE",
+    "SOCKET_FILES_VARIABLE",
+    "WORKER_FDS_VARIABLE",
+]
+
+# Set to our PID just before the re-exec; removed by whoever adopts.
+ACTIVATOR_MARKER = "TRIO_ACTIVATE_ACTIVATOR_PID"
+# Set by the fast start (`_entry`) before it re-execs: "<fd>:<pid>", the re-exec'd
+# process's end of a unix seqpacket pair and the PID of the forked activator at
+# the other end, which creates the sockets meanwhile and passes them over it.
+ACTIVATOR_CHANNEL_VARIABLE = "TRIO_ACTIVATE_ACTIVATOR_CHANNEL"
+# Set by the supervisor for each worker it spawns: JSON [[fd, name], ...] of the
+# sockets it passed (with pass_fds, at the supervisor's fd numbers).  The worker
+# cannot be given LISTEN_PID, which is its own PID, known only after fork; so it
+# settles its own LISTEN_* first thing (settle_worker_environment).
+WORKER_FDS_VARIABLE = "TRIO_ACTIVATE_WORKER_FDS"
+# Set in a successor that a single-process serve hands its sockets over to on
+# SIGHUP: the predecessor's PID (see handoff.py).
+HANDOFF_FROM_VARIABLE = "TRIO_ACTIVATE_HANDOFF_FROM"
+# Set by `trio-activate dev` in its workers: full tracebacks for start-up
+# errors, and handler modules compiled from source (never stale bytecode).
+DEV_VARIABLE = "TRIO_ACTIVATE_DEV"
+# The unix socket files the activator created, as JSON [[name, path, st_dev, st_ino], ...],
+# so the re-exec'd process can honour remove-on-stop for files that are its own, and only those.
+SOCKET_FILES_VARIABLE = "TRIO_ACTIVATE_SOCKET_FILES"
