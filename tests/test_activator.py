@@ -359,8 +359,38 @@ def test_serve_imports_no_trio_up_to_the_point_of_the_re_exec(short_dir: Path) -
     assert result.returncode == 2
     imported = [line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if "|" in line]
     assert "trio_activate.activator" in imported
-    assert "trio_activate.create" in imported
+    assert "trio_activate.acquire" in imported
     assert [name for name in imported if name == "trio" or name.startswith("trio.")] == []
+
+
+# What the console script's first code may add to what the script itself imports
+# (`re` and `sys`) before the fast start forks and re-execs: every module more is
+# start-up time for every self-activated serve (benchmarks/, scenario 3).
+FAST_START_MODULES = {
+    "trio_activate",
+    "trio_activate.errors",
+    "trio_activate._entry",
+    "trio_activate.private_env",
+    "signal",
+}
+
+
+def test_the_console_script_imports_next_to_nothing_before_the_fast_start() -> None:
+    """Rule: up to its fork and re-exec, a fast start imports only the lean modules
+    above (no trio, no socket module, no manifest reader), measured against what
+    pip's console script wrapper imports anyway."""
+    code = (
+        "import sys, re\n"
+        "before = set(sys.modules)\n"
+        "from trio_activate._entry import fork_activator_and_reexec, main\n"
+        "print(' '.join(sorted(set(sys.modules) - before)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT, check=True
+    )
+    added = set(result.stdout.split())
+    assert "trio_activate._entry" in added
+    assert added <= FAST_START_MODULES, sorted(added - FAST_START_MODULES)
 
 
 def test_check_not_looping_fails_only_for_our_own_marker() -> None:

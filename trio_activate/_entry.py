@@ -21,7 +21,8 @@ settles its own ``LISTEN_*`` from them, and adopts them by exactly the path
 it takes under systemd.  Errors (a bad manifest, a busy port) are reported
 by the re-exec'd process, as one line, as before.
 
-This module imports only ``os``, ``sys``, ``signal`` and the C ``_socket``:
+This module imports only ``os``, ``sys``, ``signal`` and the C ``_socket``
+(a test holds it to that):
 the console script has already paid for ``re`` (and with it ``enum``), and
 anything more here is start-up time for every serve.
 """
@@ -31,9 +32,12 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
 
 from .private_env import ACTIVATOR_CHANNEL_VARIABLE, ACTIVATOR_MARKER, WORKER_FDS_VARIABLE
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
 
 SERVING_COMMANDS = frozenset({"serve", "dev"})
 # Held pending until the runtime (or supervisor) installs its handlers and unblocks them;

@@ -18,14 +18,12 @@ the socket files it made); its ``close()`` closes each once.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 from collections.abc import MutableMapping, Sequence
 
 from .activator import check_not_looping, reexec_with_new_sockets
-from .create import create_sockets, remove_socket_file_if_same
 from .fds import own_pidfd_id
 from .listen_env import ListenFds, take_listen_env
 from .manifest import Manifest
@@ -78,6 +76,8 @@ class ServiceSockets:
         Files go first: while the socket is open its inode cannot be reused,
         so the identity check cannot mistake a newer file for ours.
         """
+        from .create import remove_socket_file_if_same  # here: start-up time (scenario 3)
+
         files, self.files = self.files, []
         for item in files:
             if item.socket_name in self.remove_on_stop:
@@ -104,10 +104,11 @@ def acquire_sockets(
     unclaimed, and kept in ``ServiceSockets.extra``.
     """
     env = os.environ if environ is None else environ
+    handed_files = None
     if ACTIVATOR_CHANNEL_VARIABLE in env:  # the fast start: sockets on their way from a forked activator
         from .activator_channel import receive_from_forked_activator
 
-        receive_from_forked_activator(env)
+        handed_files = receive_from_forked_activator(env)
     pid = os.getpid()
     self_activated = env.get(ACTIVATOR_MARKER) == str(pid)
     # Popped on every path, so no child inherits it; trusted only from our own activator.
@@ -141,7 +142,9 @@ def acquire_sockets(
         origin="self-activated" if self_activated else "passed",
         connection=adopted.connection,
         extra=extra,
-        files=_parse_socket_files(files_text),
+        files=_parse_socket_files(files_text)
+        if handed_files is None
+        else [SocketFile(name, path, file_id) for name, path, file_id in handed_files],
         remove_on_stop=_remove_on_stop(manifest),
     )
     adopted.sockets, adopted.connection = {}, None
@@ -149,6 +152,8 @@ def acquire_sockets(
 
 
 def _create_in_process(manifest: Manifest) -> ServiceSockets:
+    from .create import create_sockets
+
     created = create_sockets(manifest)
     by_name: dict[str, list[socket.socket]] = {}
     files = []
@@ -168,6 +173,8 @@ def _parse_socket_files(text: str | None) -> list[SocketFile]:
     if not text:
         return []
     try:
+        import json  # here, not at the top: start-up time (benchmarks/, scenario 3)
+
         return [SocketFile(str(n), str(p), (int(d), int(i))) for n, p, d, i in json.loads(text)]
     except (ValueError, TypeError):
         log.warning("ignoring malformed %s; socket files will not be removed on stop", SOCKET_FILES_VARIABLE)

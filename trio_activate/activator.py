@@ -29,19 +29,20 @@ committed: the placed fds belong to the program that the exec starts.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 from collections.abc import MutableMapping, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from ._entry import reexec_argv
-from .create import CreatedSocket, create_sockets, remove_socket_file
 from .errors import ActivationError
 from .fds import own_pidfd_id
 from .listen_env import SD_LISTEN_FDS_START, ListenFds, format_listen_env, read_listen_env, unset_listen_env
 from .manifest import Manifest, load_manifest
 from .private_env import ACTIVATOR_MARKER, SOCKET_FILES_VARIABLE, WORKER_FDS_VARIABLE
+
+if TYPE_CHECKING:
+    from .create import CreatedSocket
 
 __all__ = [
     "check_not_looping",
@@ -102,6 +103,10 @@ def exec_with_sockets(
     (while the placed fds still pin them, so only our own files go), the
     placed fds are closed, and the error is raised as an ``ActivationError``.
     """
+    import json  # here, and create below, not at the top: start-up time (benchmarks/, scenario 3)
+
+    from .create import remove_socket_file
+
     env = os.environ if environ is None else environ
     sources = [item.sock.detach() for item in created]
     placed = range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(sources))
@@ -156,6 +161,8 @@ def settle_worker_environment(environ: MutableMapping[str, str] | None = None) -
     text = env.pop(WORKER_FDS_VARIABLE, None)
     if text is None:
         return False
+    import json  # here, not at the top: start-up time (benchmarks/, scenario 3)
+
     try:
         pairs = [(int(fd), str(name)) for fd, name in json.loads(text)]
     except (ValueError, TypeError):
@@ -241,6 +248,8 @@ def reexec_with_new_sockets(
     For callers that already found this process not activated (and checked
     it is not looping); returns only by raising.
     """
+    from .create import create_sockets
+
     created = create_sockets(manifest)
     exec_with_sockets(created, manifest.fd_names(), argv or reexec_argv(), pidfd_id=pidfd_id, environ=environ)
     raise AssertionError("unreachable: exec_with_sockets returns only by raising")

@@ -21,9 +21,7 @@ Resource handling: the inbox owns its socket (closed on leaving the
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import socket
 import struct
 import subprocess
@@ -70,6 +68,8 @@ class NotifyInbox:
         plain = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
             plain.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            import secrets  # here, not at the top: start-up time (benchmarks/, scenario 3)
+
             name = f"trio-activate/{os.getpid()}/{secrets.token_hex(8)}"
             plain.bind(b"\0" + name.encode())
             self._sock = trio.socket.from_stdlib_socket(plain)
@@ -108,6 +108,8 @@ async def spawn_worker(
 ) -> trio.Process:
     """Start one worker with ``command``'s sockets, reporting to ``notify_socket``.  The caller reaps it."""
     env = {k: v for k, v in environ.items() if k not in _PRIVATE}
+    import json  # here, not at the top: start-up time (benchmarks/, scenario 3)
+
     env[WORKER_FDS_VARIABLE] = json.dumps([[fd, name] for fd, name in command.sockets])
     env["NOTIFY_SOCKET"] = notify_socket
     if command.dev:
