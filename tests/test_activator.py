@@ -371,7 +371,6 @@ FAST_START_MODULES = {
     "trio_activate.errors",
     "trio_activate._entry",
     "trio_activate.private_env",
-    "signal",
 }
 
 

@@ -21,16 +21,17 @@ settles its own ``LISTEN_*`` from them, and adopts them by exactly the path
 it takes under systemd.  Errors (a bad manifest, a busy port) are reported
 by the re-exec'd process, as one line, as before.
 
-This module imports only ``os``, ``sys``, ``signal`` and the C ``_socket``
-(a test holds it to that):
-the console script has already paid for ``re`` (and with it ``enum``), and
-anything more here is start-up time for every serve.
+This module imports only ``os``, ``sys`` and the C modules ``_signal`` and
+``_socket`` (a test holds it to that): anything more here is start-up time
+for every serve.
 """
 
 from __future__ import annotations
 
+# The C module under `signal`: `signal` builds its enums on import, and with them
+# imports `enum`, a few ms that nothing else here needs.
+import _signal  # type: ignore[import-not-found]  # no stub: typeshed covers `signal` only
 import os
-import signal
 import sys
 
 from .private_env import ACTIVATOR_CHANNEL_VARIABLE, ACTIVATOR_MARKER, WORKER_FDS_VARIABLE
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 SERVING_COMMANDS = frozenset({"serve", "dev"})
 # Held pending until the runtime (or supervisor) installs its handlers and unblocks them;
 # blocked masks survive execv, so the self-activation re-exec is covered too.
-SHUTDOWN_AND_RELOAD_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+SHUTDOWN_AND_RELOAD_SIGNALS = frozenset({_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP})
 # Any of these says sockets were, or are being, passed to this process: it must
 # adopt or fail as the CLI decides, never self-activate on the fast path.
 PASSING_VARIABLES = (
@@ -58,7 +59,7 @@ ACTIVATOR_CRASHED = 70  # EX_SOFTWARE
 
 def hold_shutdown_signals() -> None:
     """Block SIGTERM, SIGINT and SIGHUP: they wait until the service can handle them."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_AND_RELOAD_SIGNALS)
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, SHUTDOWN_AND_RELOAD_SIGNALS)
 
 
 def main() -> int:

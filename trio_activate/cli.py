@@ -194,7 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, *, speaking_for: int | None = None) -> None:
+    """Log lines on stderr as ``trio-activate[PID]: level: message``.
+
+    ``speaking_for``: the PID to show instead of this process's own, for a
+    helper process whose lines belong to another (the forked activator's, to
+    the service it starts).
+    """
     # Replace, not add: main() may run many times in one process (tests, embedding),
     # and sys.stderr may have been swapped since the last call.
     for old in [h for h in log.handlers if getattr(h, "trio_activate_cli", False)]:
@@ -202,7 +208,8 @@ def _configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.trio_activate_cli = True  # type: ignore[attr-defined]
     # The PID tells a supervisor's lines from its workers' (and one generation from the next).
-    handler.setFormatter(logging.Formatter("trio-activate[%(process)d]: %(levelname_lower)s: %(message)s"))
+    pid = "%(process)d" if speaking_for is None else str(speaking_for)
+    handler.setFormatter(logging.Formatter(f"trio-activate[{pid}]: %(levelname_lower)s: %(message)s"))
     handler.addFilter(_lowercase_level)
     log.addHandler(handler)
     log.setLevel(level.upper())
@@ -323,7 +330,9 @@ def run_forked_activator(channel_fd: int) -> int:
         return EXIT_ERROR
     finally:
         sys.stdout, sys.stderr = saved
-    _configure_logging(args.log_level)  # cleanup warnings, in the service's format
+    # What it logs (a port chosen by the kernel, a cleanup that failed) is the service's
+    # to say: the service is our parent, re-exec'd under the same PID.
+    _configure_logging(args.log_level, speaking_for=os.getppid())
     return hand_sockets_to_service(channel_fd, args.manifest)
 
 

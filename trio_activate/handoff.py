@@ -27,7 +27,6 @@ started: the shell's job ends while the service goes on.  Run
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -64,6 +63,8 @@ async def hand_over(
     if manager.enabled and manager.address is not None:
         address = manager.address
         text = "@" + address[1:].decode() if isinstance(address, bytes) else address
+        import json  # here, not at the top: start-up time (benchmarks/, scenario 3)
+
         extra[MANAGER_NOTIFY_VARIABLE] = json.dumps({"address": text, "watchdog": manager.watchdog_interval})
     with NotifyInbox() as inbox:
         process = await spawn_worker(
@@ -122,6 +123,8 @@ def take_handoff(environ: dict[str, str] | os._Environ[str]) -> tuple[int, Notif
         return None
     manager = Notifier(None)
     if manager_text:
+        import json  # here, not at the top: start-up time (benchmarks/, scenario 3)
+
         try:
             settings = json.loads(manager_text)
             address: str = settings["address"]

@@ -13,8 +13,11 @@ What it supports is what this package uses, with dataclass semantics:
 fields from the class's own annotations, in order; defaults and
 ``field(default_factory=..., compare=False, repr=False)``; ``frozen``
 (default) and ``eq``; ``replace()``.  No inheritance between records, no
-``__post_init__``, no ordering, no ``ClassVar`` fields (a ``ClassVar``
-annotation is skipped, as in dataclasses).  Type checkers see it as a
+``__post_init__``, no ordering, no pattern matching, no ``dataclasses.fields``;
+a ``ClassVar[...]`` annotation (written so) is skipped, as in dataclasses.
+What it does not support it refuses when the class is defined (a base
+that is a record, a method of its own that it would replace, a mutable
+default), rather than misbehave later.  Type checkers see it as a
 dataclass transform (PEP 681), so constructors are checked as before.
 """
 
@@ -71,6 +74,13 @@ def record(cls: type[_T] | None = None, /, *, frozen: bool = True, eq: bool = Tr
     """Make ``cls`` a record: ``@record`` (frozen), ``@record(frozen=False)``, ``@record(eq=False)``."""
 
     def make(cls: type[_T]) -> type[_T]:
+        if any(hasattr(base, "__record_fields__") for base in cls.__mro__[1:]):
+            raise TypeError(f"{cls.__name__}: a record cannot inherit from a record")
+        replaced = {"__init__"} | ({"__eq__", "__hash__"} if eq else set())
+        replaced |= {"__setattr__", "__delattr__"} if frozen else set()
+        own = sorted(replaced & cls.__dict__.keys())
+        if own:
+            raise TypeError(f"{cls.__name__}: @record would replace its own {', '.join(own)}")
         target: Any = cls  # methods are set on the class itself, as dataclasses does
         fields = _collect_fields(cls)
         target.__record_fields__ = fields
@@ -92,11 +102,7 @@ def record(cls: type[_T] | None = None, /, *, frozen: bool = True, eq: bool = Tr
 def replace(instance: _T, /, **changes: Any) -> _T:
     """A copy of the record ``instance`` with ``changes`` applied, as ``dataclasses.replace``."""
     values = {f.name: getattr(instance, f.name) for f in type(instance).__record_fields__}  # type: ignore[attr-defined]
-    unknown = changes.keys() - values.keys()
-    if unknown:
-        raise TypeError(f"{type(instance).__name__} has no field {sorted(unknown)[0]!r}")
-    values.update(changes)
-    return type(instance)(**values)
+    return type(instance)(**(values | changes))  # an unknown field is the constructor's TypeError
 
 
 def _collect_fields(cls: type) -> tuple[Field, ...]:
@@ -104,10 +110,14 @@ def _collect_fields(cls: type) -> tuple[Field, ...]:
     seen_default = False
     for name, annotation in inspect.get_annotations(cls).items():
         # Annotations are strings here (``from __future__ import annotations``).
-        if str(annotation).startswith(("ClassVar", "typing.ClassVar")):
+        if str(annotation).startswith(("ClassVar[", "typing.ClassVar[")) or annotation == "ClassVar":
             continue
         value = cls.__dict__.get(name, _MISSING)
         item = value if isinstance(value, Field) else Field(value, None, True, True)
+        if item.default is not _MISSING and item.default_factory is not None:
+            raise ValueError(f"{cls.__name__}.{name}: both a default and a default_factory")
+        if isinstance(item.default, (list, dict, set)):  # shared by every instance: a bug, as in dataclasses
+            raise ValueError(f"{cls.__name__}.{name}: a mutable default; use field(default_factory=...)")
         item.name = name
         has_default = item.default is not _MISSING or item.default_factory is not None
         if seen_default and not has_default:
