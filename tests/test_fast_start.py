@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import marshal
 import os
 import signal
 import socket
@@ -27,6 +28,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -558,8 +560,9 @@ def test_usage_error_is_printed_exactly_once(tmp_path: Path, reaper: Reaper) -> 
 # --- the activator's side alone -------------------------------------------------
 
 # The header's encoding is the two sides' private business: these tests treat it as
-# opaque bytes and rely only on the documented exchange (one header message, then
-# the fds, then b"ok" back), replaying what the real activator sent where needed.
+# opaque bytes and rely only on the documented exchange (one header message, one
+# message with the manifest's document, then the fds, then b"ok" back), replaying
+# what the real activator sent where needed.
 
 
 def start_activator(manifest: Path) -> tuple[socket.socket, threading.Thread, list[int]]:
@@ -609,16 +612,20 @@ def busy_port_manifest(folder: Path, port: int) -> tuple[Path, Path]:
 def test_activator_removes_its_file_unless_the_service_acknowledges(
     short_dir: Path, acknowledge: bool
 ) -> None:
-    """Rule: the activator sends the header, then the fds; it owns what it made until it
+    """Rule: the activator sends the header, the manifest's document (marshal, after a b"d"),
+    then the fds; it owns what it made until it
     reads b"ok": without it (the service closed the channel) it removes its socket file
     and returns 1; with it, the file is the service's and stays, and it returns 0."""
     manifest, sock_path = unix_echo_manifest(short_dir, remove_on_stop=True)
     service_end, thread, statuses = start_activator(manifest)
     with service_end:
         header = service_end.recv(1 << 20)
+        document = service_end.recv(1 << 20)
         data, fds, flags, _ = socket.recv_fds(service_end, 16, 4)
         with socket.socket(fileno=fds[0]) as received:
             assert (len(fds), flags) == (1, 0)
+            assert document[:1] == b"d"
+            assert marshal.loads(document[1:]) == tomllib.loads(manifest.read_text())
             assert data
             assert b"local" in header
             assert str(sock_path).encode() in header  # the file it made, for the service to own
@@ -732,9 +739,10 @@ def test_channel_fd_that_is_a_socket_made_elsewhere_is_refused_and_closed() -> N
 
 @dataclass
 class HandOver:
-    """What the real activator sent for a one-socket manifest: its header and its fd messages."""
+    """What the real activator sent for a one-socket manifest: its header, document and fd messages."""
 
     header: bytes
+    document: bytes
     messages: list[tuple[bytes, list[int]]]
 
 
@@ -745,8 +753,9 @@ def hand_over(short_dir: Path) -> Iterator[HandOver]:
     service_end, thread, statuses = start_activator(manifest)
     with service_end:
         header = service_end.recv(1 << 20)
+        document = service_end.recv(1 << 20)
         data, fds, _, _ = socket.recv_fds(service_end, 16, 4)
-    captured = HandOver(header, [(data, fds)])
+    captured = HandOver(header, document, [(data, fds)])
     try:
         assert joined(thread, statuses) == 1
         yield captured
@@ -761,7 +770,9 @@ def hand_over(short_dir: Path) -> Iterator[HandOver]:
     [
         pytest.param("closed", r"\) exited without the sockets$", id="closed-at-once"),
         pytest.param("garbage", r"\) sent garbage$", id="garbage-header"),
-        pytest.param("header-only", r"^the activator exited after 0 of 1 sockets$", id="no-fds"),
+        pytest.param("header-only", r"\) exited without the sockets$", id="no-document"),
+        pytest.param("garbage-document", r"\) sent garbage$", id="garbage-document"),
+        pytest.param("no-fds", r"^the activator exited after 0 of 1 sockets$", id="no-fds"),
         pytest.param("everything", r"^the activator \(pid 1\) went away before the hand-over: ", id="gone"),
     ],
 )
@@ -777,8 +788,12 @@ def test_channel_failures_are_errors_and_close_every_received_fd(
     with ours:
         if scenario == "garbage":
             ours.sendall(b"\xff not a header")
-        if scenario in ("header-only", "everything"):
+        if scenario in ("header-only", "garbage-document", "no-fds", "everything"):
             ours.sendall(hand_over.header)
+        if scenario == "garbage-document":
+            ours.sendall(b"d\xff\xfe")
+        if scenario in ("no-fds", "everything"):
+            ours.sendall(hand_over.document)
         if scenario == "everything":
             for data, fds in hand_over.messages:
                 socket.send_fds(ours, [data], fds)

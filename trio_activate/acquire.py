@@ -28,7 +28,7 @@ from .fds import own_pidfd_id
 from .listen_env import ListenFds, take_listen_env
 from .manifest import Manifest
 from .passed import PassedFds, adopt
-from .private_env import ACTIVATOR_CHANNEL_VARIABLE, ACTIVATOR_MARKER, SOCKET_FILES_VARIABLE
+from .private_env import ACTIVATOR_MARKER, SOCKET_FILES_VARIABLE
 from .records import field, record
 
 __all__ = ["ServiceSockets", "SocketFile", "acquire_sockets"]
@@ -96,19 +96,19 @@ def acquire_sockets(
     reexec: bool,
     environ: MutableMapping[str, str] | None = None,
     extra_names: Sequence[str] = (),
+    handed_files: Sequence[tuple[str, str, tuple[int, int]]] | None = None,
 ) -> ServiceSockets:
     """The service's sockets; see the module docstring.
 
     ``extra_names``: passed fds under these names (which the manifest does
     not declare) are taken before adoption, which would close them as
     unclaimed, and kept in ``ServiceSockets.extra``.
+
+    ``handed_files``: the unix socket files the fast start's activator made,
+    which came with its sockets (``activator_channel``) rather than in
+    ``TRIO_ACTIVATE_SOCKET_FILES``.
     """
     env = os.environ if environ is None else environ
-    handed_files = None
-    if ACTIVATOR_CHANNEL_VARIABLE in env:  # the fast start: sockets on their way from a forked activator
-        from .activator_channel import receive_from_forked_activator
-
-        handed_files = receive_from_forked_activator(env)
     pid = os.getpid()
     self_activated = env.get(ACTIVATOR_MARKER) == str(pid)
     # Popped on every path, so no child inherits it; trusted only from our own activator.

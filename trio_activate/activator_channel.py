@@ -10,6 +10,8 @@ The exchange, one message per arrow:
     activator -> service   header: "ok", the fd count n, n names, then 4 fields per unix socket
                            file it created (socket name, path, st_dev, st_ino); NUL-separated
                            (a path holds any byte but NUL); or "error", "one line" and nothing more
+    activator -> service   b"d" and the manifest's TOML document (marshal), so the service
+                           need not read and parse the file again; b"-" when marshal cannot carry it
     activator -> service   the fds, in manifest order, at most 253 per message (SCM_RIGHTS)
     service -> activator   b"ok": the sockets are the service's now, and so are the files
 
@@ -31,17 +33,19 @@ the channel close, cleans up and exits under init.  (No JSON: importing
 from __future__ import annotations
 
 import contextlib
+import marshal
 import os
 import socket
 import struct
 from collections.abc import MutableMapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .activator import settle_listen_environment
 from .errors import ActivationError
-from .manifest import load_manifest
+from .manifest import load_manifest, read_manifest_document
 from .private_env import ACTIVATOR_CHANNEL_VARIABLE, ACTIVATOR_MARKER
+from .records import record
 
 if TYPE_CHECKING:
     from .create import CreatedSocket
@@ -55,8 +59,23 @@ HEADER_LIMIT = 1 << 20
 ACKNOWLEDGED = b"ok"
 FIELDS_PER_FILE = 4
 
+DOCUMENT_TAG = b"d"
+NO_DOCUMENT = b"-"
+
 SocketFileRecord = tuple[str, str, tuple[int, int]]
 """A unix socket file the activator created: (socket name, path, (st_dev, st_ino))."""
+
+
+@record
+class Handover:
+    """What the service gets besides the fds, which are in place when it has this."""
+
+    files: list[SocketFileRecord]
+    """The unix socket files the activator created: the service's now."""
+    document: dict[str, Any] | None
+    """The manifest's TOML document as the activator read it; None: read the file."""
+
+
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -71,14 +90,15 @@ def hand_sockets_to_service(channel_fd: int, manifest_path: Path) -> int:
 
     with socket.socket(fileno=channel_fd) as channel:
         try:
-            manifest = load_manifest(manifest_path)
+            document = read_manifest_document(manifest_path)
+            manifest = load_manifest(manifest_path, document=document)
             created = create_sockets(manifest)
         except ActivationError as exc:
             _send_quietly(channel, _encode(["error", str(exc)]))
             return 1
         taken = False
         try:
-            taken = _pass(channel, created, manifest.fd_names())
+            taken = _pass(channel, created, manifest.fd_names(), _marshalled(document))
         finally:
             if not taken:
                 for item in created:
@@ -88,7 +108,16 @@ def hand_sockets_to_service(channel_fd: int, manifest_path: Path) -> int:
     return 0 if taken else 1
 
 
-def _pass(channel: socket.socket, created: Sequence[CreatedSocket], names: Sequence[str]) -> bool:
+def _marshalled(document: dict[str, Any]) -> bytes:
+    try:
+        return DOCUMENT_TAG + marshal.dumps(document)
+    except ValueError:  # a TOML date or time, which marshal cannot carry (and no manifest key takes)
+        return NO_DOCUMENT
+
+
+def _pass(
+    channel: socket.socket, created: Sequence[CreatedSocket], names: Sequence[str], document: bytes
+) -> bool:
     files = [
         field
         for item in created
@@ -98,6 +127,7 @@ def _pass(channel: socket.socket, created: Sequence[CreatedSocket], names: Seque
     fds = [item.sock.fileno() for item in created]
     try:
         channel.sendall(_encode(["ok", str(len(names)), *names, *files]))
+        channel.sendall(document)
         for start in range(0, len(fds), FDS_PER_MESSAGE):
             socket.send_fds(channel, [b"f"], fds[start : start + FDS_PER_MESSAGE])
         return channel.recv(len(ACKNOWLEDGED)) == ACKNOWLEDGED
@@ -110,13 +140,14 @@ def _send_quietly(channel: socket.socket, message: bytes) -> None:
         channel.sendall(message)
 
 
-def receive_from_forked_activator(environ: MutableMapping[str, str]) -> list[SocketFileRecord] | None:
+def receive_from_forked_activator(environ: MutableMapping[str, str]) -> Handover | None:
     """In the re-exec'd service: take the forked activator's sockets; None if there is none.
 
     Afterwards the fds sit at 3.. and ``environ`` holds ``LISTEN_*`` naming
     this process and the activator marker: the state an exec-in-place
     activation leaves, adopted by the same path.  Returns the socket files
-    the activator created, which are this service's now.  Raises
+    the activator created, which are this service's now, and the manifest's
+    document as the activator read it.  Raises
     ``ActivationError`` with the activator's own message when it could not
     create the sockets, or naming the variable when the channel is wrong.
     """
@@ -140,7 +171,7 @@ def receive_from_forked_activator(environ: MutableMapping[str, str]) -> list[Soc
                     f"{ACTIVATOR_CHANNEL_VARIABLE}={text}: fd {channel_fd} is not the channel this "
                     f"process made before its re-exec (it was made by {maker or 'nobody'})"
                 )
-            names, files, fds = _receive(channel, text)
+            names, handover, fds = _receive(channel, text)
             try:
                 channel.sendall(ACKNOWLEDGED)
             except OSError as exc:
@@ -155,7 +186,7 @@ def receive_from_forked_activator(environ: MutableMapping[str, str]) -> list[Soc
     # The channel is closed: its number may be one of 3.., which the sockets take now.
     settle_listen_environment(fds, names, environ)
     environ[ACTIVATOR_MARKER] = str(os.getpid())
-    return files
+    return handover
 
 
 def _parse_channel(text: str) -> tuple[int, int]:
@@ -167,14 +198,17 @@ def _parse_channel(text: str) -> tuple[int, int]:
     return int(fd_text), int(pid_text)
 
 
-def _receive(channel: socket.socket, text: str) -> tuple[list[str], list[SocketFileRecord], list[int]]:
-    """The header and every fd; on any error, no fd is left open."""
+def _receive(channel: socket.socket, text: str) -> tuple[list[str], Handover, list[int]]:
+    """The header, the document and every fd; on any error, no fd is left open."""
+    exited = f"the activator ({ACTIVATOR_CHANNEL_VARIABLE}={text}) exited without the sockets"
     header = channel.recv(HEADER_LIMIT)
     if not header:
-        raise ActivationError(
-            f"the activator ({ACTIVATOR_CHANNEL_VARIABLE}={text}) exited without the sockets"
-        )
+        raise ActivationError(exited)
     names, files = _decode(header, text)
+    message = channel.recv(HEADER_LIMIT)
+    if not message:
+        raise ActivationError(exited)
+    handover = Handover(files, _unmarshalled(message, text))
     fds: list[int] = []
     try:
         while len(fds) < len(names):
@@ -192,7 +226,23 @@ def _receive(channel: socket.socket, text: str) -> tuple[list[str], list[SocketF
         for fd in fds:
             os.close(fd)
         raise
-    return names, files, fds
+    return names, handover, fds
+
+
+def _unmarshalled(message: bytes, text: str) -> dict[str, Any] | None:
+    # marshal, not JSON: it is built in (nothing to import), and the bytes come from
+    # our own fork over a channel this process made (checked above), never from outside.
+    if message == NO_DOCUMENT:
+        return None
+    try:
+        if message[:1] != DOCUMENT_TAG:
+            raise ValueError(message[:1])
+        document = marshal.loads(message[1:])
+        if not isinstance(document, dict):
+            raise TypeError(type(document))
+    except (ValueError, EOFError, TypeError):
+        raise ActivationError(f"the activator ({ACTIVATOR_CHANNEL_VARIABLE}={text}) sent garbage") from None
+    return document
 
 
 def _reap(pid: int) -> None:

@@ -24,7 +24,7 @@ from ._entry import hold_shutdown_signals
 from .activator import settle_worker_environment
 from .errors import ActivationError
 from .manifest import Manifest, dump_manifest, load_manifest
-from .private_env import DEV_VARIABLE, HANDOFF_FROM_VARIABLE
+from .private_env import ACTIVATOR_CHANNEL_VARIABLE, DEV_VARIABLE, HANDOFF_FROM_VARIABLE
 
 if TYPE_CHECKING:
     from .acquire import ServiceSockets
@@ -252,15 +252,27 @@ def cmd_init(args: argparse.Namespace) -> int:
 def _load_and_acquire(path: Path, *, warn: bool) -> tuple[Manifest, ServiceSockets]:
     """The manifest and its sockets: adopted, or created by a self-activation re-exec.
 
-    Runs before trio is imported, so a re-exec does not pay for it.
+    Runs before trio is imported, so a re-exec does not pay for it.  The fast
+    start's re-exec'd process (see _entry) is past that point: its activator
+    is reading the manifest and making the sockets right now, perhaps on this
+    very core.  It imports trio first, which comes next anyway, then takes
+    the sockets and the manifest's document, ready instead of waited for.
     """
     from .acquire import acquire_sockets
 
-    manifest = load_manifest(path)
+    handover = None
+    if ACTIVATOR_CHANNEL_VARIABLE in os.environ:
+        import trio  # noqa: F401
+
+        from .activator_channel import receive_from_forked_activator
+
+        handover = receive_from_forked_activator(os.environ)
+    manifest = load_manifest(path, document=handover.document if handover else None)
     if warn:
         for warning in manifest.warnings:
             log.warning("%s", warning)
-    return manifest, acquire_sockets(manifest, reexec=True)
+    files = handover.files if handover else None
+    return manifest, acquire_sockets(manifest, reexec=True, handed_files=files)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

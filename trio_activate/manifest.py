@@ -32,7 +32,6 @@ import enum
 import math
 import re
 import socket
-import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,6 +56,7 @@ __all__ = [
     "load_manifest",
     "manifest_from_dict",
     "parse_manifest",
+    "read_manifest_document",
 ]
 
 # systemd's Backlog= default is SOMAXCONN; the kernel caps it at
@@ -212,30 +212,48 @@ class Manifest:
 # --- reading ---------------------------------------------------------------
 
 
-def load_manifest(path: str | Path) -> Manifest:
+def load_manifest(path: str | Path, *, document: dict[str, Any] | None = None) -> Manifest:
     """Read and validate the manifest at ``path``.
+
+    ``document``: the file's TOML, already read by ``read_manifest_document``
+    (the fast start's activator does, for the service), so it is not read
+    and parsed again; it is validated all the same.
 
     Error handling: every problem, including an unreadable file, is one
     ``ManifestError`` whose message starts with the file's name.
     """
     path = Path(path)
+    if document is None:
+        document = read_manifest_document(path)
+    return _Parser(str(path), path.absolute()).parse(document)
+
+
+def read_manifest_document(path: str | Path) -> dict[str, Any]:
+    """The TOML document at ``path``, not validated yet (``load_manifest`` validates)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise ManifestError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    return parse_manifest(text, path=path.absolute(), source=str(path))
+    return _parse_toml(text, str(path))
 
 
 def parse_manifest(text: str, *, path: Path | None = None, source: str | None = None) -> Manifest:
     """Validate manifest ``text``.  ``source`` names the file in messages."""
     where = source if source is not None else (str(path) if path is not None else "<manifest>")
+    return _Parser(where, path).parse(_parse_toml(text, where))
+
+
+def _parse_toml(text: str, where: str) -> dict[str, Any]:
+    # Here, not at the top: a fast-started service gets the document from its
+    # activator and never needs tomllib (start-up time: benchmarks/, scenario 3).
+    import tomllib
+
     try:
-        document = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(f"{where}: invalid TOML: {exc}") from None
-    return _Parser(where, path).parse(document)
 
 
 def manifest_from_dict(document: dict[str, Any], *, source: str = "<code>") -> Manifest:
