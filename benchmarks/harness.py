@@ -116,10 +116,25 @@ def machine_info(wrk: str | None, nginx: str | None) -> dict[str, str | int | No
         "python": platform.python_version(),
         "trio": metadata.version("trio"),
         "trio_activate": metadata.version("trio-activate"),
+        "install": install_kind(),
         "wrk": wrk_version,
         "nginx": nginx_version,
         "loadavg": load_average(),
     }
+
+
+def install_kind() -> str:
+    """ "editable" or "regular": how trio-activate is installed (PEP 610's direct_url.json).
+
+    It matters to scenario 3: an editable install's import hook costs every
+    interpreter start (about 15 ms here), and a self-activated serve starts two.
+    """
+    try:
+        text = metadata.distribution("trio-activate").read_text("direct_url.json")
+        editable = text is not None and json.loads(text).get("dir_info", {}).get("editable", False)
+    except (metadata.PackageNotFoundError, ValueError, AttributeError):
+        return "unknown"
+    return "editable" if editable else "regular"
 
 
 def load_average() -> str:

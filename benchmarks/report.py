@@ -83,10 +83,20 @@ class Scenario:
         return paired_ratio(row.samples, base.samples)
 
     def delta(self, row: Row) -> float | None:
+        """Median over rounds of row - baseline, each pair from the same round, as ``ratio``.
+
+        Paired, because this machine has slow spells that move every contender
+        of a round together: a difference of medians mixes them in.
+        """
         base = self.baseline_row()
-        if base is None or base.median is None or row.median is None:
+        if base is None or base.skipped is not None or row.skipped is not None:
             return None
-        return row.median - base.median
+        differences = [
+            a - b
+            for a, b in zip(row.samples, base.samples, strict=False)
+            if math.isfinite(a) and math.isfinite(b)
+        ]
+        return statistics.median(differences) if differences else None
 
 
 def paired_ratio(samples: Sequence[float], baseline: Sequence[float]) -> float | None:
@@ -182,7 +192,7 @@ def render_machine(machine: dict[str, Any], settings: dict[str, Any]) -> str:
     return (
         f"Machine: {machine['cores']} cores ({machine['cpu']}), Linux {machine['kernel']}, "
         f"Python {machine['python']}, trio {machine['trio']}, trio-activate {machine['trio_activate']} "
-        f"(commit {machine.get('commit', 'unknown')}), "
+        f"({machine.get('install', 'unknown')} install, commit {machine.get('commit', 'unknown')}), "
         f"{tools}; load average {machine['loadavg']} at start.\n"
         f"Settings: {settings['rounds']} round(s) of {settings['seconds']}s per load run, "
         f"wrk -t1 -c{settings['connections']}, server pinned to CPU {settings['server_cpus']}, "

@@ -767,7 +767,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         seconds=args.seconds or (1 if quick else 5),
         warmup=0 if quick else 1,
         connections=50,
-        startup_runs=3 if quick else 20,
+        startup_runs=3 if quick else 40,
         rss_runs=1 if quick else 3,
         idle_connections=1000,
         reloads=2 if quick else 20,
@@ -846,6 +846,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"benchmarks: {WRK_INSTALL_HINT}; skipping the scenarios that need it", file=sys.stderr)
     machine = machine_info(settings.wrk, settings.nginx)
     progress(f"machine: {json.dumps(machine)}")
+    if machine["install"] == "editable" and settings.wants("startup"):
+        print(
+            "benchmarks: trio-activate is an editable install: its import hook slows every interpreter "
+            "start, and scenario 3 starts two; for figures users see, run from `pip install '.[bench]'`",
+            file=sys.stderr,
+        )
     with contextlib.ExitStack() as stack:
         if args.workdir is not None:
             args.workdir.mkdir(parents=True, exist_ok=True)
