@@ -6,7 +6,9 @@ import gc
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +47,10 @@ def records(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(logger, "handlers", [])
     caplog.set_level(logging.INFO, logger="trio_activate")
     return caplog
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A folder with a short path: a unix socket path must fit in 108 bytes, tmp_path may not."""
+    with tempfile.TemporaryDirectory(prefix="ta-", dir="/tmp") as name:
+        yield Path(name)

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -81,13 +80,6 @@ REPORTER = textwrap.dedent(
         await stream.send_all(json.dumps(info).encode())
     '''
 )
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A folder with a short path: a unix socket path must fit in 108 bytes, tmp_path may not."""
-    with tempfile.TemporaryDirectory(prefix="ta-", dir="/tmp") as name:
-        yield Path(name)
 
 
 def reporter_manifest(folder: Path, *, tcp_port: int | None = None) -> tuple[Path, Path]:

@@ -13,12 +13,9 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from test_supervisor import (
     RELOADS,
     ClientLoop,
@@ -30,13 +27,6 @@ from test_supervisor import (
     write_handler,
     write_manifest,
 )
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A folder with a short path: a unix socket path must fit in 108 bytes, tmp_path may not."""
-    with tempfile.TemporaryDirectory(prefix="ta-", dir="/tmp") as name:
-        yield Path(name)
 
 
 def test_twenty_reloads_on_file_changes_fail_no_connection(tmp_path: Path) -> None:

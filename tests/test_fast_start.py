@@ -24,7 +24,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -230,13 +229,6 @@ def fd_links() -> dict[int, str]:
         with contextlib.suppress(OSError):  # closed meanwhile
             links[fd] = os.readlink(f"/proc/self/fd/{fd}")
     return links
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A folder with a short path: a unix socket path must fit in 108 bytes, tmp_path may not."""
-    with tempfile.TemporaryDirectory(prefix="ta-", dir="/tmp") as name:
-        yield Path(name)
 
 
 class Reaper:

@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -37,13 +36,6 @@ TRIO_ACTIVATE = [sys.executable, "-m", "trio_activate"]
 @pytest.fixture
 def peer() -> str:
     return require_peer("systemd-socket-activate")
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A folder with a short path: a unix socket path must fit in 108 bytes, tmp_path may not."""
-    with tempfile.TemporaryDirectory(prefix="ta-", dir="/tmp") as name:
-        yield Path(name)
 
 
 def free_port(family: socket.AddressFamily = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> int:

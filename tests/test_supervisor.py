@@ -23,7 +23,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -118,13 +117,6 @@ def write_manifest(
         f'[handlers.web]\nsocket = "web"\ncall = "app:handle"\n'
     )
     return path
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A folder with a short path: a unix socket path must fit in 108 bytes, tmp_path may not."""
-    with tempfile.TemporaryDirectory(prefix="ta-", dir="/tmp") as name:
-        yield Path(name)
 
 
 # --- processes ---------------------------------------------------------------
