@@ -15,11 +15,11 @@ import trio) the service's start-up pays for reading the manifest twice and
 for two interpreters end to end.  So this process forks first: the child is
 the activator (it reads the manifest and creates the sockets), while this
 process execs at once and imports trio meanwhile, on another core.  The
-re-exec'd process takes the sockets over a private channel where it would
-have read ``LISTEN_*`` (``activator.receive_from_forked_activator``),
-settles its own ``LISTEN_*`` from them, and adopts them by exactly the path
-it takes under systemd.  Errors (a bad manifest, a busy port) are reported
-by the re-exec'd process, as one line, as before.
+re-exec'd process then takes the sockets and the manifest's document over a
+private channel (``activator_channel``, called from the CLI), settles its
+own ``LISTEN_*`` from them, and adopts them by exactly the path it takes
+under systemd.  Errors (a bad manifest, a busy port) are reported by the
+re-exec'd process, as one line, as before.
 
 This module imports only ``os``, ``sys`` and the C modules ``_signal`` and
 ``_socket`` (a test holds it to that): anything more here is start-up time

@@ -4,9 +4,11 @@ Layer 2: syscalls, no trio.  The one place that decides where sockets come
 from, for ``serve`` and for the embedded ``activated()``:
 
 - ``LISTEN_*`` names this process: adopt the fds (``passed.adopt``).  When
-  the internal activator passed them (it re-exec'd this very process), the
-  unix socket files it created are ours too, and ``remove-on-stop`` removes
-  them at close; under systemd they are systemd's, never touched.
+  the internal activator passed them (it re-exec'd this very process, or,
+  on the CLI's fast start, handed them over and the caller settled
+  ``LISTEN_*``: ``activator_channel``), the unix socket files it created
+  are ours too, and ``remove-on-stop`` removes them at close; under systemd
+  they are systemd's, never touched.
 - Not activated, ``reexec=True`` (``serve``): self-activate: create the
   sockets, place them at fds 3.., exec in place (``activator``).  Does not
   return.

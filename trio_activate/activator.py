@@ -15,7 +15,12 @@ What it does, as systemd does for a service it starts:
 4. ``execv`` the same command line.
 
 After the exec the process adopts its sockets through exactly the path it
-takes under systemd.  A private variable, ``TRIO_ACTIVATE_ACTIVATOR_PID``,
+takes under systemd.  (This is the activator of ``self_activate()`` and of
+the rare CLI start that ``LISTEN_*`` meant for another process; the CLI's
+usual one is forked, so that its work overlaps the exec'd service's
+start-up: see ``_entry`` and ``activator_channel``.  Both end here, in
+``settle_listen_environment`` or the exec's environment: ``LISTEN_*`` naming
+the service.)  A private variable, ``TRIO_ACTIVATE_ACTIVATOR_PID``,
 tells the re-exec'd process that it came from here: if it then finds no
 sockets for itself, it fails with the reason instead of activating again,
 so a bug can never turn into an exec loop.

@@ -25,8 +25,8 @@ placed at 3.. and ``LISTEN_*`` names them, as if systemd had passed them,
 with ``TRIO_ACTIVATE_ACTIVATOR_PID`` set as the exec-in-place activator sets
 it; the socket files are returned to the caller.  The service reaps the
 activator when it takes the sockets; a service that fails before that (a
-usage or manifest error it finds itself) exits, and the activator, seeing
-the channel close, cleans up and exits under init.  (No JSON: importing
+usage error) exits, and the activator, seeing the channel close, cleans up
+and exits under init.  (No JSON: importing
 ``json`` would cost the service's start about 1.5 ms.)
 """
 
