@@ -359,6 +359,7 @@ def test_serve_imports_no_trio_up_to_the_point_of_the_re_exec(short_dir: Path) -
 # (`re` and `sys`) before the fast start forks and re-execs: every module more is
 # start-up time for every self-activated serve (benchmarks/, scenario 3).
 FAST_START_MODULES = {
+    "__future__",  # imported by `from __future__ import annotations` itself: a few dozen lines
     "trio_activate",
     "trio_activate.errors",
     "trio_activate._entry",
