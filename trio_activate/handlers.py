@@ -47,7 +47,7 @@ def prepend_python_path(manifest: Manifest) -> None:
 def load_handlers(manifest: Manifest, *, fresh_bytecode: bool = False) -> list[LoadedHandler]:
     """Import every handler of ``manifest``.
 
-    ``fresh_bytecode`` (``dev``): compile handler modules from source, never
+    ``fresh_bytecode`` (``dev``, and a worker a reload starts): compile handler modules from source, never
     from a cached ``.pyc``.  A ``.pyc`` records its source's mtime in whole
     seconds (and its size), so a file rewritten within the same second, at
     the same size, would otherwise run stale.  Pointing ``sys.pycache_prefix``

@@ -72,6 +72,7 @@ async def hand_over(
             notify_socket=inbox.address,
             environ=os.environ if environ is None else environ,
             extra_env=extra,
+            fresh_code=True,  # a reload: the code on disk now, not a cached .pyc
         )
         ready = False
         with trio.move_on_after(start_timeout):

@@ -24,7 +24,7 @@ from .handlers import LoadedHandler, load_handlers
 from .handoff import hand_over, take_handoff, wait_for_exit
 from .manifest import HandlerKind, Manifest
 from .notifier import Notifier
-from .private_env import DEV_VARIABLE
+from .private_env import FRESH_CODE_VARIABLE
 from .runtime import HandlerSockets, Service, serve_connection_once
 from .serving import Listening
 from .spawn import WorkerCommand
@@ -50,7 +50,8 @@ def run_service(
     """
     handoff = take_handoff(os.environ)
     _log_banner(manifest, owned)
-    handlers = load_handlers(manifest, fresh_bytecode=DEV_VARIABLE in os.environ)
+    fresh_code = os.environ.pop(FRESH_CODE_VARIABLE, None) is not None
+    handlers = load_handlers(manifest, fresh_bytecode=fresh_code)
     if owned.connection is not None:
         handler = _accept_handler(manifest, handlers)
         log.info("Accept=yes: serving one connection with handlers.%s", handler.spec.name)

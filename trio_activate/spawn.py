@@ -32,13 +32,13 @@ import trio
 
 from .listen_env import LISTEN_VARIABLES
 from .notify_message import parse_notify_message
-from .private_env import DEV_VARIABLE, WORKER_FDS_VARIABLE
+from .private_env import DEV_VARIABLE, FRESH_CODE_VARIABLE, WORKER_FDS_VARIABLE
 from .records import record
 
 __all__ = ["NotifyInbox", "WorkerCommand", "spawn_worker", "worker_argv"]
 
 # Variables a worker must not inherit from whoever spawns it.
-_PRIVATE = (*LISTEN_VARIABLES, "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+_PRIVATE = (*LISTEN_VARIABLES, "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", FRESH_CODE_VARIABLE)
 _UCRED = struct.Struct("3i")
 
 
@@ -105,8 +105,13 @@ async def spawn_worker(
     notify_socket: str,
     environ: Mapping[str, str],
     extra_env: Mapping[str, str] | None = None,
+    fresh_code: bool = False,
 ) -> trio.Process:
-    """Start one worker with ``command``'s sockets, reporting to ``notify_socket``.  The caller reaps it."""
+    """Start one worker with ``command``'s sockets, reporting to ``notify_socket``.  The caller reaps it.
+
+    ``fresh_code``: a reload starts it, so it compiles handler modules from
+    source (``TRIO_ACTIVATE_FRESH_CODE``); ``dev`` workers always do.
+    """
     env = {k: v for k, v in environ.items() if k not in _PRIVATE}
     import json  # here, not at the top: start-up time (benchmarks/, scenario 3)
 
@@ -114,6 +119,8 @@ async def spawn_worker(
     env["NOTIFY_SOCKET"] = notify_socket
     if command.dev:
         env[DEV_VARIABLE] = "1"
+    if command.dev or fresh_code:
+        env[FRESH_CODE_VARIABLE] = "1"
     env.update(extra_env or {})
     return await trio.lowlevel.open_process(
         list(command.argv),

@@ -253,7 +253,12 @@ class Supervisor:
 
     async def _spawn(self, generation: int, slot: int) -> Worker:
         assert self._inbox is not None
-        process = await spawn_worker(self.command, notify_socket=self._inbox.address, environ=self.environ)
+        process = await spawn_worker(
+            self.command,
+            notify_socket=self._inbox.address,
+            environ=self.environ,
+            fresh_code=generation > 1,  # a reload: the code on disk now, not a cached .pyc
+        )
         worker = Worker(process, generation, slot)
         self._workers_by_pid[worker.pid] = worker
         assert self._nursery is not None
