@@ -77,6 +77,8 @@ def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
 
 def start_serve(manifest: Path, notify: Path | None = None) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "TRIO_ACTIVATE_"))}
+    # As in production: handler modules cached as .pyc (a reload must not run a stale one).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     if notify is not None:
         env["NOTIFY_SOCKET"] = str(notify)
     return subprocess.Popen(
@@ -124,7 +126,13 @@ def test_sighup_hands_over_to_new_code_and_tells_the_manager(
         messages_until(notify_socket, b"READY=1")
         first = ask(tmp_path / "web.sock", "hello")
         assert first == f"{process.pid} v1 hello"
+        # New code of the same size and, set on purpose, the same mtime: a cached .pyc
+        # passes for it, so only a successor that compiles from source runs v2.
+        handler = tmp_path / "reloadable.py"
+        before = handler.stat()
         write_service(tmp_path, "v2")
+        assert handler.stat().st_size == before.st_size
+        os.utime(handler, ns=(before.st_atime_ns, before.st_mtime_ns))
         os.kill(process.pid, signal.SIGHUP)
         successor = main_pid_after_reload(notify_socket)
         assert successor != process.pid

@@ -443,6 +443,34 @@ def test_a_reload_with_a_syntax_error_keeps_the_old_generation_serving(tmp_path:
         assert {answer.pid for answer in loop.answers} == {old.pid}
 
 
+def rewrite_keeping_size_and_mtime(path: Path, text: str) -> None:
+    """Write `text` (as long as what is there) with the old file's mtime: what a .pyc checks."""
+    before = path.stat()
+    assert len(text.encode()) == before.st_size
+    path.write_text(text)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_a_reload_runs_the_code_on_disk_even_when_a_cached_pyc_passes_for_it(tmp_path: Path) -> None:
+    """Rule: the workers a reload starts compile handler modules from source.  A .pyc
+    records its source's mtime in whole seconds and its size; new code of the same size
+    written within the second passes that check (here: the same mtime, set on purpose)."""
+    port = free_port()
+    app = write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    # As in production: generation 1 caches app.py as a .pyc.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    with running("serve", "--supervise", manifest, cwd=tmp_path, env=env) as service:
+        service.wait_for(r"ready: generation 1, 1 worker")
+        assert ask(loopback(port), "first").version == "v1"
+        assert list((tmp_path / "__pycache__").glob("app.*.pyc")), "generation 1 cached app.py"
+        rewrite_keeping_size_and_mtime(app, HANDLER.format(version="v2"))
+        since = service.mark()
+        service.send_signal(signal.SIGHUP)
+        service.wait_for(r"reloaded: generation 2 serving", since=since)
+        assert ask(loopback(port), "second").version == "v2"
+
+
 def test_workers_that_die_at_import_are_retried_then_the_service_exits_1(tmp_path: Path) -> None:
     port = free_port()
     write_handler(tmp_path, "v1", preamble='raise RuntimeError("no database")\n')
