@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import os
 import sys
-import tempfile
 import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .errors import HandlerError
+from .fresh_imports import import_project_code_from_source
 from .manifest import HandlerSpec, Manifest
 from .records import record
 
@@ -47,18 +46,14 @@ def prepend_python_path(manifest: Manifest) -> None:
 def load_handlers(manifest: Manifest, *, fresh_bytecode: bool = False) -> list[LoadedHandler]:
     """Import every handler of ``manifest``.
 
-    ``fresh_bytecode`` (``dev``, and a worker a reload starts): compile handler modules from source, never
-    from a cached ``.pyc``.  A ``.pyc`` records its source's mtime in whole
-    seconds (and its size), so a file rewritten within the same second, at
-    the same size, would otherwise run stale.  Pointing ``sys.pycache_prefix``
-    at a folder that does not exist makes every later import miss the cache,
-    and ``dont_write_bytecode`` keeps it from being created; modules imported
-    before (trio, the standard library) keep their caches.
+    ``fresh_bytecode`` (``dev``, and a worker a reload starts): import the
+    project's own modules from source, never from a cached ``.pyc``, which
+    can pass for a file rewritten within the same second at the same size
+    (``fresh_imports``).  Installed libraries keep their caches.
     """
     prepend_python_path(manifest)
     if fresh_bytecode:
-        sys.dont_write_bytecode = True
-        sys.pycache_prefix = os.path.join(tempfile.gettempdir(), f"trio-activate-no-pyc-{os.getpid()}")
+        import_project_code_from_source()
     return [load_handler(manifest, spec) for spec in manifest.handlers]
 
 

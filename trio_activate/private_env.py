@@ -36,9 +36,9 @@ HANDOFF_FROM_VARIABLE = "TRIO_ACTIVATE_HANDOFF_FROM"
 DEV_VARIABLE = "TRIO_ACTIVATE_DEV"
 # Set in a worker that must run the handlers' code as it is on disk now: one that
 # a reload starts (a supervisor's generation after the first, a hand-over
-# successor) and every worker of `dev`.  It compiles handler modules from source:
-# a .pyc records its source's mtime in whole seconds and its size, so a file
-# rewritten within the second at the same size would otherwise reload stale.
+# successor) and every worker of `dev`.  It imports the project's own modules from
+# source (fresh_imports): a .pyc records its source's mtime in whole seconds and its
+# size, so a file rewritten within the second at the same size would reload stale.
 FRESH_CODE_VARIABLE = "TRIO_ACTIVATE_FRESH_CODE"
 # The unix socket files the activator created, as JSON [[name, path, st_dev, st_ino], ...],
 # so the re-exec'd process can honour remove-on-stop for files that are its own, and only those.

@@ -109,7 +109,7 @@ async def spawn_worker(
 ) -> trio.Process:
     """Start one worker with ``command``'s sockets, reporting to ``notify_socket``.  The caller reaps it.
 
-    ``fresh_code``: a reload starts it, so it compiles handler modules from
+    ``fresh_code``: a reload starts it, so it imports the project's modules from
     source (``TRIO_ACTIVATE_FRESH_CODE``); ``dev`` workers always do.
     """
     env = {k: v for k, v in environ.items() if k not in _PRIVATE}
