@@ -7,6 +7,7 @@ connects to it from outside to see what the re-exec'd process holds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -121,9 +122,13 @@ def serve_cmd(manifest: Path) -> list[str]:
 
 @contextmanager
 def running(
-    cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+    cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None, *, session: bool = False
 ) -> Iterator[subprocess.Popen[str]]:
-    """Start `cmd`; whatever happens, it does not outlive the test."""
+    """Start `cmd`; whatever happens, it does not outlive the test.
+
+    ``session``: in a session of its own, and nothing of that session (the
+    processes it started) outlives the test either.
+    """
     proc = subprocess.Popen(
         cmd,
         stdin=subprocess.DEVNULL,
@@ -132,11 +137,15 @@ def running(
         text=True,
         env=env,
         cwd=cwd,
+        start_new_session=session,
     )
     try:
         yield proc
     finally:
-        if proc.poll() is None:
+        if session:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        elif proc.poll() is None:
             proc.kill()
         proc.communicate(timeout=TIMEOUT)
 

@@ -170,26 +170,6 @@ def answer(proc: subprocess.Popen[str], exchange: Callable[[], bytes]) -> bytes:
     return retry(attempt, timeout=TIMEOUT)
 
 
-@contextlib.contextmanager
-def running_session(cmd: list[str]) -> Iterator[subprocess.Popen[str]]:
-    """Start `cmd` in a session of its own; whatever happens, nothing of that session outlives the test."""
-    proc = subprocess.Popen(
-        cmd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=clean_env(),
-        start_new_session=True,
-    )
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=TIMEOUT)
-
-
 def serving_port(proc: subprocess.Popen[str]) -> int:
     """The port of the one TCP listener that the process `proc` started holds, once it holds it.
 
@@ -412,7 +392,9 @@ def test_dev_takes_the_fast_start_too(tmp_path: Path, reaper: Reaper) -> None:
     """Rule: `dev` self-activates by the fast start as `serve` does: the PID the test started
     holds the socket and supervises a worker; the activator is not among its children."""
     manifest = tcp_echo_manifest(tmp_path)
-    with running_session([sys.executable, "-m", "trio_activate", "dev", str(manifest)]) as proc:
+    with running(
+        [sys.executable, "-m", "trio_activate", "dev", str(manifest)], clean_env(), session=True
+    ) as proc:
         port = serving_port(proc)
         assert answer(proc, lambda: tcp_exchange("127.0.0.1", port, b"ping\n")) == b"ping\n"
         _, activator = channel_of(proc.pid)
@@ -822,7 +804,7 @@ def test_a_signal_during_the_start_ends_in_an_orderly_exit_with_nothing_left(
     the process dies by it, before anything was created."""
     manifest, sock_path = unix_echo_manifest(short_dir, remove_on_stop=True)
     signum = signal.SIGINT if when.startswith("group-") else signal.SIGTERM
-    with running_session(serve_cmd(manifest)) as proc:
+    with running(serve_cmd(manifest), clean_env(), session=True) as proc:
         if when.endswith("once-held"):
             wait_until(lambda: _blocks(proc.pid, signum), what=f"{signum.name} held")
         elif when.endswith("activator-alive"):

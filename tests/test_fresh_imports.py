@@ -13,26 +13,21 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
-from trio_activate.fresh_imports import is_project_folder
+from trio_activate.fresh_imports import installation_folders, is_project_folder
 
 TIMEOUT = 30
-
-
-def installation() -> tuple[str, ...]:
-    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    return tuple(os.path.join(os.path.realpath(prefix), "") for prefix in prefixes)
 
 
 def test_project_folders_are_the_folders_outside_the_installation(tmp_path: Path) -> None:
     """Rule: a sys.path entry is the project's code when it is a folder outside the
     interpreter's installation (sys.prefix and friends); the standard library and
     site-packages are not, nor is a path that is no folder."""
-    assert is_project_folder(str(tmp_path), installation())
-    assert not is_project_folder(sysconfig.get_paths()["stdlib"], installation())
-    assert not is_project_folder(sysconfig.get_paths()["purelib"], installation())
-    assert not is_project_folder(str(tmp_path / "missing"), installation())
+    assert is_project_folder(str(tmp_path), installation_folders())
+    assert not is_project_folder(sysconfig.get_paths()["stdlib"], installation_folders())
+    assert not is_project_folder(sysconfig.get_paths()["purelib"], installation_folders())
+    assert not is_project_folder(str(tmp_path / "missing"), installation_folders())
     (tmp_path / "file.zip").write_bytes(b"")
-    assert not is_project_folder(str(tmp_path / "file.zip"), installation())
+    assert not is_project_folder(str(tmp_path / "file.zip"), installation_folders())
 
 
 def run_python(code: str, cwd: Path) -> list[str]:

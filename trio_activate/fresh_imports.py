@@ -32,7 +32,7 @@ from importlib.machinery import (
 )
 from typing import Any
 
-__all__ = ["SourceOnlyLoader", "import_project_code_from_source", "is_project_folder"]
+__all__ = ["SourceOnlyLoader", "import_project_code_from_source", "installation_folders", "is_project_folder"]
 
 
 class SourceOnlyLoader(SourceFileLoader):
@@ -51,6 +51,12 @@ def is_project_folder(path: str, installation: tuple[str, ...]) -> bool:
     return os.path.isdir(real) and not real.startswith(installation)
 
 
+def installation_folders() -> tuple[str, ...]:
+    """The interpreter's own folders (sys.prefix and friends), each with a trailing separator."""
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    return tuple(os.path.join(os.path.realpath(prefix), "") for prefix in prefixes)
+
+
 def import_project_code_from_source() -> None:
     """From now on, modules in folders outside the interpreter's installation compile from source.
 
@@ -58,8 +64,7 @@ def import_project_code_from_source() -> None:
     """
     if any(getattr(hook, "trio_activate_fresh", False) for hook in sys.path_hooks):
         return
-    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    installation = tuple(os.path.join(os.path.realpath(prefix), "") for prefix in prefixes)
+    installation = installation_folders()
     loaders: list[tuple[Any, list[str]]] = [
         (ExtensionFileLoader, EXTENSION_SUFFIXES),
         (SourceOnlyLoader, SOURCE_SUFFIXES),
