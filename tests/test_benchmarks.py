@@ -73,7 +73,8 @@ def check_shape(data: dict[str, object], ids: list[str]) -> None:
     assert {"machine", "settings", "scenarios"} <= data.keys()
     machine = data["machine"]
     assert isinstance(machine, dict)
-    assert {"cores", "python", "trio", "trio_activate", "wrk", "nginx"} <= machine.keys()
+    assert {"cores", "python", "trio", "trio_activate", "install", "wrk", "nginx"} <= machine.keys()
+    assert machine["install"] in ("editable", "regular", "unknown")
     scenarios = data["scenarios"]
     assert isinstance(scenarios, list)
     assert [s["id"] for s in scenarios] == ids
@@ -148,6 +149,19 @@ def test_ratios_pair_samples_by_round(bench_modules: tuple[ModuleType, ModuleTyp
     assert fast.median == pytest.approx(275.0)
     table = report.render_table([scenario])
     assert "| 1.75x |" in table
+
+
+def test_deltas_pair_samples_by_round(bench_modules: tuple[ModuleType, ModuleType, ModuleType]) -> None:
+    """A row's delta is the median of per-round differences, not a difference of medians
+    (a slow spell moves every contender of its round together); failed samples drop out."""
+    _, report, _ = bench_modules
+    scenario = report.Scenario("3-startup", "3 Exec to first answer", "ms", "lower", show_delta=True)
+    base = report.Row("trio", "trio", samples=[100.0, 200.0, 300.0, float("nan")])
+    serve = report.Row("serve", "serve", samples=[110.0, 290.0, 330.0, 500.0])
+    scenario.rows = [base, serve]
+    # Pairs: +10, +90, +30, and one dropped: median +30 (the medians differ by 90).
+    assert scenario.delta(serve) == pytest.approx(30.0)
+    assert "+30.0 ms vs trio" in report.render_table([scenario])
 
 
 def test_wrk_report_line_is_parsed(bench_modules: tuple[ModuleType, ModuleType, ModuleType]) -> None:
