@@ -207,45 +207,45 @@ async def test_ready_then_stopping_are_sent_to_the_notify_socket(
 # --- grace period ------------------------------------------------------------
 
 
-async def test_a_connection_finishing_inside_the_grace_period_completes(
-    plan: Plan, records: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+@pytest.mark.parametrize(
+    ("runs_for", "reply", "ends_after", "last_line"),
+    [
+        pytest.param(3, b"done", 3, "stopped: every connection finished (1 served)", id="finishes-inside"),
+        pytest.param(
+            60,
+            b"",
+            5,
+            "stopped: 0 connection(s) in flight finished within the grace period, 1 were cancelled",
+            id="outlives-it-and-is-cancelled",
+        ),
+    ],
+)
+async def test_a_connection_in_flight_gets_the_grace_period_then_is_cancelled(
+    plan: Plan,
+    records: pytest.LogCaptureFixture,
+    autojump_clock: trio.testing.MockClock,
+    runs_for: float,
+    reply: bytes,
+    ends_after: float,
+    last_line: str,
 ) -> None:
+    """Rule: on shutdown a connection in flight completes if it finishes within the
+    grace period (5 s); one that would run longer is cancelled when it ends."""
     listener = plan.unix("web")
     started: list[float] = []
-    service = plan.service({"web": ({"socket": "web"}, sleeper(3, started))}, grace=5)
+    service = plan.service({"web": ({"socket": "web"}, sleeper(runs_for, started))}, grace=5)
     async with trio.open_nursery() as nursery:
         await nursery.start(service.serve)
         with await connect(listener) as client:
             assert await client.recv(100) == b"started;"
             stop_at = trio.current_time()
             service.shutdown()
-            assert await read_all(client) == b"done"
-            assert trio.current_time() - stop_at == pytest.approx(3)
+            assert await read_all(client) == reply
+            assert trio.current_time() - stop_at == pytest.approx(ends_after)
     assert service.exit_status == EXIT_OK
     assert messages(records)[-2:] == [
         "stopping: no longer accepting; 1 connection(s) in flight get 5s",
-        "stopped: every connection finished (1 served)",
-    ]
-
-
-async def test_a_connection_outliving_the_grace_period_is_cancelled(
-    plan: Plan, records: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
-) -> None:
-    listener = plan.unix("web")
-    started: list[float] = []
-    service = plan.service({"web": ({"socket": "web"}, sleeper(60, started))}, grace=5)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.serve)
-        with await connect(listener) as client:
-            assert await client.recv(100) == b"started;"
-            stop_at = trio.current_time()
-            service.shutdown()
-            assert await read_all(client) == b""
-            assert trio.current_time() - stop_at == pytest.approx(5)
-    assert service.exit_status == EXIT_OK
-    assert messages(records)[-2:] == [
-        "stopping: no longer accepting; 1 connection(s) in flight get 5s",
-        "stopped: 0 connection(s) in flight finished within the grace period, 1 were cancelled",
+        last_line,
     ]
 
 
