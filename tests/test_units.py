@@ -99,9 +99,12 @@ def test_the_service_runs_serve_with_every_socket() -> None:
     sockets = "every-web.socket every-api.socket every-dns.socket"
     assert f"Sockets={sockets}" in service
     assert f"Requires={sockets}" in service
-    assert f"ExecStart={shlex.join(COMMAND)} serve /srv/every.toml" in service
+    assert f"ExecStart={shlex.join(COMMAND)} serve --supervise /srv/every.toml" in service, (
+        "a supervisor keeps the main PID: systemd 252 cannot follow a hand-over"
+    )
     assert "Type=notify" in service
-    assert "ExecReload=/bin/kill -HUP $MAINPID" in service
+    # start-timeout 30 + grace-period 12.5, rounded up, + 10: the worst case of a failed reload.
+    assert f"ExecReload={shlex.join(COMMAND)} reload --wait --timeout 53 $MAINPID" in service
     assert "NotifyAccess=main" in service
     assert "KillMode=mixed" in service
     assert "TimeoutStopSec=23" in service, "above grace-period (12.5 s, rounded up) with a margin"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -36,7 +37,10 @@ __all__ = ["main"]
 log = logging.getLogger("trio_activate")
 
 EXIT_OK = 0
+EXIT_FAILED = 1
 EXIT_ERROR = 2
+# reload --wait: a new generation has start-timeout (30 s by default) to be ready.
+DEFAULT_RELOAD_WAIT = 90.0
 PID_T_MAX = 2**31 - 1
 
 STARTER_MANIFEST = """\
@@ -153,9 +157,23 @@ def build_parser() -> argparse.ArgumentParser:
     reload = subcommands.add_parser(
         "reload",
         help="reload a running serve with zero downtime (sends SIGHUP)",
-        description="Send SIGHUP to a running trio-activate serve (supervised or not), by PID or pid file.",
+        description=(
+            "Send SIGHUP to a running trio-activate serve (supervised or not), by PID or pid file. "
+            "With --wait, return once the new code serves (exit 0), or fail (exit 1) when it could "
+            "not start and the old code keeps serving."
+        ),
     )
     reload.add_argument("target", metavar="PID|PIDFILE")
+    reload.add_argument(
+        "--wait", action="store_true", help="wait for the outcome; exit 1 when the new code failed"
+    )
+    reload.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=DEFAULT_RELOAD_WAIT,
+        metavar="SECONDS",
+        help=f"with --wait: give up after SECONDS (default {DEFAULT_RELOAD_WAIT:g})",
+    )
     reload.set_defaults(command=cmd_reload)
 
     units = subcommands.add_parser(
@@ -365,6 +383,28 @@ def cmd_reload(args: argparse.Namespace) -> int:
             print(f"trio-activate: {target}: {text[:40]!r} is not a PID", file=sys.stderr)
             return EXIT_ERROR
         pid = int(text)
+    if not args.wait:
+        return _send_sighup(pid)
+    from .reload_outcome import ReloadWaiter, ReloadWaitError
+
+    try:
+        # Bound before the signal, so the outcome cannot arrive before we listen.
+        with ReloadWaiter(pid) as waiter:
+            status = _send_sighup(pid)
+            if status != EXIT_OK:
+                return status
+            taken_over, text = waiter.wait(args.timeout)
+    except ReloadWaitError as exc:
+        print(f"trio-activate: reload: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if not taken_over:
+        print(f"trio-activate: reload of PID {pid} failed: {text}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"reloaded PID {pid}: {text}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _send_sighup(pid: int) -> int:
     try:
         os.kill(pid, signal.SIGHUP)
     except OSError as exc:
@@ -381,6 +421,16 @@ def _is_pid(text: str) -> bool:
     the script that ran us), and a number beyond ``pid_t`` cannot be passed.
     """
     return text.isascii() and text.isdigit() and len(text) <= 10 and 1 <= int(text) <= PID_T_MAX
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return value
 
 
 def _positive_int(text: str) -> int:

@@ -73,6 +73,8 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import struct
 from collections.abc import Mapping
 
 from .address import UNIX_PATH_MAX
@@ -278,6 +280,28 @@ def parse_notify_message(data: bytes) -> dict[str, str]:
         if sep:
             fields.setdefault(key, value)
     return fields
+
+
+_UCRED = struct.Struct("3i")
+
+
+def sender_pid(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    """The sender's PID in a datagram's ancillary data (``SCM_CREDENTIALS``), or None.
+
+    A receiver with ``SO_PASSCRED`` gets the sender's credentials from the
+    kernel with every datagram, so it knows who sent it without trusting the
+    message.
+    """
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= _UCRED.size:
+            pid, _uid, _gid = _UCRED.unpack(data[: _UCRED.size])
+            return int(pid)
+    return None
+
+
+def credentials_space() -> int:
+    """The ancillary buffer size `sender_pid` needs (for ``recvmsg``)."""
+    return socket.CMSG_SPACE(_UCRED.size)
 
 
 # --- the environment --------------------------------------------------------

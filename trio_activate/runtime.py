@@ -41,6 +41,7 @@ from .handlers import LoadedHandler
 from .manifest import HandlerKind, Manifest
 from .notifier import Notifier
 from .records import record
+from .reload_outcome import announce_reload_outcome
 from .serving import Listening, StreamServer
 from .stopping import StopSignal, current_stop_signal
 from .watchdog import serve_watchdog
@@ -93,6 +94,7 @@ class Service:
         self._servers: list[StreamServer] = []
         self._instant_scope = trio.CancelScope()
         self._handlers_scope: trio.CancelScope | None = None
+        self._watchdog_scope = trio.CancelScope()
         self._in_flight_at_stop = 0
 
     @property
@@ -125,7 +127,7 @@ class Service:
                 self._service_nursery = service_nursery
                 if handle_signals:
                     await service_nursery.start(self._watch_signals)
-                await service_nursery.start(serve_watchdog, self.notifier)
+                await service_nursery.start(self._serve_watchdog, self.notifier)
                 async with trio.open_nursery() as handlers_nursery:
                     self._handlers_scope = handlers_nursery.cancel_scope
                     await self._start_handlers(handlers_nursery)
@@ -221,8 +223,18 @@ class Service:
     def switch_notifier(self, notifier: Notifier) -> None:
         """Report to ``notifier`` from now on, watchdog included (a successor that became the main PID)."""
         self.notifier = notifier
+        self._watchdog_scope.cancel()
+        self._watchdog_scope = trio.CancelScope()
         if self._service_nursery is not None:
-            self._service_nursery.start_soon(serve_watchdog, notifier)
+            self._service_nursery.start_soon(self._serve_watchdog, notifier)
+
+    async def _serve_watchdog(
+        self, notifier: Notifier, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        # In a scope of its own: only the main process pings (NotifyAccess=main),
+        # so a process that handed over stops pinging at once, drain or not.
+        with self._watchdog_scope:
+            await serve_watchdog(notifier, task_status=task_status)
 
     async def _reload(self) -> None:
         if self.reloader is None or self._reloading or self._stop_requested.is_set():
@@ -236,16 +248,21 @@ class Service:
             self.notifier.reloading()
             successor = await self.reloader()
             if successor is None:
-                self.notifier.ready("Reload failed; the previous code keeps serving")
+                status = "Reload failed; the previous code keeps serving"
+                self.notifier.ready(status)
+                announce_reload_outcome(False, status)
                 return
             # The successor is the main process from now on: nothing more from
-            # us to the manager (a STOPPING=1 would stop the whole service).
+            # us to the manager (a STOPPING=1 would stop the whole service, a
+            # watchdog ping would be refused).
             manager, self.notifier = self.notifier, Notifier(None)
+            self._watchdog_scope.cancel()
             # Stop accepting before the manager hears of the successor: from here
             # on every new connection is the successor's.
             self._begin_shutdown()
             log.info("handed over to process %d", successor)
             manager.send(notify_message.format_message({"MAINPID": str(successor), "READY": "1"}))
+            announce_reload_outcome(True, f"handed over to process {successor}")
             self.shutdown()
         finally:
             self._reloading = False

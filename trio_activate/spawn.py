@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -31,7 +30,7 @@ from collections.abc import Mapping, Sequence
 import trio
 
 from .listen_env import LISTEN_VARIABLES
-from .notify_message import parse_notify_message
+from .notify_message import credentials_space, parse_notify_message, sender_pid
 from .private_env import DEV_VARIABLE, FRESH_CODE_VARIABLE, WORKER_FDS_VARIABLE
 from .records import record
 
@@ -39,7 +38,6 @@ __all__ = ["NotifyInbox", "WorkerCommand", "spawn_worker", "worker_argv"]
 
 # Variables a worker must not inherit from whoever spawns it.
 _PRIVATE = (*LISTEN_VARIABLES, "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", FRESH_CODE_VARIABLE)
-_UCRED = struct.Struct("3i")
 
 
 @record
@@ -87,16 +85,8 @@ class NotifyInbox:
     async def receive(self) -> tuple[int | None, dict[str, str]]:
         """The next message: the sender's PID (None if the kernel gave none) and its fields."""
         assert self._sock is not None, "use NotifyInbox in a with block"
-        data, ancillary, _flags, _address = await self._sock.recvmsg(4096, socket.CMSG_SPACE(_UCRED.size))
-        return _sender_pid(ancillary), parse_notify_message(data)
-
-
-def _sender_pid(ancillary: list[tuple[int, int, bytes]]) -> int | None:
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= _UCRED.size:
-            pid, _uid, _gid = _UCRED.unpack(data[: _UCRED.size])
-            return int(pid)
-    return None
+        data, ancillary, _flags, _address = await self._sock.recvmsg(4096, credentials_space())
+        return sender_pid(ancillary), parse_notify_message(data)
 
 
 async def spawn_worker(

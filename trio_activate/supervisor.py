@@ -37,7 +37,21 @@ Towards systemd (``NOTIFY_SOCKET`` set for the supervisor): ``READY=1`` when
 the first generation is ready, ``RELOADING=1`` with ``MONOTONIC_USEC=`` when
 a reload starts and ``READY=1`` when it ends (``Type=notify-reload``),
 ``STOPPING=1``, and ``WATCHDOG=1`` pings when ``WATCHDOG_USEC`` asks for
-them.  The supervisor's PID never changes, so ``MAINPID`` stays right.
+them.  The supervisor's PID never changes, so ``MAINPID`` stays right, and a
+manager that cannot follow a main process it did not fork (systemd before
+the pidfd hand-over) never has to: this is the mode generated units run.
+
+The watchdog watches the workers' loops, not only the supervisor's: each
+worker gets the same ``WATCHDOG_USEC`` and pings the supervisor's inbox,
+and the supervisor pings the manager only while every serving worker of
+the current generation has pinged within that period.  A worker whose loop
+is stuck (a handler calling ``time.sleep``) so makes the manager act on
+the service (``WatchdogSec=``: abort and restart), as it would for a
+single process.
+
+A reload's outcome also goes to whoever waits for it
+(`~trio_activate.reload_outcome`: ``trio-activate reload --wait``, systemd
+252's ``ExecReload=``).
 
 Resource handling: the supervisor owns nothing but its notify socket and
 its worker processes; the listening sockets belong to the caller (the CLI),
@@ -52,11 +66,13 @@ import os
 import signal
 import time
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 import trio
 
 from .notifier import Notifier
 from .records import field, record
+from .reload_outcome import announce_reload_outcome
 from .spawn import NotifyInbox, WorkerCommand, spawn_worker
 from .watchdog import serve_watchdog
 
@@ -79,6 +95,9 @@ class Worker:
     ready: bool = False
     stopping: bool = False
     exited: bool = False
+    # trio.current_time() of its last READY=1 or WATCHDOG=1.
+    last_ping: float = 0.0
+    reported_stuck: bool = False
 
     @property
     def pid(self) -> int:
@@ -140,8 +159,9 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._receive_notifications)
-                # The service manager watches the supervisor (its MAINPID), not the workers.
-                await nursery.start(serve_watchdog, self.notifier)
+                # The service manager watches the supervisor (its MAINPID); the
+                # supervisor vouches for its workers' loops.
+                await nursery.start(partial(serve_watchdog, self.notifier, healthy=self._workers_healthy))
                 if handle_signals:
                     await nursery.start(self._watch_signals)
                 if not await self._start_first_generation():
@@ -157,8 +177,12 @@ class Supervisor:
         self._stop.set()
 
     async def reload(self, reason: str) -> bool:
-        """Start the next generation; once it is ready, stop the current one.  True if it took over."""
+        """Start the next generation; once it is ready, stop the current one.  True if it took over.
+
+        How it ended also goes to a waiting ``trio-activate reload --wait``.
+        """
         if self._stopping:
+            announce_reload_outcome(False, "the service is stopping")
             return False
         async with self._reload_lock:
             started = time.monotonic()
@@ -168,14 +192,18 @@ class Supervisor:
                 new = await self._start_generation()
             except StartFailed as exc:
                 if self._stopping:
+                    announce_reload_outcome(False, "the service is stopping")
                     return False
                 current = self.current.number if self.current else 0
                 log.error("reload failed: %s; generation %d keeps serving", exc, current)
-                self.notifier.ready(f"Reload failed: {exc}; still serving generation {current}")
+                status = f"Reload failed: {exc}; still serving generation {current}"
+                self.notifier.ready(status)
+                announce_reload_outcome(False, status)
                 return False
             old, self.current = self.current, new
             log.info("reloaded: generation %d serving in %.3fs", new.number, time.monotonic() - started)
             self.notifier.ready(self._status())
+            announce_reload_outcome(True, self._status())
             if old is not None:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._stop_generation, old)
@@ -253,10 +281,16 @@ class Supervisor:
 
     async def _spawn(self, generation: int, slot: int) -> Worker:
         assert self._inbox is not None
+        extra_env = {}
+        interval = self.notifier.watchdog_interval
+        if interval is not None:
+            # The manager's own period (twice the ping interval): see the module docstring.
+            extra_env["WATCHDOG_USEC"] = str(round(interval * 2 * 1_000_000))
         process = await spawn_worker(
             self.command,
             notify_socket=self._inbox.address,
             environ=self.environ,
+            extra_env=extra_env,
             fresh_code=generation > 1,  # a reload: the code on disk now, not a cached .pyc
         )
         worker = Worker(process, generation, slot)
@@ -359,10 +393,36 @@ class Supervisor:
         while True:
             pid, fields = await inbox.receive()
             worker = self._workers_by_pid.get(pid) if pid is not None else None
-            if worker is not None and fields.get("READY") == "1" and not worker.ready:
+            if worker is None:
+                continue
+            if fields.get("READY") == "1" or fields.get("WATCHDOG") == "1":
+                worker.last_ping = trio.current_time()
+            if fields.get("READY") == "1" and not worker.ready:
                 worker.ready = True
                 log.debug("worker %d ready", worker.pid)
                 self._notify_changed()
+
+    def _workers_healthy(self) -> bool:
+        """Whether every serving worker of the current generation pinged within the manager's period."""
+        interval = self.notifier.watchdog_interval
+        if interval is None or self.current is None:
+            return True
+        now = trio.current_time()
+        healthy = True
+        for worker in self.current.workers:
+            if not worker.ready or worker.exited or worker.stopping:
+                continue
+            if now - worker.last_ping > 2 * interval:
+                healthy = False
+                if not worker.reported_stuck:
+                    worker.reported_stuck = True
+                    log.error(
+                        "worker %d has not pinged the watchdog for %.1fs (its event loop is blocked); "
+                        "no more watchdog pings to the service manager",
+                        worker.pid,
+                        now - worker.last_ping,
+                    )
+        return healthy
 
     async def _watch_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
         wanted = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}

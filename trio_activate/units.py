@@ -21,11 +21,20 @@ What systemd cannot express is an error naming the key: a relative unix
 path (a unit has no "manifest folder") and port 0 (a unit must name its
 port).
 
-The service: ``Type=notify-reload`` where systemd supports it (253+), else
-``Type=notify`` with ``ExecReload=`` sending SIGHUP; ``NotifyAccess=main``
-(supervised workers report to the supervisor's private socket, never to
-systemd; the supervisor's PID is the main PID); ``KillMode=mixed`` (SIGTERM
-to the main process only, which drains its workers; SIGKILL to everything
+The service runs ``serve --supervise``: a supervisor whose PID never
+changes, with the manifest's workers (one by default) under it.  A
+single-process reload hands the main PID over to a successor
+(``MAINPID=``), and systemd 252 cannot follow a main process it did not
+fork: it SIGKILLs that process at the next stop, mid-drain (seen under the
+real manager, see tests/test_systemd.py).  So units never rely on it.
+
+``systemctl reload`` reports the outcome: ``Type=notify-reload`` where
+systemd supports it (253+; the supervisor sends ``RELOADING=1`` then
+``READY=1``), else ``Type=notify`` with ``ExecReload=trio-activate reload
+--wait $MAINPID``, which returns once the new generation serves and fails
+when it could not start.  ``NotifyAccess=main`` (workers report to the
+supervisor's private socket, never to systemd); ``KillMode=mixed`` (SIGTERM
+to the supervisor only, which drains its workers; SIGKILL to everything
 left at the end); ``TimeoutStopSec=`` above ``grace-period`` so systemd does
 not kill a drain in progress.
 """
@@ -46,6 +55,8 @@ __all__ = ["NOTIFY_RELOAD_VERSION", "Unit", "render_units"]
 NOTIFY_RELOAD_VERSION = 253
 # Seconds added to grace-period for TimeoutStopSec=: the drain's own margin.
 STOP_TIMEOUT_MARGIN = 10
+# systemd's DefaultTimeoutStartSec=.
+DEFAULT_TIMEOUT_START = 90
 
 _LISTEN_DIRECTIVE = {
     SocketType.STREAM: "ListenStream",
@@ -141,6 +152,11 @@ def _service_unit(
 ) -> Unit:
     notify_reload = systemd_version is not None and systemd_version >= NOTIFY_RELOAD_VERSION
     stop_timeout = math.ceil(manifest.service.grace_period) + STOP_TIMEOUT_MARGIN
+    # A reload's worst case: the new generation's start-timeout, then stopping it.
+    reload_wait = (
+        math.ceil(manifest.service.start_timeout + manifest.service.grace_period) + STOP_TIMEOUT_MARGIN
+    )
+    program = " ".join(_quote(word) for word in command)
     lines = [
         "[Unit]",
         f"Description={service_name} (trio-activate)",
@@ -149,12 +165,20 @@ def _service_unit(
         "",
         "[Service]",
         f"Type={'notify-reload' if notify_reload else 'notify'}",
-        f"ExecStart={' '.join(_quote(word) for word in command)} serve {_quote(manifest_path)}",
+        "# A supervisor keeps one main PID across reloads: systemd before the pidfd",
+        "# hand-over cannot follow a main process it did not fork.",
+        f"ExecStart={program} serve --supervise {_quote(manifest_path)}",
     ]
     if notify_reload:
         lines.append("ReloadSignal=SIGHUP")
     else:
-        lines.append("ExecReload=/bin/kill -HUP $MAINPID")
+        lines += [
+            "# Returns once the new code serves; fails, leaving the old code serving, if it cannot start.",
+            f"ExecReload={program} reload --wait --timeout {reload_wait} $MAINPID",
+        ]
+        if reload_wait + STOP_TIMEOUT_MARGIN > DEFAULT_TIMEOUT_START:
+            # systemd bounds ExecReload= by the start timeout.
+            lines.append(f"TimeoutStartSec={reload_wait + STOP_TIMEOUT_MARGIN}")
     lines += [
         f"Sockets={' '.join(socket_units)}",
         "NotifyAccess=main",

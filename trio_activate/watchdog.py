@@ -22,6 +22,8 @@ task carries on; it never raises for a failed ping.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import trio
 
 from .notifier import Notifier
@@ -30,7 +32,10 @@ __all__ = ["serve_watchdog"]
 
 
 async def serve_watchdog(
-    notifier: Notifier, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    notifier: Notifier,
+    *,
+    healthy: Callable[[], bool] | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Ping the service manager's watchdog until cancelled.
 
@@ -45,17 +50,23 @@ async def serve_watchdog(
     late (the loop was blocked), it pings once and starts a new grid from
     there instead of sending every missed ping in a burst: the missed ones
     cannot be made up, and a burst would only hide the stall.
+
+    `healthy`, when given, is asked before every ping, and a ping is sent
+    only when it says yes: a supervisor's loop is fine while a worker's is
+    stuck, and the manager must hear of the worker (see `Supervisor`).
     """
     interval = notifier.watchdog_interval
     if interval is None:
         task_status.started()
         return
-    notifier.watchdog()
+    if healthy is None or healthy():
+        notifier.watchdog()
     task_status.started()
     next_ping = trio.current_time() + interval
     while True:
         await trio.sleep_until(next_ping)
-        notifier.watchdog()
+        if healthy is None or healthy():
+            notifier.watchdog()
         next_ping += interval
         now = trio.current_time()
         if next_ping <= now:

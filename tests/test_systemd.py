@@ -1,0 +1,314 @@
+"""The generated units under the real systemd, booted as PID 1 of fresh namespaces.
+
+Every test boots its own manager (`systemd_machine.SystemdMachine`, about
+0.1 s), installs the units `trio-activate systemd` writes for a manifest,
+and asserts on what systemd itself reports: ``systemctl show`` (states, the
+main PID, the status text, restarts, the result) and the journal.  Clients
+run in the manager's network namespace, on its 127.0.0.1, so the ports are
+the manifests' own and nothing on the host can be in the way.
+
+Skipped with the reason only where the machine cannot boot systemd (not
+root, no cgroup2, no unshare); CI sets ``REQUIRE_INTEROP_PEERS=1``, which
+turns that skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from systemd_machine import SystemdMachine, why_cannot_boot
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "config"
+TRIO_ACTIVATE = [sys.executable, "-m", "trio_activate"]
+# What no clean stop may show in the journal.
+UNCLEAN = ("SIGKILL", "not our child", "left-over process", "reception only permitted")
+
+
+@pytest.fixture
+def machine(tmp_path: Path) -> Iterator[SystemdMachine]:
+    reason = why_cannot_boot()
+    if reason is not None:
+        if os.environ.get("REQUIRE_INTEROP_PEERS"):
+            pytest.fail(f"systemd cannot boot here ({reason}), and REQUIRE_INTEROP_PEERS is set")
+        pytest.skip(reason)
+    with SystemdMachine(tmp_path / "machine") as booted:
+        yield booted
+
+
+def units_for(manifest: Path, out: Path, *, version: int = 252) -> dict[str, str]:
+    """The unit files `trio-activate systemd` writes for `manifest`, by name."""
+    out.mkdir(exist_ok=True)
+    subprocess.run(
+        [*TRIO_ACTIVATE, "systemd", str(manifest), "--systemd-version", str(version), "--output", str(out)],
+        check=True,
+        capture_output=True,
+    )
+    return {path.name: path.read_text() for path in out.iterdir()}
+
+
+def ask(machine: SystemdMachine, address: tuple[str, int] | str, line: bytes = b"ping\n") -> bytes:
+    """One round trip on a new connection: send `line`, read until it comes back whole."""
+    with machine.connect(address) as client:
+        client.sendall(line)
+        return read_line(client)
+
+
+def read_line(client: socket.socket) -> bytes:
+    received = b""
+    while not received.endswith(b"\n"):
+        chunk = client.recv(4096)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+def assert_clean(machine: SystemdMachine, unit: str) -> None:
+    journal = machine.journal(unit)
+    for word in UNCLEAN:
+        assert word not in journal, f"{word!r} in the journal of {unit}:\n{journal}"
+
+
+def write_manifest(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "service.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+# --- the examples, as shipped ---------------------------------------------------
+
+
+def test_echo_listens_before_the_service_runs_and_the_first_connection_starts_it(
+    machine: SystemdMachine, tmp_path: Path
+) -> None:
+    machine.install(units_for(CONFIG / "echo.toml", tmp_path / "units"))
+    machine.systemctl("start", "echo-echo.socket")
+    socket_unit = machine.show("echo-echo.socket", "ActiveState", "SubState", "FileDescriptorName", "Listen")
+    assert socket_unit["SubState"] == "listening"
+    assert socket_unit["FileDescriptorName"] == "echo"
+    assert machine.show("echo.service", "ActiveState")["ActiveState"] == "inactive"
+
+    assert ask(machine, ("127.0.0.1", 7000), b"hello\n") == b"hello\n"
+    service = machine.wait_for("echo.service", ActiveState="active", SubState="running")
+    shown = machine.show("echo.service", "MainPID", "StatusText")
+    assert shown["StatusText"].startswith("Generation 1: 1 worker(s)"), shown
+    assert "sockets.echo: 127.0.0.1:7000 stream (fd 3)" in machine.journal("echo.service"), service
+
+    machine.systemctl("stop", "echo.service", "echo-echo.socket")
+    with pytest.raises(ConnectionRefusedError):
+        ask(machine, ("127.0.0.1", 7000))
+    assert machine.show("echo.service", "Result")["Result"] == "success"
+    assert_clean(machine, "echo.service")
+
+
+def test_udp_echo_is_started_by_its_first_datagram(machine: SystemdMachine, tmp_path: Path) -> None:
+    machine.install(units_for(CONFIG / "udp-echo.toml", tmp_path / "units"))
+    machine.systemctl("start", "udp-echo-udp.socket")
+    with machine.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(10)
+        client.sendto(b"first", ("127.0.0.1", 7001))
+        assert client.recvfrom(100)[0] == b"first"
+    machine.wait_for("udp-echo.service", ActiveState="active")
+    machine.systemctl("stop", "udp-echo.service", "udp-echo-udp.socket")
+    assert_clean(machine, "udp-echo.service")
+
+
+@pytest.mark.parametrize(
+    ("example", "service", "port"),
+    [("http.toml", "hello-http", 8080), ("listener.toml", "listener-echo", 7002)],
+)
+def test_tcp_examples_serve_through_their_units(
+    machine: SystemdMachine, tmp_path: Path, example: str, service: str, port: int
+) -> None:
+    units = units_for(CONFIG / example, tmp_path / "units")
+    machine.install(units)
+    sockets = [name for name in units if name.endswith(".socket")]
+    machine.systemctl("start", *sockets)
+    if example == "http.toml":
+        for host in ("127.0.0.1", "::1"):
+            with machine.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as client:
+                client.settimeout(10)
+                client.connect((host, port))
+                client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert client.recv(100).startswith(b"HTTP/1.1 200 ")
+    else:
+        # config/listener_app.py answers in capitals.
+        assert ask(machine, ("127.0.0.1", port), b"through a listener\n") == b"THROUGH A LISTENER\n"
+    machine.wait_for(f"{service}.service", ActiveState="active")
+    machine.systemctl("stop", f"{service}.service", *sockets)
+    assert_clean(machine, f"{service}.service")
+
+
+def test_unix_example_keeps_mode_and_names_and_removes_its_file_on_stop(
+    machine: SystemdMachine, tmp_path: Path
+) -> None:
+    path = Path("/tmp/trio-activate-echo.sock")
+    if path.exists():
+        pytest.skip(f"{path} exists on this machine: the example's path is taken")
+    machine.install(units_for(CONFIG / "unix.toml", tmp_path / "units"))
+    sockets = ["unix-echo-file.socket", "unix-echo-abstract.socket", "unix-echo-packets.socket"]
+    try:
+        machine.systemctl("start", *sockets)
+        assert path.is_socket()
+        assert path.stat().st_mode & 0o777 == 0o660
+        for unit, name in zip(sockets, ["file", "abstract", "packets"], strict=True):
+            assert machine.show(unit, "FileDescriptorName")["FileDescriptorName"] == name
+        assert ask(machine, str(path), b"by file\n") == b"by file\n"
+        assert ask(machine, "\0trio-activate-echo", b"abstract\n") == b"abstract\n"
+        with machine.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as client:
+            client.settimeout(10)
+            client.connect("\0trio-activate-packets")
+            client.send(b"one message")
+            assert client.recv(100) == b"one message"
+        machine.systemctl("stop", "unix-echo.service", *sockets)
+        assert not path.exists(), "RemoveOnStop=yes: stopping the socket removes its file"
+        assert_clean(machine, "unix-echo.service")
+    finally:
+        if path.is_socket():
+            path.unlink()
+
+
+# --- reloads, restarts and stops ----------------------------------------------------
+
+
+class ClientLoop:
+    """Connections one after another until stopped (bounded in count and time); counts failures."""
+
+    def __init__(
+        self, machine: SystemdMachine, port: int, *, limit: int = 20_000, seconds: float = 60
+    ) -> None:
+        self.machine = machine
+        self.port = port
+        self.limit = limit
+        self.deadline = time.monotonic() + seconds
+        self.done = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def __enter__(self) -> ClientLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        with self.machine.netns():
+            while not self._stop.is_set() and self.done < self.limit and time.monotonic() < self.deadline:
+                line = f"request {self.done}\n".encode()
+                try:
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=10) as client:
+                        client.sendall(line)
+                        answer = read_line(client)
+                    if answer != line:
+                        self.failures.append(f"{line!r} answered {answer!r}")
+                except OSError as exc:
+                    self.failures.append(f"{line!r}: {exc!r}")
+                self.done += 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reloads_lose_no_connection_and_restart_and_stop_drain_in_flight_work(
+    machine: SystemdMachine, tmp_path: Path, workers: int
+) -> None:
+    manifest = write_manifest(
+        tmp_path / "svc",
+        f"""\
+        [service]
+        name = "reloading"
+        grace-period = 5.0
+        workers = {workers}
+
+        [sockets.echo]
+        listen = "127.0.0.1:7100"
+
+        [handlers.echo]
+        socket = "echo"
+        call = "trio_activate.examples:echo"
+        """,
+    )
+    machine.install(units_for(manifest, tmp_path / "units"))
+    machine.systemctl("start", "reloading-echo.socket")
+    assert ask(machine, ("127.0.0.1", 7100)) == b"ping\n"
+    machine.wait_for("reloading.service", ActiveState="active")
+    main_pid = machine.show("reloading.service", "MainPID")["MainPID"]
+
+    with ClientLoop(machine, 7100) as clients:
+        for number in range(2, 12):
+            machine.systemctl("reload", "reloading.service")
+            shown = machine.show("reloading.service", "ActiveState", "MainPID", "StatusText")
+            assert shown["ActiveState"] == "active", "systemctl reload returns once the new code serves"
+            assert shown["StatusText"].startswith(f"Generation {number}: {workers} worker(s)"), shown
+            assert shown["MainPID"] == main_pid
+    assert clients.done > 10
+    assert clients.failures == []
+
+    for action in ("restart", "stop"):
+        with machine.connect(("127.0.0.1", 7100)) as in_flight:
+            in_flight.sendall(b"before\n")
+            assert read_line(in_flight) == b"before\n"
+            machine.systemctl(action, "--no-block", "reloading.service")
+            machine.wait_for("reloading.service", ActiveState="deactivating")
+            time.sleep(0.5)
+            in_flight.sendall(b"during the stop\n")
+            assert read_line(in_flight) == b"during the stop\n", f"{action}: the connection drains"
+        if action == "restart":
+            machine.wait_for("reloading.service", ActiveState="active")
+    machine.wait_for("reloading.service", ActiveState="inactive")
+    assert machine.show("reloading.service", "Result", "NRestarts") == {"Result": "success", "NRestarts": "0"}
+    assert_clean(machine, "reloading.service")
+
+
+def test_a_reload_whose_new_code_fails_fails_and_the_old_code_keeps_serving(
+    machine: SystemdMachine, tmp_path: Path
+) -> None:
+    folder = tmp_path / "svc"
+    manifest = write_manifest(
+        folder,
+        """\
+        [service]
+        name = "versioned"
+        [sockets.web]
+        listen = "127.0.0.1:7200"
+        [handlers.web]
+        socket = "web"
+        call = "versioned_app:handle"
+        """,
+    )
+    (folder / "versioned_app.py").write_text(
+        "async def handle(stream):\n    await stream.send_all(b'v1\\n')\n"
+    )
+    machine.install(units_for(manifest, tmp_path / "units"))
+    machine.systemctl("start", "versioned-web.socket")
+    assert ask(machine, ("127.0.0.1", 7200)) == b"v1\n"
+    machine.wait_for("versioned.service", ActiveState="active")
+
+    (folder / "versioned_app.py").write_text("async def handle(stream) this is not Python\n")
+    result = machine.systemctl("reload", "versioned.service", check=False)
+    assert result.returncode != 0, "systemctl reload fails when the new code cannot start"
+    journal = machine.journal("versioned.service")
+    assert "handlers.web.call: cannot import 'versioned_app'" in journal, "the reason, in the journal"
+    assert "Reload failed for versioned.service" in journal
+    assert machine.show("versioned.service", "ActiveState")["ActiveState"] == "active"
+    assert ask(machine, ("127.0.0.1", 7200)) == b"v1\n", "the old code keeps serving"
+
+    (folder / "versioned_app.py").write_text(
+        "async def handle(stream):\n    await stream.send_all(b'v2\\n')\n"
+    )
+    machine.systemctl("reload", "versioned.service")
+    assert ask(machine, ("127.0.0.1", 7200)) == b"v2\n"
+    machine.systemctl("stop", "versioned.service")
+    assert_clean(machine, "versioned.service")
