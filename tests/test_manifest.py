@@ -179,6 +179,19 @@ def test_port_zero_asks_the_kernel_and_is_never_a_duplicate() -> None:
     assert manifest.sockets[0].listen == (InetAddress("127.0.0.1", 0),) * 2
 
 
+def test_watchdog_and_accept_are_read_and_written_back() -> None:
+    text = "[service]\nwatchdog = 2.5\n" + MINIMAL.replace(
+        'listen = "127.0.0.1:7000"', 'listen = "127.0.0.1:7000"\naccept = true'
+    )
+    manifest = parse_manifest(text, source="t.toml")
+    assert manifest.service.watchdog == 2.5
+    assert manifest.sockets[0].accept is True
+    assert parse_manifest(dump_manifest(manifest), source="t.toml") == manifest
+    plain = parse_manifest(MINIMAL, source="t.toml")
+    assert plain.service.watchdog is None
+    assert plain.sockets[0].accept is False
+
+
 def test_a_socket_without_handler_is_a_warning_not_an_error() -> None:
     manifest = parse('[sockets.lonely]\nlisten = "7000"\n')
     assert manifest.handlers == ()
@@ -390,6 +403,31 @@ INVALID = {
     "on-error unknown": (
         MINIMAL + "on-error = 'ignore'\n",
         r"handlers.echo.on-error: 'ignore': expected one of log, exit",
+    ),
+    "watchdog too short": (
+        "[service]\nwatchdog = 0.5\n" + MINIMAL,
+        r"service.watchdog: 0.5 is too short: the service pings at half of it \(expected at least 1\)",
+    ),
+    "watchdog not a number": (
+        "[service]\nwatchdog = '10s'\n" + MINIMAL,
+        r"service.watchdog: expected a number of seconds, got a string",
+    ),
+    "accept on a datagram socket": (
+        "[sockets.d]\nlisten = '127.0.0.1:53'\ntype = 'datagram'\naccept = true\n",
+        r"sockets.d.accept: applies to stream sockets only",
+    ),
+    "accept served by a listener handler": (
+        MINIMAL.replace('listen = "127.0.0.1:7000"', 'listen = "127.0.0.1:7000"\naccept = true')
+        + "kind = 'listener'\n",
+        r"sockets.echo.accept: each connection is passed to its own process, which handlers.echo "
+        r"\(kind listener\) cannot serve; it needs a stream handler",
+    ),
+    "accept sockets of two handlers": (
+        "[sockets.a]\nlisten = '127.0.0.1:1'\naccept = true\n"
+        "[sockets.b]\nlisten = '127.0.0.1:2'\naccept = true\n"
+        "[handlers.a]\nsocket = 'a'\ncall = 'm:a'\n[handlers.b]\nsocket = 'b'\ncall = 'm:b'\n",
+        r"service.accept-handler: Accept=yes sockets are served by a, b, and a passed connection "
+        r"does not say which socket it came from; set accept-handler to one of them",
     ),
     "accept-handler not a stream handler": (
         "[service]\naccept-handler = 'nope'\n" + MINIMAL,

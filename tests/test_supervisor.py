@@ -480,12 +480,14 @@ def test_a_reload_runs_the_code_on_disk_even_when_a_cached_pyc_passes_for_it(tmp
         assert answers[-1].version == "v2"
 
 
-def test_workers_that_die_at_import_are_retried_then_the_service_exits_1(tmp_path: Path) -> None:
+def test_workers_that_die_at_import_are_retried_then_the_service_exits_2_as_they_do(tmp_path: Path) -> None:
     port = free_port()
     write_handler(tmp_path, "v1", preamble='raise RuntimeError("no database")\n')
     manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", workers=2)
     with running("--log-level", "debug", "serve", manifest, cwd=tmp_path) as service:
-        assert service.wait() == 1
+        # 2, the workers' own status for a handler that cannot be imported: the
+        # units tell systemd not to restart on it (RestartPreventExitStatus=2).
+        assert service.wait() == 2
         log = service.log
         workers = set().union(*(service.workers_of(generation) for generation in range(1, 6)))
         assert len(workers) == 10
@@ -828,6 +830,69 @@ def test_reload_pid_and_reload_pidfile_send_sighup(tmp_path: Path) -> None:
             service.wait_for(rf"reloaded: generation {generation} serving", since=since)
         service.send_signal(signal.SIGTERM)
         assert service.wait() == 0
+
+
+def test_reload_wait_returns_once_the_new_code_serves_and_fails_when_it_cannot_start(tmp_path: Path) -> None:
+    """systemd 252's ExecReload=: `reload --wait` tells the outcome by its exit status."""
+    port = free_port()
+    app = write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    with running("serve", "--supervise", manifest, cwd=tmp_path) as service:
+        service.wait_for(r"ready: generation 1, 1 worker")
+        result = run_cli("reload", "--wait", str(service.pid))
+        assert result.returncode == 0, result.stderr
+        reloaded = rf"reloaded PID {service.pid}: Generation 2: 1 worker\(s\) \(\d+\)"
+        assert re.fullmatch(rf"sent SIGHUP to {service.pid}\n{reloaded}\n", result.stderr)
+        # Returned once generation 2 serves: the supervisor had logged it already.
+        assert service.count(r"reloaded: generation 2 serving") == 1
+
+        app.write_text(app.read_text() + "\ndef broken(:\n")
+        result = run_cli("reload", "--wait", str(service.pid))
+        assert result.returncode == 1
+        last = result.stderr.splitlines()[-1]
+        assert last.startswith(
+            f"trio-activate: reload of PID {service.pid} failed: Reload failed: generation 3"
+        )
+        assert last.endswith("still serving generation 2")
+        assert ask(loopback(port), "still").version == "v1"
+        service.send_signal(signal.SIGTERM)
+        assert service.wait() == 0
+
+
+def test_reload_wait_on_a_single_process_serve_tells_the_hand_over(tmp_path: Path) -> None:
+    port = free_port()
+    write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    with running("serve", manifest, cwd=tmp_path) as service:
+        service.wait_for(r"ready: ")
+        result = run_cli("reload", "--wait", str(service.pid))
+        assert result.returncode == 0, result.stderr
+        successor = int(
+            re.fullmatch(
+                rf"sent SIGHUP to {service.pid}\nreloaded PID {service.pid}: "
+                r"handed over to process (\d+)\n",
+                result.stderr,
+            )[1]
+        )  # type: ignore[index]
+        assert ask(loopback(port), "next").pid == successor
+        assert service.wait() == 0, "the predecessor drains and exits"
+        os.kill(successor, signal.SIGTERM)
+
+
+def test_reload_wait_for_a_process_that_exits_or_never_answers_is_one_line_exit_1(tmp_path: Path) -> None:
+    # `sleep` dies of SIGHUP; the shell that ignores it never answers.
+    for argv, timeout, message in (
+        (["sleep", "30"], "30", "exited before its reload ended"),
+        (["sh", "-c", "trap '' HUP; sleep 30"], "0.5", "did not tell how its reload ended within 0.5s"),
+    ):
+        with subprocess.Popen(argv, start_new_session=True) as target:
+            try:
+                time.sleep(0.1)  # the shell's trap is set
+                result = run_cli("reload", "--wait", "--timeout", timeout, str(target.pid))
+            finally:
+                os.killpg(target.pid, signal.SIGKILL)
+        assert result.returncode == 1
+        assert result.stderr.splitlines()[-1] == f"trio-activate: reload: PID {target.pid} {message}"
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

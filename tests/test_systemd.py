@@ -312,3 +312,166 @@ def test_a_reload_whose_new_code_fails_fails_and_the_old_code_keeps_serving(
     assert ask(machine, ("127.0.0.1", 7200)) == b"v2\n"
     machine.systemctl("stop", "versioned.service")
     assert_clean(machine, "versioned.service")
+
+
+def test_a_handler_that_cannot_be_imported_fails_the_unit_and_the_socket_keeps_listening(
+    machine: SystemdMachine, tmp_path: Path
+) -> None:
+    folder = tmp_path / "svc"
+    manifest = write_manifest(
+        folder,
+        """\
+        [service]
+        name = "broken"
+        [sockets.web]
+        listen = "127.0.0.1:7300"
+        [handlers.web]
+        socket = "web"
+        call = "broken_app:handle"
+        """,
+    )
+    machine.install(units_for(manifest, tmp_path / "units"))
+    machine.systemctl("start", "broken-web.socket")
+    with machine.connect(("127.0.0.1", 7300), timeout=30) as client:
+        client.sendall(b"anyone?\n")
+        # The service that cannot start closes what waited for it, so systemd
+        # does not start it again and again for the same connection (closed
+        # with our line unread: a reset).
+        with pytest.raises(ConnectionResetError):
+            read_line(client)
+    shown = machine.wait_for("broken.service", ActiveState="failed")
+    assert machine.show("broken.service", "Result", "ExecMainStatus", "NRestarts") == {
+        "Result": "exit-code",
+        "ExecMainStatus": "2",
+        "NRestarts": "0",
+    }, shown
+    journal = machine.journal("broken.service")
+    assert (
+        "trio-activate: service.toml: handlers.web.call: cannot import 'broken_app': No module named"
+        in journal
+    )
+    assert "Traceback" not in journal
+    assert machine.show("broken-web.socket", "ActiveState", "SubState") == {
+        "ActiveState": "active",
+        "SubState": "listening",
+    }
+
+    (folder / "broken_app.py").write_text(
+        "async def handle(stream):\n    await stream.send_all(b'fixed\\n')\n"
+    )
+    assert ask(machine, ("127.0.0.1", 7300)) == b"fixed\n"
+    machine.wait_for("broken.service", ActiveState="active")
+    machine.systemctl("stop", "broken.service", "broken-web.socket")
+
+
+# --- the watchdog ----------------------------------------------------------------
+
+
+def test_the_watchdog_spares_a_healthy_service_and_restarts_one_whose_loop_is_blocked(
+    machine: SystemdMachine, tmp_path: Path
+) -> None:
+    folder = tmp_path / "svc"
+    manifest = write_manifest(
+        folder,
+        """\
+        [service]
+        name = "watched"
+        watchdog = 1.0
+        [sockets.web]
+        listen = "127.0.0.1:7500"
+        [handlers.web]
+        socket = "web"
+        call = "watched_app:handle"
+        """,
+    )
+    (folder / "watched_app.py").write_text(
+        textwrap.dedent(
+            """\
+            import time
+
+            async def handle(stream):
+                request = await stream.receive_some(100)
+                if request == b"block\\n":
+                    time.sleep(30)  # blocks the whole Trio loop: no checkpoint
+                await stream.send_all(request)
+            """
+        )
+    )
+    units = units_for(manifest, tmp_path / "units")
+    assert "WatchdogSec=1" in units["watched.service"].splitlines()
+    machine.install(units)
+    machine.systemctl("start", "watched-web.socket")
+    assert ask(machine, ("127.0.0.1", 7500)) == b"ping\n"
+    machine.wait_for("watched.service", ActiveState="active")
+    main_pid = machine.show("watched.service", "MainPID")["MainPID"]
+
+    time.sleep(3.5)  # over three periods
+    assert machine.show("watched.service", "ActiveState", "MainPID", "NRestarts") == {
+        "ActiveState": "active",
+        "MainPID": main_pid,
+        "NRestarts": "0",
+    }
+
+    with machine.connect(("127.0.0.1", 7500)) as client:
+        client.sendall(b"block\n")
+        machine.wait_for("watched.service", NRestarts="1")
+    machine.wait_for("watched.service", ActiveState="active")
+    assert machine.show("watched.service", "MainPID")["MainPID"] != main_pid
+    journal = machine.journal("watched.service")
+    assert "has not pinged the watchdog" in journal
+    assert "Watchdog timeout" in journal
+    assert ask(machine, ("127.0.0.1", 7500)) == b"ping\n", "restarted, it serves again"
+    machine.systemctl("stop", "watched.service")
+
+
+# --- Accept=yes ---------------------------------------------------------------------
+
+
+def test_accept_yes_serves_each_connection_in_a_process_of_its_own(
+    machine: SystemdMachine, tmp_path: Path
+) -> None:
+    folder = tmp_path / "svc"
+    manifest = write_manifest(
+        folder,
+        """\
+        [service]
+        name = "per-connection"
+        [sockets.conn]
+        listen = "127.0.0.1:7600"
+        accept = true
+        [handlers.conn]
+        socket = "conn"
+        call = "pid_app:handle"
+        """,
+    )
+    (folder / "pid_app.py").write_text(
+        textwrap.dedent(
+            """\
+            import os
+
+            async def handle(stream):
+                line = await stream.receive_some(100)
+                await stream.send_all(f"{os.getpid()} ".encode() + line)
+            """
+        )
+    )
+    units = units_for(manifest, tmp_path / "units")
+    assert sorted(units) == ["per-connection-conn.socket", "per-connection-conn@.service"]
+    assert "Accept=yes" in units["per-connection-conn.socket"].splitlines()
+    machine.install(units)
+    machine.systemctl("start", "per-connection-conn.socket")
+
+    pids = []
+    deadline = time.monotonic() + 60
+    for number in range(50):
+        assert time.monotonic() < deadline, f"only {number} connections within 60 s"
+        pid, _, echoed = ask(machine, ("127.0.0.1", 7600), f"connection {number}\n".encode()).partition(b" ")
+        assert echoed == f"connection {number}\n".encode()
+        pids.append(int(pid))
+    assert len(set(pids)) == 50, "each connection had a process of its own"
+    shown = machine.show("per-connection-conn.socket", "NAccepted", "ActiveState")
+    assert shown == {"NAccepted": "50", "ActiveState": "active"}
+    journal = machine.journal()
+    assert "Accept=yes: serving one connection with handlers.conn" in journal
+    assert "Traceback" not in journal
+    machine.systemctl("stop", "per-connection-conn.socket")

@@ -111,6 +111,56 @@ def test_the_service_runs_serve_with_every_socket() -> None:
     assert "WantedBy=multi-user.target" in service
 
 
+def test_a_configuration_error_is_not_restarted() -> None:
+    service = directives(units_of(EVERY_OPTION)["every.service"])
+    assert "Restart=on-failure" in service
+    assert "RestartPreventExitStatus=2" in service, "exit 2: the one-line error; restarting cannot help"
+
+
+def test_watchdog_becomes_watchdog_sec() -> None:
+    for value, directive in (("3", "WatchdogSec=3"), ("1.5", "WatchdogSec=1500ms")):
+        text = EVERY_OPTION.replace("grace-period = 12.5", f"grace-period = 12.5\nwatchdog = {value}")
+        assert directive in directives(units_of(text)["every.service"])
+    assert not any(
+        line.startswith("WatchdogSec=") for line in directives(units_of(EVERY_OPTION)["every.service"])
+    )
+
+
+def test_an_accept_socket_gets_accept_yes_and_a_template_service_of_its_own() -> None:
+    text = EVERY_OPTION.replace("free-bind = true", "free-bind = true\naccept = true").replace(
+        'call = "m:f"', 'call = "m:f"\nmax-connections = 32'
+    )
+    units = units_of(text)
+    assert list(units) == [
+        "every-web.socket",
+        "every-api.socket",
+        "every-dns.socket",
+        "every.service",
+        "every-web@.service",
+    ]
+    web = directives(units["every-web.socket"])
+    assert "Accept=yes" in web
+    assert "MaxConnections=32" in web
+    assert not any(line.startswith("Service=") for line in web), "Accept=yes takes no Service="
+    service = directives(units["every.service"])
+    assert "Sockets=every-api.socket every-dns.socket" in service, "the listening sockets only"
+    template = directives(units["every-web@.service"])
+    assert f"ExecStart={shlex.join(COMMAND)} serve /srv/every.toml" in template
+    assert not any(line.startswith(("Type=notify", "ExecReload=")) for line in template)
+
+
+def test_only_accept_sockets_means_no_main_service() -> None:
+    text = """
+    [sockets.c]
+    listen = "127.0.0.1:9000"
+    accept = true
+    [handlers.c]
+    socket = "c"
+    call = "m:f"
+    """
+    assert list(units_of(text)) == ["service-c.socket", "service-c@.service"]
+
+
 def test_systemd_253_and_later_get_notify_reload() -> None:
     service = directives(units_of(EVERY_OPTION, systemd_version=253)["every.service"])
     assert "Type=notify-reload" in service
@@ -176,9 +226,19 @@ def test_units_for_every_example_verify_cleanly(path: Path, tmp_path: Path) -> N
     assert checked.stderr == "", "systemd-analyze warns about anything it ignores"
 
 
-def test_units_with_every_option_verify_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "text",
+    [
+        EVERY_OPTION,
+        EVERY_OPTION.replace("free-bind = true", "free-bind = true\naccept = true").replace(
+            "grace-period = 12.5", "grace-period = 12.5\nwatchdog = 1.5"
+        ),
+    ],
+    ids=["listening", "accept-and-watchdog"],
+)
+def test_units_with_every_option_verify_cleanly(tmp_path: Path, text: str) -> None:
     manifest = tmp_path / "every.toml"
-    manifest.write_text(EVERY_OPTION)
+    manifest.write_text(text)
     out = tmp_path / "units"
     out.mkdir()
     result = write_units(manifest, out)

@@ -36,6 +36,8 @@ from .records import field, record
 __all__ = ["ServiceSockets", "SocketFile", "acquire_sockets"]
 
 log = logging.getLogger("trio_activate")
+# close_queued_clients: at most this many per socket.
+QUEUED_CLIENTS_LIMIT = 10_000
 
 
 @record
@@ -71,6 +73,51 @@ class ServiceSockets:
         ready) must not leave a half-made service's files.  Call before ``close()``.
         """
         self.remove_on_stop = frozenset(item.socket_name for item in self.files)
+
+    def close_queued_clients(self, limit: int = QUEUED_CLIENTS_LIMIT) -> int:
+        """A service that cannot start: close the connections (drop the datagrams) waiting for it.
+
+        Under a service manager that matters: the manager keeps its own copy
+        of every listening socket, and a connection left in the backlog keeps
+        it readable, so the manager starts the failed service again at once,
+        over and over, until its start limit fails the socket unit itself
+        (systemd 252: "Failed with result 'service-start-limit-hit'"), and
+        every later client is refused.  Closed, the socket goes back to
+        listening, the next client starts the service (fixed by then, or
+        failing the same way, once), and the waiting clients hear now instead
+        of at their timeout.  Only the process the manager started may do
+        this: a supervisor's worker or a hand-over successor that fails must
+        leave the queue to the generation that serves.
+
+        Returns how many were closed; at most ``limit`` per socket, so a flood
+        cannot keep a failed start alive.  Never raises for a socket error.
+        """
+        import select  # here: start-up time (scenario 3)
+
+        closed = 0
+        for group in self.sockets.values():
+            for sock in group:
+                # poll, not the socket's blocking mode: O_NONBLOCK is shared
+                # with the manager's copy of the socket.
+                poller = select.poll()
+                poller.register(sock, select.POLLIN)
+                for _ in range(limit):
+                    try:
+                        if not poller.poll(0):
+                            break
+                        if sock.type == socket.SOCK_DGRAM:
+                            sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_TRUNC)
+                        else:
+                            conn, _ = sock.accept()
+                            conn.close()
+                    except OSError:
+                        break
+                    closed += 1
+        if closed:
+            log.warning(
+                "closed %d connection(s) or datagram(s) queued for a service that cannot start", closed
+            )
+        return closed
 
     def close(self) -> None:
         """Remove our ``remove-on-stop`` socket files, then close every socket once.

@@ -4,8 +4,9 @@ Layer 5: wires subcommands to the layers below.  Only the subcommands that
 serve import trio, and only after the activator has run, so a self-activating
 ``serve`` re-execs before paying for that import.
 
-Exit codes: 0 success, 2 usage or manifest/activation error (one line on
-stderr, never a traceback).
+Exit codes: 0 success, 1 a handler failed the service (or ``reload --wait``:
+the reload failed, or its outcome never came), 2 usage or manifest/activation
+error (one line on stderr, never a traceback).
 """
 
 from __future__ import annotations
@@ -319,6 +320,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return run_service(manifest, owned, reload_command=reload_command)
     except ActivationError:
         owned.never_started()
+        if not is_worker:
+            # The process the manager started (a hand-over successor is a worker
+            # too): see ServiceSockets.close_queued_clients.
+            owned.close_queued_clients()
         raise
     finally:
         owned.close()

@@ -64,6 +64,8 @@ __all__ = [
 DEFAULT_BACKLOG = 4096
 DEFAULT_GRACE_PERIOD = 5.0
 DEFAULT_START_TIMEOUT = 30.0
+# The shortest [service] watchdog: pings go at half of it, from the event loop.
+WATCHDOG_MIN = 1.0
 # systemd's SocketMode= default.
 DEFAULT_MODE = 0o666
 
@@ -107,6 +109,9 @@ class ServiceSpec:
     workers: int = 1
     # Seconds a new worker has to report READY=1 before it counts as failed.
     start_timeout: float = DEFAULT_START_TIMEOUT
+    # WatchdogSec= in the generated unit: a service whose event loop stops
+    # for this long is restarted.  None: no watchdog.
+    watchdog: float | None = None
 
 
 @record
@@ -124,6 +129,9 @@ class SocketSpec:
     owner: str | None = None
     group: str | None = None
     remove_on_stop: bool = False
+    # Accept=yes in the generated unit: systemd accepts, and each connection
+    # gets a process of its own (a template service instance).
+    accept: bool = False
 
 
 class HandlerKind(enum.Enum):
@@ -395,6 +403,7 @@ class _Parser:
         self.check_handlers(sockets, handlers)
         handlers = self.resolve_kinds(sockets, handlers)
         self.check_accept_handler(service, handlers)
+        self.check_accept_sockets(service, sockets, handlers)
         self.check_duplicate_addresses(sockets)
         return Manifest(service, sockets, handlers, path=self.path, warnings=tuple(self.warnings))
 
@@ -412,12 +421,19 @@ class _Parser:
         start_timeout = table.get("start-timeout", self.grace_period(table), DEFAULT_START_TIMEOUT)
         if start_timeout == 0:
             raise table.error("start-timeout", "0 leaves a worker no time to start (expected a number > 0)")
+        watchdog = table.get("watchdog", self.grace_period(table), None)
+        if watchdog is not None and not watchdog >= WATCHDOG_MIN:
+            raise table.error(
+                "watchdog",
+                f"{watchdog:g} is too short: the service pings at half of it "
+                f"(expected at least {WATCHDOG_MIN:g})",
+            )
         table.finish()
         if name is None:
             name = self.service_name("service.name", default_name, from_file_name=True)
         else:
             name = self.service_name("service.name", name, from_file_name=False)
-        return ServiceSpec(name, grace, python_path, accept_handler, workers, start_timeout)
+        return ServiceSpec(name, grace, python_path, accept_handler, workers, start_timeout, watchdog)
 
     def service_name(self, key_path: str, name: str, *, from_file_name: bool) -> str:
         if _SERVICE_NAME.fullmatch(name) and len(name) <= 200:
@@ -467,6 +483,7 @@ class _Parser:
             owner=table.get("owner", self.user_or_group(table), None),
             group=table.get("group", self.user_or_group(table), None),
             remove_on_stop=table.get("remove-on-stop", table.boolean, False),
+            accept=table.get("accept", table.boolean, False),
         )
         table.finish()
         self.check_socket_options(table, spec)
@@ -527,6 +544,10 @@ class _Parser:
             )
         if spec.type is SocketType.DATAGRAM and "backlog" in table.data:
             raise table.error("backlog", "applies to stream and seqpacket sockets only")
+        if spec.accept and spec.type is not SocketType.STREAM:
+            raise table.error(
+                "accept", "applies to stream sockets only (trio-activate serves stream connections)"
+            )
         if spec.ipv6_only and not any(a.family == socket.AF_INET6 for a in inet):
             raise table.error("ipv6-only", "applies to IPv6 addresses only, and listen has none")
         for key in ("reuse-port", "free-bind"):
@@ -630,6 +651,31 @@ class _Parser:
                 f"{', '.join(streams) or 'none'})",
             )
 
+    def check_accept_sockets(
+        self, service: ServiceSpec, sockets: tuple[SocketSpec, ...], handlers: tuple[HandlerSpec, ...]
+    ) -> None:
+        """An ``accept = true`` socket passes one connection per process: a stream handler serves it."""
+        serving: set[str] = set()
+        for spec in sockets:
+            if not spec.accept:
+                continue
+            handler = next((h for h in handlers if spec.name in h.sockets), None)
+            if handler is None:
+                continue  # warned already: no handler serves it
+            if handler.kind is not HandlerKind.STREAM:
+                raise self.error(
+                    f"sockets.{spec.name}.accept",
+                    f"each connection is passed to its own process, which handlers.{handler.name} "
+                    f"(kind {handler.kind.value}) cannot serve; it needs a stream handler",
+                )
+            serving.add(handler.name)
+        if len(serving) > 1 and service.accept_handler is None:
+            raise self.error(
+                "service.accept-handler",
+                f"Accept=yes sockets are served by {', '.join(sorted(serving))}, and a passed "
+                "connection does not say which socket it came from; set accept-handler to one of them",
+            )
+
     # Cross-table rules
 
     def check_handlers(self, sockets: tuple[SocketSpec, ...], handlers: tuple[HandlerSpec, ...]) -> None:
@@ -692,12 +738,16 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
         service["accept-handler"] = manifest.service.accept_handler
     service["workers"] = manifest.service.workers
     service["start-timeout"] = manifest.service.start_timeout
+    if manifest.service.watchdog is not None:
+        service["watchdog"] = manifest.service.watchdog
     sockets: dict[str, Any] = {}
     for spec in manifest.sockets:
         listen = [str(a) for a in spec.listen]
         table: dict[str, Any] = {"listen": listen[0] if len(listen) == 1 else listen, "type": spec.type.value}
         if spec.type is not SocketType.DATAGRAM:
             table["backlog"] = spec.backlog
+        if spec.type is SocketType.STREAM:
+            table["accept"] = spec.accept
         inet = [a for a in spec.listen if isinstance(a, InetAddress)]
         if inet:
             table["reuse-port"] = spec.reuse_port

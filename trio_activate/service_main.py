@@ -113,6 +113,11 @@ def _accept_handler(manifest: Manifest, handlers: list[LoadedHandler]) -> Loaded
         return next(h for h in streams if h.spec.name == wanted)
     if len(streams) == 1:
         return streams[0]
+    # The handler of the manifest's accept = true sockets (the manifest allows only one).
+    accepting = {spec.name for spec in manifest.sockets if spec.accept}
+    serving = [h for h in streams if accepting.intersection(h.spec.sockets)]
+    if len(serving) == 1:
+        return serving[0]
     names = ", ".join(h.spec.name for h in streams) or "none"
     raise HandlerError(
         f"{manifest.source}: service.accept-handler: an Accept=yes connection was passed and the "

@@ -56,6 +56,7 @@ def run_supervisor(
         status: int = trio.run(_supervise, supervisor, list(watch))
     if supervisor.current is None:
         owned.never_started()
+        owned.close_queued_clients()
     return status
 
 

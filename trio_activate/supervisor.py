@@ -81,6 +81,8 @@ __all__ = ["Supervisor"]
 log = logging.getLogger("trio_activate")
 
 START_ATTEMPTS = 5
+# A worker's exit status for a usage, manifest, handler or activation error (cli.EXIT_ERROR).
+EXIT_CONFIGURATION_ERROR = 2
 RESTART_BACKOFF_START = 0.1
 RESTART_BACKOFF_MAX = 10.0
 # After SIGTERM a worker has its grace period to drain, and this much more to exit.
@@ -115,6 +117,11 @@ class Generation:
 
 class StartFailed(Exception):
     """A generation did not become ready; the message says why."""
+
+    def __init__(self, message: str, *, worker_status: int | None = None) -> None:
+        super().__init__(message)
+        # The exit status of the worker that failed it; None for a timeout.
+        self.worker_status = worker_status
 
 
 class Supervisor:
@@ -225,7 +232,13 @@ class Supervisor:
                     return await self._wait_for_first_dev_generation()
                 if attempt == START_ATTEMPTS:
                     log.error("%s; giving up after %d attempts", exc, attempt)
-                    self.exit_status = 1
+                    # A worker's configuration error (it said why in one line: a
+                    # handler that cannot be imported, sockets that do not match
+                    # the manifest) is the supervisor's too: the same status tells
+                    # the manager that restarting cannot help (the units'
+                    # RestartPreventExitStatus=2).  Retried all the same, as an
+                    # import can fail for a while (a database not up yet).
+                    self.exit_status = 2 if exc.worker_status == EXIT_CONFIGURATION_ERROR else 1
                     return False
                 log.error("%s; retrying in %.1fs", exc, delay)
                 with trio.move_on_after(delay):
@@ -265,7 +278,8 @@ class Supervisor:
                         worker = failed[0]
                         raise StartFailed(
                             f"generation {generation.number}: worker {worker.pid} exited with status "
-                            f"{worker.process.returncode} before it was ready"
+                            f"{worker.process.returncode} before it was ready",
+                            worker_status=worker.process.returncode,
                         )
                     await self._wait_changed()
             if timeout.cancelled_caught:

@@ -80,23 +80,34 @@ def render_units(
     user: bool = False,
     name: str | None = None,
 ) -> list[Unit]:
-    """The units for ``manifest``: every ``.socket`` in manifest order, then the ``.service``.
+    """The units for ``manifest``: every ``.socket`` in manifest order, then the ``.service``,
+    then a template ``SERVICE-NAME@.service`` per ``accept = true`` socket.
 
-    ``command`` is how to run trio-activate (absolute paths), e.g.
-    ``["/usr/bin/trio-activate"]`` or ``["/usr/bin/python3", "-m", "trio_activate"]``.
+    The ``.service`` serves the sockets that listen; there is none when
+    every socket accepts.  ``command`` is how to run trio-activate
+    (absolute paths), e.g. ``["/usr/bin/trio-activate"]`` or
+    ``["/usr/bin/python3", "-m", "trio_activate"]``.
     """
     service_name = name or manifest.service.name
-    sockets = [_socket_unit(manifest, spec, service_name) for spec in manifest.sockets]
-    service = _service_unit(
-        manifest,
-        service_name,
-        [unit.name for unit in sockets],
-        command=command,
-        manifest_path=manifest_path,
-        systemd_version=systemd_version,
-        user=user,
-    )
-    return [*sockets, service]
+    sockets = [(spec, _socket_unit(manifest, spec, service_name)) for spec in manifest.sockets]
+    units = [unit for _, unit in sockets]
+    listening = [unit.name for spec, unit in sockets if not spec.accept]
+    if listening:
+        units.append(
+            _service_unit(
+                manifest,
+                service_name,
+                listening,
+                command=command,
+                manifest_path=manifest_path,
+                systemd_version=systemd_version,
+                user=user,
+            )
+        )
+    for spec, unit in sockets:
+        if spec.accept:
+            units.append(_connection_unit(manifest, spec, unit, command=command, manifest_path=manifest_path))
+    return units
 
 
 def _socket_unit(manifest: Manifest, spec: SocketSpec, service_name: str) -> Unit:
@@ -120,7 +131,14 @@ def _socket_unit(manifest: Manifest, spec: SocketSpec, service_name: str) -> Uni
             )
         lines.append(f"{directive}={_escape_specifiers(str(address))}")
     lines.append(f"FileDescriptorName={_escape_specifiers(spec.name)}")
-    lines.append(f"Service={service_name}.service")
+    if spec.accept:
+        # systemd accepts; each connection starts an instance of SOCKET-UNIT@.service.
+        lines.append("Accept=yes")
+        handler = next((h for h in manifest.handlers if spec.name in h.sockets), None)
+        if handler is not None and handler.max_connections is not None:
+            lines.append(f"MaxConnections={handler.max_connections}")
+    else:
+        lines.append(f"Service={service_name}.service")
     if spec.type is not SocketType.DATAGRAM:
         lines.append(f"Backlog={spec.backlog}")
     inet = [a for a in spec.listen if isinstance(a, InetAddress)]
@@ -179,18 +197,50 @@ def _service_unit(
         if reload_wait + STOP_TIMEOUT_MARGIN > DEFAULT_TIMEOUT_START:
             # systemd bounds ExecReload= by the start timeout.
             lines.append(f"TimeoutStartSec={reload_wait + STOP_TIMEOUT_MARGIN}")
+    if manifest.service.watchdog is not None:
+        # The workers ping the supervisor from their event loops; it pings systemd
+        # only while all of them do, so a blocked loop gets the service restarted.
+        lines.append(f"WatchdogSec={_seconds(manifest.service.watchdog)}")
     lines += [
         f"Sockets={' '.join(socket_units)}",
         "NotifyAccess=main",
         "KillMode=mixed",
         f"TimeoutStopSec={stop_timeout}",
         "Restart=on-failure",
+        "# Exit status 2 is a configuration error (one line in the journal): restarting cannot help.",
+        "RestartPreventExitStatus=2",
         "",
         "[Install]",
         f"WantedBy={'default.target' if user else 'multi-user.target'}",
         "",
     ]
     return Unit(f"{service_name}.service", "\n".join(lines))
+
+
+def _connection_unit(
+    manifest: Manifest, spec: SocketSpec, socket_unit: Unit, *, command: Sequence[str], manifest_path: str
+) -> Unit:
+    """The template an ``Accept=yes`` socket starts once per connection (``NAME@.service``)."""
+    program = " ".join(_quote(word) for word in command)
+    stop_timeout = math.ceil(manifest.service.grace_period) + STOP_TIMEOUT_MARGIN
+    lines = [
+        "[Unit]",
+        f"Description={manifest.service.name}: a connection of socket {_escape_specifiers(spec.name)}",
+        "",
+        "[Service]",
+        "# One process per connection: it serves the connection systemd accepted, then exits.",
+        f"ExecStart={program} serve {_quote(manifest_path)}",
+        f"TimeoutStopSec={stop_timeout}",
+        "",
+    ]
+    return Unit(socket_unit.name.removesuffix(".socket") + "@.service", "\n".join(lines))
+
+
+def _seconds(value: float) -> str:
+    """A duration for systemd: whole seconds as ``5``, else milliseconds (``1500ms``)."""
+    if value == int(value):
+        return str(int(value))
+    return f"{round(value * 1000)}ms"
 
 
 def _escape_specifiers(value: str) -> str:
