@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from trio_activate.notify_message import credentials_space, sender_pid
+
 HANDLER = """
 import os
 import trio
@@ -75,8 +77,11 @@ def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
         yield sock
 
 
-def start_serve(manifest: Path, notify: Path | None = None) -> subprocess.Popen[bytes]:
+def start_serve(
+    manifest: Path, notify: Path | None = None, *, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "TRIO_ACTIVATE_"))}
+    env.update(extra_env or {})
     # As in production: handler modules cached as .pyc (a reload must not run a stale one).
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     if notify is not None:
@@ -144,6 +149,47 @@ def test_sighup_hands_over_to_new_code_and_tells_the_manager(
         assert ask(tmp_path / "web.sock", "third") == f"{third} v2 third"
         os.kill(third, signal.SIGTERM)
         assert b"STOPPING=1" in b"".join(messages_until(notify_socket, b"STOPPING=1"))
+    finally:
+        stop_group(process)
+
+
+def test_only_the_main_process_pings_the_watchdog_after_a_hand_over(tmp_path: Path) -> None:
+    """NotifyAccess=main: the predecessor stops pinging the moment it hands over, drain or not."""
+    manifest = write_service(tmp_path)
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    manager.bind(str(tmp_path / "notify.sock"))
+    manager.settimeout(10)
+    env_watchdog = {"WATCHDOG_USEC": "200000"}  # a ping every 0.1 s
+    process = start_serve(manifest, tmp_path / "notify.sock", extra_env=env_watchdog)
+    try:
+        with manager, socket.socket(socket.AF_UNIX) as in_flight:
+
+            def receive() -> tuple[int | None, bytes]:
+                data, ancillary, _, _ = manager.recvmsg(4096, credentials_space())
+                return sender_pid(ancillary), data
+
+            while b"READY=1" not in receive()[1]:
+                pass
+            # A connection the old process must drain: it waits for a request.
+            in_flight.connect(str(tmp_path / "web.sock"))
+            os.kill(process.pid, signal.SIGHUP)
+            while b"MAINPID=" not in (message := receive())[1]:
+                pass
+            successor = int(dict(line.split("=", 1) for line in message[1].decode().splitlines())["MAINPID"])
+            pings: list[int | None] = []
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                pid, data = receive()
+                if b"WATCHDOG=1" in data:
+                    pings.append(pid)
+            assert process.poll() is None, "the predecessor is still draining"
+            assert process.pid not in pings
+            assert pings.count(successor) >= 5, "the new main process pings"
+            in_flight.sendall(b"done")
+            assert in_flight.recv(100).startswith(f"{process.pid} v1".encode())
+        assert process.wait(timeout=15) == 0
+        os.kill(successor, signal.SIGTERM)
     finally:
         stop_group(process)
 
