@@ -73,10 +73,16 @@ def read_line(client: socket.socket) -> bytes:
     return received
 
 
-def assert_clean(machine: SystemdMachine, unit: str) -> None:
+def assert_clean(machine: SystemdMachine, unit: str, *, errors_expected: bool = False) -> None:
+    """No kill and no stray process; unless `errors_expected`, no warning either, systemd's
+    (by priority) or ours (by level)."""
     journal = machine.journal(unit)
-    for word in UNCLEAN:
+    unwanted = UNCLEAN if errors_expected else (*UNCLEAN, ": warning: ", ": error: ")
+    for word in unwanted:
         assert word not in journal, f"{word!r} in the journal of {unit}:\n{journal}"
+    if not errors_expected:
+        warnings = machine.run("journalctl", "--no-pager", "-q", "-p", "warning", "-u", unit).stdout
+        assert warnings == "", f"systemd warned about {unit}:\n{warnings}"
 
 
 def write_manifest(folder: Path, text: str) -> Path:
@@ -311,7 +317,7 @@ def test_a_reload_whose_new_code_fails_fails_and_the_old_code_keeps_serving(
     machine.systemctl("reload", "versioned.service")
     assert ask(machine, ("127.0.0.1", 7200)) == b"v2\n"
     machine.systemctl("stop", "versioned.service")
-    assert_clean(machine, "versioned.service")
+    assert_clean(machine, "versioned.service", errors_expected=True)
 
 
 def test_a_handler_that_cannot_be_imported_fails_the_unit_and_the_socket_keeps_listening(
