@@ -278,6 +278,48 @@ def test_reloads_lose_no_connection_and_restart_and_stop_drain_in_flight_work(
     assert_clean(machine, "reloading.service")
 
 
+def test_a_supervisor_killed_with_sigkill_is_restarted_and_no_client_is_refused(
+    machine: SystemdMachine, tmp_path: Path
+) -> None:
+    manifest = write_manifest(
+        tmp_path / "svc",
+        """\
+        [service]
+        name = "crashing"
+        workers = 2
+        [sockets.echo]
+        listen = "127.0.0.1:7150"
+        [handlers.echo]
+        socket = "echo"
+        call = "trio_activate.examples:echo"
+        """,
+    )
+    machine.install(units_for(manifest, tmp_path / "units"))
+    machine.systemctl("start", "crashing-echo.socket")
+    assert ask(machine, ("127.0.0.1", 7150)) == b"ping\n"
+    machine.wait_for("crashing.service", ActiveState="active")
+    main_pid = machine.show("crashing.service", "MainPID")["MainPID"]
+
+    with ClientLoop(machine, 7150) as clients:
+        time.sleep(0.3)
+        machine.systemctl("kill", "--kill-who=main", "--signal=SIGKILL", "crashing.service")
+        machine.wait_for("crashing.service", NRestarts="1", ActiveState="active", timeout=30)
+        served_before = clients.done
+        deadline = time.monotonic() + 10
+        while clients.done < served_before + 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert machine.show("crashing.service", "MainPID")["MainPID"] != main_pid
+    assert clients.done >= served_before + 20, "the restarted service serves"
+    # The socket belongs to systemd: while nobody serves, clients wait in its backlog.  Only
+    # connections a killed worker was serving at that instant can fail (reset), never refused.
+    assert not any("ConnectionRefused" in failure for failure in clients.failures), clients.failures
+    assert len(clients.failures) <= 2, clients.failures
+    assert machine.show("crashing-echo.socket", "SubState")["SubState"] == "running"
+    machine.systemctl("stop", "crashing.service")
+    # No worker of the killed supervisor outlived it.
+    assert machine.run("pgrep", "-f", "trio_activate", check=False).stdout == ""
+
+
 def test_a_reload_whose_new_code_fails_fails_and_the_old_code_keeps_serving(
     machine: SystemdMachine, tmp_path: Path
 ) -> None:
