@@ -895,6 +895,28 @@ def test_reload_wait_for_a_process_that_exits_or_never_answers_is_one_line_exit_
         assert result.stderr.splitlines()[-1] == f"trio-activate: reload: PID {target.pid} {message}"
 
 
+def test_reload_wait_stopped_by_sigterm_exits_0_as_systemd_stops_a_reload_for_a_stop_job() -> None:
+    """systemd counts a control process killed by SIGTERM as the unit's failure (Result=signal)."""
+    with subprocess.Popen(["sh", "-c", "trap '' HUP; sleep 30"], start_new_session=True) as target:
+        try:
+            time.sleep(0.1)  # the shell's trap is set
+            waiter = subprocess.Popen(
+                [*TRIO_ACTIVATE, "reload", "--wait", str(target.pid)],
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            with waiter:
+                assert waiter.stderr is not None
+                assert waiter.stderr.readline() == f"sent SIGHUP to {target.pid}\n"
+                waiter.send_signal(signal.SIGTERM)
+                assert waiter.wait(timeout=TIMEOUT) == 0
+                rest = waiter.stderr.read()
+            assert rest == f"trio-activate: reload of PID {target.pid}: no longer waiting (SIGTERM)\n"
+        finally:
+            os.killpg(target.pid, signal.SIGKILL)
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     # In a session of its own: a bug that signalled "process group 0" could only hit itself.
     return subprocess.run(

@@ -85,6 +85,11 @@ def assert_clean(machine: SystemdMachine, unit: str, *, errors_expected: bool = 
         assert warnings == "", f"systemd warned about {unit}:\n{warnings}"
 
 
+def service_processes(machine: SystemdMachine) -> str:
+    """``pgrep -a`` of every trio-activate process in the machine (the console script and workers)."""
+    return machine.run("pgrep", "-a", "-f", "bin/trio-activate |-m trio_activate ", check=False).stdout
+
+
 def write_manifest(folder: Path, text: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "service.toml"
@@ -315,9 +320,10 @@ def test_a_supervisor_killed_with_sigkill_is_restarted_and_no_client_is_refused(
     assert not any("ConnectionRefused" in failure for failure in clients.failures), clients.failures
     assert len(clients.failures) <= 2, clients.failures
     assert machine.show("crashing-echo.socket", "SubState")["SubState"] == "running"
+    assert service_processes(machine).count(" serve ") == 3, "the supervisor and its two workers"
     machine.systemctl("stop", "crashing.service")
     # No worker of the killed supervisor outlived it.
-    assert machine.run("pgrep", "-f", "trio_activate", check=False).stdout == ""
+    assert service_processes(machine) == ""
 
 
 def test_a_reload_whose_new_code_fails_fails_and_the_old_code_keeps_serving(
@@ -360,6 +366,43 @@ def test_a_reload_whose_new_code_fails_fails_and_the_old_code_keeps_serving(
     assert ask(machine, ("127.0.0.1", 7200)) == b"v2\n"
     machine.systemctl("stop", "versioned.service")
     assert_clean(machine, "versioned.service", errors_expected=True)
+
+
+def test_a_stop_during_a_reload_stops_both_generations_and_leaves_no_process(
+    machine: SystemdMachine, tmp_path: Path
+) -> None:
+    folder = tmp_path / "svc"
+    manifest = write_manifest(
+        folder,
+        """\
+        [service]
+        name = "slow-reload"
+        [sockets.web]
+        listen = "127.0.0.1:7250"
+        [handlers.web]
+        socket = "web"
+        call = "slow_app:handle"
+        """,
+    )
+    app = folder / "slow_app.py"
+    app.write_text("async def handle(stream):\n    await stream.send_all(b'v1\\n')\n")
+    machine.install(units_for(manifest, tmp_path / "units"))
+    machine.systemctl("start", "slow-reload-web.socket")
+    assert ask(machine, ("127.0.0.1", 7250)) == b"v1\n"
+    machine.wait_for("slow-reload.service", ActiveState="active")
+
+    # The new code takes 3 s to import: the stop comes while generation 2 starts.
+    app.write_text("import time\ntime.sleep(3)\n" + app.read_text())
+    machine.systemctl("reload", "--no-block", "slow-reload.service")
+    machine.wait_for("slow-reload.service", ActiveState="reloading")
+    time.sleep(0.5)
+    machine.systemctl("stop", "slow-reload.service")
+    shown = machine.show("slow-reload.service", "ActiveState", "Result")
+    assert shown == {"ActiveState": "inactive", "Result": "success"}, machine.journal("slow-reload.service")
+    assert service_processes(machine) == ""
+    journal = machine.journal("slow-reload.service")
+    for word in UNCLEAN:
+        assert word not in journal, journal
 
 
 def test_a_handler_that_cannot_be_imported_fails_the_unit_and_the_socket_keeps_listening(

@@ -392,6 +392,10 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return _send_sighup(pid)
     from .reload_outcome import ReloadWaiter, ReloadWaitError
 
+    # systemd stops a reload in progress (a stop or restart job came) with
+    # SIGTERM, and counts a control process killed by it as the unit's failure
+    # (Result=signal).  The reload did not fail: the service is stopping.
+    signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         # Bound before the signal, so the outcome cannot arrive before we listen.
         with ReloadWaiter(pid) as waiter:
@@ -402,11 +406,22 @@ def cmd_reload(args: argparse.Namespace) -> int:
     except ReloadWaitError as exc:
         print(f"trio-activate: reload: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except _Interrupted:
+        print(f"trio-activate: reload of PID {pid}: no longer waiting (SIGTERM)", file=sys.stderr)
+        return EXIT_OK
     if not taken_over:
         print(f"trio-activate: reload of PID {pid} failed: {text}", file=sys.stderr)
         return EXIT_FAILED
     print(f"reloaded PID {pid}: {text}", file=sys.stderr)
     return EXIT_OK
+
+
+class _Interrupted(Exception):
+    """SIGTERM while `reload --wait` waited."""
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise _Interrupted
 
 
 def _send_sighup(pid: int) -> int:

@@ -207,6 +207,10 @@ class Supervisor:
                 self.notifier.ready(status)
                 announce_reload_outcome(False, status)
                 return False
+            if self._stopping:
+                # Ready just as the stop began: the shutdown stops it with the rest.
+                announce_reload_outcome(False, "the service is stopping")
+                return False
             old, self.current = self.current, new
             log.info("reloaded: generation %d serving in %.3fs", new.number, time.monotonic() - started)
             self.notifier.ready(self._status())
