@@ -40,6 +40,9 @@ FULL = """
 name = "full"
 grace-period = 2.5
 python-path = [".", "lib"]
+user = "nobody"
+group = 65534
+unit-extra = ["IPAddressAllow=10.0.0.0/8", "Environment=GREETING=hello world", "ExecStartPre="]
 
 [sockets.web]
 listen = ["127.0.0.1:8080", "[::1]:8080"]
@@ -88,6 +91,7 @@ def test_minimal_manifest_takes_every_default() -> None:
     assert manifest.service.name == "service"  # the file's stem
     assert manifest.service.grace_period == 5.0
     assert manifest.service.python_path == (".",)
+    assert (manifest.service.user, manifest.service.group, manifest.service.unit_extra) == (None, None, ())
     (echo,) = manifest.sockets
     assert echo.name == "echo"
     assert echo.listen == (InetAddress("127.0.0.1", 7000),)
@@ -105,6 +109,13 @@ def test_every_option_is_read_into_typed_values() -> None:
     assert manifest.service.name == "full"
     assert manifest.service.grace_period == 2.5
     assert manifest.service.python_path == (".", "lib")
+    # A numeric id is kept as text, as User=/Group= take it.
+    assert (manifest.service.user, manifest.service.group) == ("nobody", "65534")
+    assert manifest.service.unit_extra == (
+        "IPAddressAllow=10.0.0.0/8",
+        "Environment=GREETING=hello world",
+        "ExecStartPre=",
+    )
     web, api, dns = manifest.sockets
     assert web.listen == (InetAddress("127.0.0.1", 8080), InetAddress("::1", 8080))
     assert (web.backlog, web.reuse_port, web.ipv6_only, web.free_bind) == (128, True, True, True)
@@ -448,6 +459,30 @@ INVALID = {
     "python-path as string": (
         "[service]\npython-path = '.'\n" + MINIMAL,
         r"service.python-path: expected a list of strings, got a string",
+    ),
+    "user neither a name nor an id": (
+        "[service]\nuser = -1\n" + MINIMAL,
+        r"service.user: -1: expected a user or group name, or a numeric id",
+    ),
+    "group without user": (
+        "[service]\ngroup = 'www'\n" + MINIMAL,
+        r"service.group: applies with user only \(without user, DynamicUser= allocates the group\)",
+    ),
+    "unit-extra as a string": (
+        "[service]\nunit-extra = 'A=b'\n" + MINIMAL,
+        r"service.unit-extra: expected a list of strings, got a string",
+    ),
+    "unit-extra line without =": (
+        "[service]\nunit-extra = ['IPAddressAllow=any', 'PrivateNetwork']\n" + MINIMAL,
+        r"service.unit-extra\[1\]: 'PrivateNetwork' is not a one-line systemd setting \(expected Key=Value\)",
+    ),
+    "unit-extra line of two lines": (
+        '[service]\nunit-extra = ["A=b\\nC=d"]\n' + MINIMAL,
+        r"service.unit-extra\[0\]: 'A=b\\nC=d' is not a one-line systemd setting",
+    ),
+    "unit-extra section header": (
+        "[service]\nunit-extra = ['[Install]']\n" + MINIMAL,
+        r"service.unit-extra\[0\]: '\[Install\]' is not a one-line systemd setting",
     ),
     "service name unusable": (
         "[service]\nname = 'my service'\n" + MINIMAL,

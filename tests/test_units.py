@@ -16,7 +16,7 @@ from conftest import require_peer
 
 from trio_activate.errors import ManifestError
 from trio_activate.manifest import load_manifest, parse_manifest
-from trio_activate.units import render_units, unit_name_part
+from trio_activate.units import NeededPath, hidden_by, render_units, unit_name_part
 
 CONFIG = Path(__file__).parent.parent / "config"
 COMMAND = [sys.executable, "-m", "trio_activate"]
@@ -200,6 +200,172 @@ def test_what_systemd_cannot_express_is_an_error_naming_the_key(listen: str, mes
         units_of(f"[sockets.s]\nlisten = {listen}\n")
 
 
+def readable(tmp_path: Path) -> Path:
+    """A folder the unit's DynamicUser may read: pytest makes tmp_path 0700, which it cannot enter."""
+    folder = tmp_path / "readable"
+    folder.mkdir(exist_ok=True)
+    folder.chmod(0o755)
+    return folder
+
+
+# --- least privilege ------------------------------------------------------------
+
+ECHO = '[sockets.echo]\nlisten = "127.0.0.1:7000"\n'
+
+
+def service_lines(text: str, **options: object) -> list[str]:
+    (service,) = [unit for name, unit in units_of(text, **options).items() if name.endswith(".service")]
+    return service.splitlines()
+
+
+def test_without_a_user_the_service_runs_as_a_dynamic_user() -> None:
+    lines = service_lines(ECHO)
+    assert "DynamicUser=yes" in lines
+    assert not any(line.startswith(("User=", "Group=")) for line in lines)
+
+
+def test_user_and_group_become_user_and_group() -> None:
+    lines = service_lines('[service]\nuser = "www"\ngroup = 33\n' + ECHO)
+    assert {"User=www", "Group=33"} <= set(lines)
+    assert "DynamicUser=yes" not in lines
+
+
+def test_the_service_is_sandboxed_and_has_no_capabilities() -> None:
+    lines = set(service_lines(ECHO))
+    assert {
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "PrivateDevices=yes",
+        "PrivateUsers=yes",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=",
+        "SystemCallFilter=@system-service",
+        "SystemCallFilter=~@privileged @resources",
+        "SystemCallArchitectures=native",
+        "SystemCallErrorNumber=EPERM",
+        "ProtectKernelTunables=yes",
+        "ProtectKernelModules=yes",
+        "ProtectKernelLogs=yes",
+        "ProtectControlGroups=yes",
+        "ProtectClock=yes",
+        "ProtectHostname=yes",
+        "RestrictNamespaces=yes",
+        "RestrictRealtime=yes",
+        "RestrictSUIDSGID=yes",
+        "LockPersonality=yes",
+        "MemoryDenyWriteExecute=yes",
+        "UMask=0077",
+        "IPAddressDeny=any",
+    } <= lines
+
+
+@pytest.mark.parametrize(
+    ("listen", "families"),
+    [
+        ('"/run/x.sock"', "AF_UNIX"),
+        ('"@x"', "AF_UNIX"),
+        ('"127.0.0.1:1"', "AF_UNIX AF_INET"),
+        ('"[::1]:1"', "AF_UNIX AF_INET6"),
+        ('"1"', "AF_UNIX AF_INET AF_INET6"),
+    ],
+)
+def test_address_families_are_af_unix_and_the_manifests(listen: str, families: str) -> None:
+    assert f"RestrictAddressFamilies={families}" in service_lines(f"[sockets.s]\nlisten = {listen}\n")
+
+
+def test_a_needed_path_the_sandbox_hides_is_bound_back_read_only_saying_why() -> None:
+    needed = [
+        NeededPath("/root/.pyenv/versions/3.11.7", "The interpreter's installation"),
+        NeededPath("/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages", "The folder holding trio"),
+        NeededPath("/tmp/svc", "The manifest's folder"),
+        NeededPath("/srv/app", "The python-path folder 'app'"),
+    ]
+    lines = service_lines(ECHO, needed_paths=needed)
+    assert "ProtectHome=tmpfs" in lines, "an empty home hierarchy, on which bound folders appear"
+    binds = [line for line in lines if line.startswith("BindReadOnlyPaths=")]
+    assert binds == ["BindReadOnlyPaths=/root/.pyenv/versions/3.11.7", "BindReadOnlyPaths=/tmp/svc"], (
+        "one bind per hidden folder, none inside another, none for what stays visible"
+    )
+    assert (
+        "# The interpreter's installation (/root/.pyenv/versions/3.11.7) is hidden by ProtectHome=: "
+        "bound back, read-only."
+    ) in lines
+    assert "# The manifest's folder (/tmp/svc) is hidden by PrivateTmp=: bound back, read-only." in lines
+
+
+def test_hidden_by_names_the_setting() -> None:
+    assert [hidden_by(p) for p in ("/home/a", "/root", "/run/user/1/x", "/tmp/x", "/var/tmp", "/srv")] == [
+        "ProtectHome=",
+        "ProtectHome=",
+        "ProtectHome=",
+        "PrivateTmp=",
+        "PrivateTmp=",
+        None,
+    ]
+    assert hidden_by("/homework") is None
+
+
+def test_unit_extra_comes_last_in_the_service_section_under_a_comment() -> None:
+    manifest = parse_manifest(
+        '[service]\nunit-extra = ["IPAddressAllow=10.0.0.1", "MemoryDenyWriteExecute=no"]\n' + ECHO,
+        path=Path("/srv/app.toml"),
+    )
+    service = render_units(manifest, command=COMMAND, manifest_path="/srv/app.toml", systemd_version=252)[-1]
+    section = service.text.split("[Service]\n")[1].split("\n\n")[0].splitlines()
+    assert section[-3:] == [
+        "# From app.toml's [service] unit-extra (later lines override the ones above):",
+        "IPAddressAllow=10.0.0.1",
+        "MemoryDenyWriteExecute=no",
+    ]
+
+
+def test_user_units_get_the_unprivileged_settings_only() -> None:
+    lines = service_lines(ECHO, user=True, needed_paths=[NeededPath("/home/me/venv", "The interpreter")])
+    assert "NoNewPrivileges=yes" in lines
+    assert "SystemCallFilter=@system-service" in lines
+    for needs_a_system_manager in ("DynamicUser=", "ProtectSystem=", "PrivateUsers=", "BindReadOnlyPaths="):
+        assert not any(line.startswith(needs_a_system_manager) for line in lines)
+
+
+def test_a_user_unit_with_a_user_is_an_error() -> None:
+    manifest = parse_manifest('[service]\nuser = "www"\n' + ECHO, path=Path("/srv/every.toml"))
+    with pytest.raises(ManifestError) as info:
+        render_units(
+            manifest, command=COMMAND, manifest_path="/srv/every.toml", systemd_version=252, user=True
+        )
+    assert str(info.value) == (
+        "every.toml: service.user: a --user unit runs as its manager's user; leave user unset for --user"
+    )
+
+
+def exposure(analyze: str, service: Path) -> float:
+    result = subprocess.run(
+        [analyze, "security", "--offline=yes", str(service)], capture_output=True, text=True, timeout=60
+    )
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert found, result.stdout + result.stderr
+    return float(found.group(1))
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG.glob("*.toml")), ids=lambda p: p.name)
+def test_systemd_analyze_security_rates_every_example_ok(path: Path, tmp_path: Path) -> None:
+    """`systemd-analyze security` rates 0-4.9 "OK" or better; the README gives the figures."""
+    analyze = require_peer("systemd-analyze")
+    assert write_units(path, tmp_path).returncode == 0
+    (service,) = tmp_path.glob("*.service")
+    assert exposure(analyze, service) <= 4.9
+
+
+def test_the_exposure_check_can_fail(tmp_path: Path) -> None:
+    analyze = require_peer("systemd-analyze")
+    assert write_units(CONFIG / "echo.toml", tmp_path).returncode == 0
+    service = tmp_path / "echo.service"
+    plain = [line for line in service.read_text().splitlines() if "=" not in line or "Exec" in line]
+    service.write_text("\n".join(plain) + "\n")
+    assert exposure(analyze, service) > 4.9
+
+
 def verify(folder: Path) -> subprocess.CompletedProcess[str]:
     analyze = require_peer("systemd-analyze")
     names = sorted(str(p) for p in folder.iterdir())
@@ -237,7 +403,7 @@ def test_units_for_every_example_verify_cleanly(path: Path, tmp_path: Path) -> N
     ids=["listening", "accept-and-watchdog"],
 )
 def test_units_with_every_option_verify_cleanly(tmp_path: Path, text: str) -> None:
-    manifest = tmp_path / "every.toml"
+    manifest = readable(tmp_path) / "every.toml"
     manifest.write_text(text)
     out = tmp_path / "units"
     out.mkdir()
@@ -248,7 +414,7 @@ def test_units_with_every_option_verify_cleanly(tmp_path: Path, text: str) -> No
 
 
 def test_verify_catches_a_broken_unit_so_the_check_can_fail(tmp_path: Path) -> None:
-    manifest = tmp_path / "every.toml"
+    manifest = readable(tmp_path) / "every.toml"
     manifest.write_text(EVERY_OPTION)
     out = tmp_path / "units"
     out.mkdir()
@@ -301,7 +467,7 @@ def test_the_generated_exec_start_serves_under_systemd_socket_activate(tmp_path:
     """The .socket unit's Listen lines and name, given to systemd-socket-activate, reach the service."""
     activate = require_peer("systemd-socket-activate")
     port = free_port()
-    manifest = tmp_path / "echo.toml"
+    manifest = readable(tmp_path) / "echo.toml"
     manifest.write_text(
         f'[sockets.echo]\nlisten = "127.0.0.1:{port}"\n'
         '[handlers.echo]\nsocket = "echo"\ncall = "trio_activate.examples:echo"\n'

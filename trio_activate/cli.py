@@ -467,6 +467,7 @@ def cmd_fds(args: argparse.Namespace) -> int:
 
 
 def cmd_systemd(args: argparse.Namespace) -> int:
+    from .unit_paths import check_reachable, needed_paths, service_user
     from .units import render_units, unit_name_part
 
     manifest = load_manifest(args.manifest)
@@ -474,14 +475,21 @@ def cmd_systemd(args: argparse.Namespace) -> int:
         print(f"trio-activate: --name {args.name!r}: not a valid unit name", file=sys.stderr)
         return EXIT_ERROR
     version = args.systemd_version if args.systemd_version is not None else _installed_systemd_version()
+    command = _own_command()
+    manifest_path = args.manifest.resolve()
     units = render_units(
         manifest,
-        command=_own_command(),
-        manifest_path=str(args.manifest.resolve()),
+        command=command,
+        manifest_path=str(manifest_path),
         systemd_version=version,
         user=args.user,
         name=args.name,
+        needed_paths=[] if args.user else needed_paths(manifest, manifest_path, command),
     )
+    if not args.user:
+        # After rendering: what the manifest cannot express is reported first.  A user
+        # manager runs the service as the user running this: nothing to check there.
+        check_reachable(manifest, manifest_path, command, service_user(manifest))
     if args.output is None:
         for index, unit in enumerate(units):
             print(("\n" if index else "") + f"### {unit.name}")

@@ -72,6 +72,8 @@ DEFAULT_MODE = 0o666
 _IDENTIFIER_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII)
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", re.ASCII)
 _OCTAL_MODE = re.compile(r"(0o)?[0-7]{1,4}")
+# A [Service] line of unit-extra: systemd's keys are letters and digits.
+_UNIT_LINE = re.compile(r"[A-Za-z][A-Za-z0-9]*=[^\n\r]*", re.ASCII)
 
 
 class SocketType(enum.Enum):
@@ -109,6 +111,11 @@ class ServiceSpec:
     workers: int = 1
     # Seconds a new worker has to report READY=1 before it counts as failed.
     start_timeout: float = DEFAULT_START_TIMEOUT
+    # The generated unit's User=/Group= (names or numeric ids); no user: DynamicUser=yes.
+    user: str | None = None
+    group: str | None = None
+    # Lines appended to the generated unit's [Service] section, for services that need more.
+    unit_extra: tuple[str, ...] = ()
     # WatchdogSec= in the generated unit: a service whose event loop stops
     # for this long is restarted.  None: no watchdog.
     watchdog: float | None = None
@@ -428,12 +435,30 @@ class _Parser:
                 f"{watchdog:g} is too short: the service pings at half of it "
                 f"(expected at least {WATCHDOG_MIN:g})",
             )
+        user = table.get("user", self.user_or_group(table), None)
+        group = table.get("group", self.user_or_group(table), None)
+        if group is not None and user is None:
+            raise table.error(
+                "group", "applies with user only (without user, DynamicUser= allocates the group)"
+            )
+        unit_extra: tuple[str, ...] = table.get("unit-extra", self.unit_lines(table), ())
         table.finish()
         if name is None:
             name = self.service_name("service.name", default_name, from_file_name=True)
         else:
             name = self.service_name("service.name", name, from_file_name=False)
-        return ServiceSpec(name, grace, python_path, accept_handler, workers, start_timeout, watchdog)
+        return ServiceSpec(
+            name,
+            grace,
+            python_path,
+            accept_handler,
+            workers,
+            start_timeout,
+            user,
+            group,
+            unit_extra,
+            watchdog,
+        )
 
     def service_name(self, key_path: str, name: str, *, from_file_name: bool) -> str:
         if _SERVICE_NAME.fullmatch(name) and len(name) <= 200:
@@ -529,6 +554,18 @@ class _Parser:
             if isinstance(value, str) and value and ":" not in value and not value.isspace():
                 return value
             raise table.error(key, f"{value!r}: expected a user or group name, or a numeric id")
+
+        return check
+
+    def unit_lines(self, table: _Table) -> Callable[[str, Any], tuple[str, ...]]:
+        def check(key: str, value: Any) -> tuple[str, ...]:
+            lines = table.string_list(key, value)
+            for index, line in enumerate(lines):
+                if not _UNIT_LINE.fullmatch(line):
+                    raise table.error(
+                        f"{key}[{index}]", f"{line!r} is not a one-line systemd setting (expected Key=Value)"
+                    )
+            return lines
 
         return check
 
@@ -740,6 +777,11 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
     service["start-timeout"] = manifest.service.start_timeout
     if manifest.service.watchdog is not None:
         service["watchdog"] = manifest.service.watchdog
+    if manifest.service.user is not None:
+        service["user"] = manifest.service.user
+    if manifest.service.group is not None:
+        service["group"] = manifest.service.group
+    service["unit-extra"] = list(manifest.service.unit_extra)
     sockets: dict[str, Any] = {}
     for spec in manifest.sockets:
         listen = [str(a) for a in spec.listen]

@@ -28,6 +28,16 @@ single-process reload hands the main PID over to a successor
 fork: it SIGKILLs that process at the next stop, mid-drain (seen under the
 real manager, see tests/test_systemd.py).  So units never rely on it.
 
+The service runs with least privilege (see ``_sandbox``): ``User=``/``Group=``
+from ``[service] user``/``group``, else ``DynamicUser=yes``; no capabilities;
+a read-only file system with private ``/tmp`` and hidden home folders; a
+system call and address-family allow list.  systemd creates the sockets, so
+the service never needs a privilege to bind.  The folders it must read (the
+interpreter's installation, the manifest's folder, ``python-path``) come in
+as `NeededPath` facts; one the sandbox would hide is bound back read-only,
+with a comment in the unit saying why.  ``[service] unit-extra`` lines come
+last, so a service that needs more can say so in its manifest.
+
 ``systemctl reload`` reports the outcome: ``Type=notify-reload`` where
 systemd supports it (253+; the supervisor sends ``RELOADING=1`` then
 ``READY=1``), else ``Type=notify`` with ``ExecReload=trio-activate reload
@@ -42,6 +52,7 @@ not kill a drain in progress.
 from __future__ import annotations
 
 import math
+import socket
 from collections.abc import Sequence
 
 from .address import InetAddress, UnixAddress
@@ -49,7 +60,7 @@ from .errors import ManifestError
 from .manifest import Manifest, SocketSpec, SocketType
 from .records import record
 
-__all__ = ["NOTIFY_RELOAD_VERSION", "Unit", "render_units"]
+__all__ = ["NOTIFY_RELOAD_VERSION", "NeededPath", "Unit", "hidden_by", "render_units"]
 
 # systemd 253 added Type=notify-reload.
 NOTIFY_RELOAD_VERSION = 253
@@ -65,10 +76,35 @@ _LISTEN_DIRECTIVE = {
 }
 
 
+# Where the sandbox hides the host's files: ProtectHome= empties these...
+HOME_FOLDERS = ("/home", "/root", "/run/user")
+# ...and PrivateTmp= gives the service its own, empty, copies of these.
+TMP_FOLDERS = ("/tmp", "/var/tmp")
+
+
 @record
 class Unit:
     name: str
     text: str
+
+
+@record
+class NeededPath:
+    """A path the service reads at run time, and why (said in the unit when it needs a relaxation)."""
+
+    path: str
+    why: str
+
+
+def hidden_by(path: str) -> str | None:
+    """The sandbox setting that hides ``path`` (absolute) from the service, or None if it stays visible.
+
+    ``ProtectSystem=strict`` leaves everything else readable (read-only).
+    """
+    for setting, folders in (("ProtectHome=", HOME_FOLDERS), ("PrivateTmp=", TMP_FOLDERS)):
+        if any(path == folder or path.startswith(folder + "/") for folder in folders):
+            return setting
+    return None
 
 
 def render_units(
@@ -79,6 +115,7 @@ def render_units(
     systemd_version: int | None,
     user: bool = False,
     name: str | None = None,
+    needed_paths: Sequence[NeededPath] = (),
 ) -> list[Unit]:
     """The units for ``manifest``: every ``.socket`` in manifest order, then the ``.service``,
     then a template ``SERVICE-NAME@.service`` per ``accept = true`` socket.
@@ -86,7 +123,9 @@ def render_units(
     The ``.service`` serves the sockets that listen; there is none when
     every socket accepts.  ``command`` is how to run trio-activate
     (absolute paths), e.g. ``["/usr/bin/trio-activate"]`` or
-    ``["/usr/bin/python3", "-m", "trio_activate"]``.
+    ``["/usr/bin/python3", "-m", "trio_activate"]``.  ``needed_paths``: what
+    the service reads (``unit_paths.needed_paths``); those the sandbox would
+    hide are bound back read-only.
     """
     service_name = name or manifest.service.name
     sockets = [(spec, _socket_unit(manifest, spec, service_name)) for spec in manifest.sockets]
@@ -102,11 +141,22 @@ def render_units(
                 manifest_path=manifest_path,
                 systemd_version=systemd_version,
                 user=user,
+                needed_paths=needed_paths,
             )
         )
     for spec, unit in sockets:
         if spec.accept:
-            units.append(_connection_unit(manifest, spec, unit, command=command, manifest_path=manifest_path))
+            units.append(
+                _connection_unit(
+                    manifest,
+                    spec,
+                    unit,
+                    command=command,
+                    manifest_path=manifest_path,
+                    user=user,
+                    needed_paths=needed_paths,
+                )
+            )
     return units
 
 
@@ -167,6 +217,7 @@ def _service_unit(
     manifest_path: str,
     systemd_version: int | None,
     user: bool,
+    needed_paths: Sequence[NeededPath],
 ) -> Unit:
     notify_reload = systemd_version is not None and systemd_version >= NOTIFY_RELOAD_VERSION
     stop_timeout = math.ceil(manifest.service.grace_period) + STOP_TIMEOUT_MARGIN
@@ -209,6 +260,8 @@ def _service_unit(
         "Restart=on-failure",
         "# Exit status 2 is a configuration error (one line in the journal): restarting cannot help.",
         "RestartPreventExitStatus=2",
+        *_sandbox(manifest, user=user, needed_paths=needed_paths),
+        *_unit_extra(manifest),
         "",
         "[Install]",
         f"WantedBy={'default.target' if user else 'multi-user.target'}",
@@ -218,7 +271,14 @@ def _service_unit(
 
 
 def _connection_unit(
-    manifest: Manifest, spec: SocketSpec, socket_unit: Unit, *, command: Sequence[str], manifest_path: str
+    manifest: Manifest,
+    spec: SocketSpec,
+    socket_unit: Unit,
+    *,
+    command: Sequence[str],
+    manifest_path: str,
+    user: bool,
+    needed_paths: Sequence[NeededPath],
 ) -> Unit:
     """The template an ``Accept=yes`` socket starts once per connection (``NAME@.service``)."""
     program = " ".join(_quote(word) for word in command)
@@ -231,9 +291,22 @@ def _connection_unit(
         "# One process per connection: it serves the connection systemd accepted, then exits.",
         f"ExecStart={program} serve {_quote(manifest_path)}",
         f"TimeoutStopSec={stop_timeout}",
+        # The same sandbox as the service's: the same code serves the connection.
+        *_sandbox(manifest, user=user, needed_paths=needed_paths),
+        *_unit_extra(manifest),
         "",
     ]
     return Unit(socket_unit.name.removesuffix(".socket") + "@.service", "\n".join(lines))
+
+
+def _unit_extra(manifest: Manifest) -> list[str]:
+    """The manifest's own ``[service] unit-extra`` lines, last, so they override."""
+    if not manifest.service.unit_extra:
+        return []
+    return [
+        f"# From {manifest.source}'s [service] unit-extra (later lines override the ones above):",
+        *manifest.service.unit_extra,
+    ]
 
 
 def _seconds(value: float) -> str:
@@ -241,6 +314,112 @@ def _seconds(value: float) -> str:
     if value == int(value):
         return str(int(value))
     return f"{round(value * 1000)}ms"
+
+
+def _sandbox(manifest: Manifest, *, user: bool, needed_paths: Sequence[NeededPath]) -> list[str]:
+    """The least-privilege settings of the ``[Service]`` section (``systemd-analyze security`` rates them).
+
+    Every process of the unit runs under them: the supervisor, its workers
+    (the same interpreter, handed the sockets at fds 3..) and ``ExecReload=``
+    (pidfd_open, kill, an abstract unix datagram socket); checked under the
+    real systemd 252 (tests/test_systemd_privilege.py).
+    """
+    service = manifest.service
+    if user:
+        if service.user is not None:
+            raise ManifestError(
+                f"{manifest.source}: service.user: a --user unit runs as its manager's user; "
+                "leave user unset for --user"
+            )
+        # A user manager runs the service as its own user and cannot set up the
+        # mount namespace of the system-only settings below (no privileges):
+        # these are the ones that work unprivileged (seccomp, prctl, umask).
+        return ["# Least privilege (what a user manager can apply):", *_UNPRIVILEGED]
+    lines = ["# Least privilege: systemd creates the sockets, so the service needs no privilege to bind."]
+    if service.user is None:
+        lines.append("DynamicUser=yes")
+    else:
+        lines.append(f"User={service.user}")
+        if service.group is not None:
+            lines.append(f"Group={service.group}")
+    relaxations: list[str] = []
+    bound: list[str] = []
+    for needed in sorted(needed_paths, key=lambda n: n.path):
+        setting = hidden_by(needed.path)
+        if setting is None or any(needed.path == b or needed.path.startswith(b + "/") for b in bound):
+            continue
+        bound.append(needed.path)
+        relaxations += [
+            f"# {needed.why} ({needed.path}) is hidden by {setting}: bound back, read-only.",
+            f"BindReadOnlyPaths={_quote(needed.path)}",
+        ]
+    under_home = any(hidden_by(path) == "ProtectHome=" for path in bound)
+    lines += [
+        "ProtectSystem=strict",
+        # tmpfs: an empty, read-only home hierarchy (mode 0755), on which the bound
+        # folders appear: their own modes count, not their parents' (/root is 0700).
+        f"ProtectHome={'tmpfs' if under_home else 'yes'}",
+        "PrivateTmp=yes",
+        *relaxations,
+        "PrivateDevices=yes",
+        "PrivateUsers=yes",
+        "PrivateMounts=yes",
+        "ProtectKernelTunables=yes",
+        "ProtectKernelModules=yes",
+        "ProtectKernelLogs=yes",
+        "ProtectControlGroups=yes",
+        "ProtectClock=yes",
+        "ProtectHostname=yes",
+        # The supervisor and reload --wait see their own processes only.
+        "ProtectProc=invisible",
+        "ProcSubset=pid",
+        "RemoveIPC=yes",
+        *_UNPRIVILEGED,
+        f"RestrictAddressFamilies={' '.join(_address_families(manifest))}",
+        "# Passed sockets and their connections are not filtered (checked under",
+        "# systemd 252); this stops sockets the service would open itself.",
+        "IPAddressDeny=any",
+    ]
+    return lines
+
+
+_UNPRIVILEGED = [
+    "NoNewPrivileges=yes",
+    "CapabilityBoundingSet=",
+    "SystemCallFilter=@system-service",
+    "SystemCallFilter=~@privileged @resources",
+    "SystemCallArchitectures=native",
+    "# A call outside the filter raises PermissionError in Python, rather than killing the process.",
+    "SystemCallErrorNumber=EPERM",
+    "RestrictNamespaces=yes",
+    "RestrictRealtime=yes",
+    "RestrictSUIDSGID=yes",
+    "LockPersonality=yes",
+    # CPython 3.11 has no JIT and the stack needs no libffi closures (ctypes
+    # callbacks): nothing maps memory writable and executable.  A handler
+    # library that does (cffi callbacks, a JIT) needs unit-extra
+    # MemoryDenyWriteExecute=no.
+    "MemoryDenyWriteExecute=yes",
+    "UMask=0077",
+]
+
+
+def _address_families(manifest: Manifest) -> list[str]:
+    """AF_UNIX (sd_notify, the supervisor's inbox, reload --wait, trio's wakeup socketpair), the manifest's.
+
+    Passed sockets, and the connections accepted on them, are not made by
+    socket(2), so the filter never applies to them; the manifest's families
+    are there for handlers that open sockets of the kinds they serve.
+    """
+    families = {socket.AF_UNIX}
+    for spec in manifest.sockets:
+        for address in spec.listen:
+            if isinstance(address, InetAddress):
+                # The bare port binds IPv6's any-address, or IPv4's where there is no IPv6.
+                families |= (
+                    {address.family} if address.host is not None else {socket.AF_INET, socket.AF_INET6}
+                )
+    return [family.name for family in sorted(families)]
 
 
 def _escape_specifiers(value: str) -> str:
