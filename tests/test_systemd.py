@@ -97,6 +97,41 @@ def write_manifest(folder: Path, text: str) -> Path:
     return path
 
 
+def echo_manifest(folder: Path, name: str, port: int, *, workers: int = 1) -> Path:
+    """A manifest: service `name`, socket ``echo`` on 127.0.0.1:`port`, the example echo handler."""
+    return write_manifest(
+        folder,
+        f"""\
+        [service]
+        name = "{name}"
+        grace-period = 5.0
+        workers = {workers}
+        [sockets.echo]
+        listen = "127.0.0.1:{port}"
+        [handlers.echo]
+        socket = "echo"
+        call = "trio_activate.examples:echo"
+        """,
+    )
+
+
+def start_by_first_connection(
+    machine: SystemdMachine, manifest: Path, units_dir: Path, port: int, answer: bytes = b"ping\n"
+) -> str:
+    """Install `manifest`'s units, start its sockets, connect once to start the service; its MainPID.
+
+    The service's name is the manifest's ``[service] name``; the first
+    connection to 127.0.0.1:`port` must get `answer` back for ``ping``.
+    """
+    units = units_for(manifest, units_dir)
+    machine.install(units)
+    machine.systemctl("start", *(name for name in units if name.endswith(".socket")))
+    assert ask(machine, ("127.0.0.1", port)) == answer
+    service = next(name for name in units if name.endswith(".service") and "@" not in name)
+    machine.wait_for(service, ActiveState="active")
+    return machine.show(service, "MainPID")["MainPID"]
+
+
 # --- the examples, as shipped ---------------------------------------------------
 
 
@@ -235,27 +270,8 @@ class ClientLoop:
 def test_reloads_lose_no_connection_and_restart_and_stop_drain_in_flight_work(
     machine: SystemdMachine, tmp_path: Path, workers: int
 ) -> None:
-    manifest = write_manifest(
-        tmp_path / "svc",
-        f"""\
-        [service]
-        name = "reloading"
-        grace-period = 5.0
-        workers = {workers}
-
-        [sockets.echo]
-        listen = "127.0.0.1:7100"
-
-        [handlers.echo]
-        socket = "echo"
-        call = "trio_activate.examples:echo"
-        """,
-    )
-    machine.install(units_for(manifest, tmp_path / "units"))
-    machine.systemctl("start", "reloading-echo.socket")
-    assert ask(machine, ("127.0.0.1", 7100)) == b"ping\n"
-    machine.wait_for("reloading.service", ActiveState="active")
-    main_pid = machine.show("reloading.service", "MainPID")["MainPID"]
+    manifest = echo_manifest(tmp_path / "svc", "reloading", 7100, workers=workers)
+    main_pid = start_by_first_connection(machine, manifest, tmp_path / "units", 7100)
 
     with ClientLoop(machine, 7100) as clients:
         for number in range(2, 12):
@@ -286,24 +302,8 @@ def test_reloads_lose_no_connection_and_restart_and_stop_drain_in_flight_work(
 def test_a_supervisor_killed_with_sigkill_is_restarted_and_no_client_is_refused(
     machine: SystemdMachine, tmp_path: Path
 ) -> None:
-    manifest = write_manifest(
-        tmp_path / "svc",
-        """\
-        [service]
-        name = "crashing"
-        workers = 2
-        [sockets.echo]
-        listen = "127.0.0.1:7150"
-        [handlers.echo]
-        socket = "echo"
-        call = "trio_activate.examples:echo"
-        """,
-    )
-    machine.install(units_for(manifest, tmp_path / "units"))
-    machine.systemctl("start", "crashing-echo.socket")
-    assert ask(machine, ("127.0.0.1", 7150)) == b"ping\n"
-    machine.wait_for("crashing.service", ActiveState="active")
-    main_pid = machine.show("crashing.service", "MainPID")["MainPID"]
+    manifest = echo_manifest(tmp_path / "svc", "crashing", 7150, workers=2)
+    main_pid = start_by_first_connection(machine, manifest, tmp_path / "units", 7150)
 
     with ClientLoop(machine, 7150) as clients:
         time.sleep(0.3)
@@ -345,10 +345,7 @@ def test_a_reload_whose_new_code_fails_fails_and_the_old_code_keeps_serving(
     (folder / "versioned_app.py").write_text(
         "async def handle(stream):\n    await stream.send_all(b'v1\\n')\n"
     )
-    machine.install(units_for(manifest, tmp_path / "units"))
-    machine.systemctl("start", "versioned-web.socket")
-    assert ask(machine, ("127.0.0.1", 7200)) == b"v1\n"
-    machine.wait_for("versioned.service", ActiveState="active")
+    start_by_first_connection(machine, manifest, tmp_path / "units", 7200, answer=b"v1\n")
 
     (folder / "versioned_app.py").write_text("async def handle(stream) this is not Python\n")
     result = machine.systemctl("reload", "versioned.service", check=False)
@@ -386,10 +383,7 @@ def test_a_stop_during_a_reload_stops_both_generations_and_leaves_no_process(
     )
     app = folder / "slow_app.py"
     app.write_text("async def handle(stream):\n    await stream.send_all(b'v1\\n')\n")
-    machine.install(units_for(manifest, tmp_path / "units"))
-    machine.systemctl("start", "slow-reload-web.socket")
-    assert ask(machine, ("127.0.0.1", 7250)) == b"v1\n"
-    machine.wait_for("slow-reload.service", ActiveState="active")
+    start_by_first_connection(machine, manifest, tmp_path / "units", 7250, answer=b"v1\n")
 
     # The new code takes 3 s to import: the stop comes while generation 2 starts.
     app.write_text("import time\ntime.sleep(3)\n" + app.read_text())
