@@ -161,11 +161,13 @@ def test_only_accept_sockets_means_no_main_service() -> None:
     assert list(units_of(text)) == ["service-c.socket", "service-c@.service"]
 
 
-def test_systemd_253_and_later_get_notify_reload() -> None:
+def test_systemd_253_and_later_get_notify_reload_and_the_reload_that_can_fail() -> None:
     service = directives(units_of(EVERY_OPTION, systemd_version=253)["every.service"])
     assert "Type=notify-reload" in service
-    assert "ReloadSignal=SIGHUP" in service
-    assert not any(line.startswith("ExecReload=") for line in service)
+    # READY=1 alone always ends a notify-reload well: the waiting command sends SIGHUP and
+    # fails the reload; systemd's own signal must not start a second one.
+    assert "ReloadSignal=SIGCONT" in service
+    assert f"ExecReload={shlex.join(COMMAND)} reload --wait --timeout 53 $MAINPID" in service
 
 
 def test_unknown_systemd_version_gets_plain_notify() -> None:

@@ -38,11 +38,16 @@ as `NeededPath` facts; one the sandbox would hide is bound back read-only,
 with a comment in the unit saying why.  ``[service] unit-extra`` lines come
 last, so a service that needs more can say so in its manifest.
 
-``systemctl reload`` reports the outcome: ``Type=notify-reload`` where
-systemd supports it (253+; the supervisor sends ``RELOADING=1`` then
-``READY=1``), else ``Type=notify`` with ``ExecReload=trio-activate reload
---wait $MAINPID``, which returns once the new generation serves and fails
-when it could not start.  ``NotifyAccess=main`` (workers report to the
+``systemctl reload`` reports the outcome through ``ExecReload=trio-activate
+reload --wait $MAINPID``, which sends SIGHUP, returns once the new
+generation serves and fails when it could not start.  Where systemd has it
+(253+) the type is ``Type=notify-reload`` (the supervisor sends
+``RELOADING=1`` then ``READY=1``), but that alone cannot fail a reload:
+systemd 254 ends a notify-reload with ``READY=1`` as a success whatever
+``STATUS=`` or ``ERRNO=`` say (its service.c; seen under 254).  It does run
+``ExecReload=`` beside ``ReloadSignal=`` and takes the command's exit status
+as the reload's result, so the signal is made a no-op (``SIGCONT``) and the
+command does the rest, as on 252 with ``Type=notify``.  ``NotifyAccess=main`` (workers report to the
 supervisor's private socket, never to systemd); ``KillMode=mixed`` (SIGTERM
 to the supervisor only, which drains its workers; SIGKILL to everything
 left at the end); ``TimeoutStopSec=`` above ``grace-period`` so systemd does
@@ -239,15 +244,19 @@ def _service_unit(
         f"ExecStart={program} serve --supervise {_quote(manifest_path)}",
     ]
     if notify_reload:
-        lines.append("ReloadSignal=SIGHUP")
-    else:
         lines += [
-            "# Returns once the new code serves; fails, leaving the old code serving, if it cannot start.",
-            f"ExecReload={program} reload --wait --timeout {reload_wait} $MAINPID",
+            "# notify-reload alone counts every READY=1 as a successful reload (systemd 254),",
+            "# so it would hide a new generation that failed: systemd's own signal is a no-op",
+            "# here, and ExecReload= sends SIGHUP and fails the reload when the new code fails.",
+            "ReloadSignal=SIGCONT",
         ]
-        if reload_wait + STOP_TIMEOUT_MARGIN > DEFAULT_TIMEOUT_START:
-            # systemd bounds ExecReload= by the start timeout.
-            lines.append(f"TimeoutStartSec={reload_wait + STOP_TIMEOUT_MARGIN}")
+    lines += [
+        "# Returns once the new code serves; fails, leaving the old code serving, if it cannot start.",
+        f"ExecReload={program} reload --wait --timeout {reload_wait} $MAINPID",
+    ]
+    if reload_wait + STOP_TIMEOUT_MARGIN > DEFAULT_TIMEOUT_START:
+        # systemd bounds ExecReload= by the start timeout.
+        lines.append(f"TimeoutStartSec={reload_wait + STOP_TIMEOUT_MARGIN}")
     if manifest.service.watchdog is not None:
         # The workers ping the supervisor from their event loops; it pings systemd
         # only while all of them do, so a blocked loop gets the service restarted.
