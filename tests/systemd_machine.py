@@ -109,9 +109,12 @@ class SystemdMachine:
         systemd: Path = DEBIAN_SYSTEMD,
         bind_mounts: Sequence[tuple[Path, Path]] = (),
         special_units_from: Path = Path("/lib/systemd/system"),
+        version: int = 252,
     ) -> None:
         self.workdir = workdir
         self.systemd = systemd
+        # The booted systemd's version: tests render the units for it.
+        self.version = version
         self.bind_mounts = bind_mounts
         self.unit_dir = workdir / "units"
         self.console_log = workdir / "console.log"

@@ -67,4 +67,20 @@ def machine_254(workdir: Path, root: Path) -> SystemdMachine:
         systemd=root / "lib/systemd/systemd",
         bind_mounts=[(root / part, Path(stock)) for part, stock in _OVER_STOCK],
         special_units_from=root / "lib/systemd/system",
+        version=254,
     )
+
+
+def why_cannot_boot_version(version: int) -> str | None:
+    """None when `machine_for` can boot `version` (252: the machine's own; 254) here, else why not."""
+    return why_cannot_boot() if version == 252 else why_cannot_boot_254()
+
+
+def machine_for(version: int, workdir: Path) -> SystemdMachine:
+    """A `SystemdMachine` (not booted yet) for systemd `version`: 252 (the machine's own) or 254."""
+    if version == 252:
+        return SystemdMachine(workdir)
+    root = systemd_254_root()
+    assert version == 254, version
+    assert root is not None, "why_cannot_boot_version(254) first"
+    return machine_254(workdir, root)

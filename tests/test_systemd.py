@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from systemd_machine import SystemdMachine, why_cannot_boot
+from systemd_machine import SystemdMachine
+from systemd_versions import machine_for, why_cannot_boot_version
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "config"
@@ -34,15 +35,26 @@ TRIO_ACTIVATE = [sys.executable, "-m", "trio_activate"]
 UNCLEAN = ("SIGKILL", "not our child", "left-over process", "reception only permitted")
 
 
-@pytest.fixture
-def machine(tmp_path: Path) -> Iterator[SystemdMachine]:
-    reason = why_cannot_boot()
+def booted(version: int, workdir: Path) -> Iterator[SystemdMachine]:
+    reason = why_cannot_boot_version(version)
     if reason is not None:
         if os.environ.get("REQUIRE_INTEROP_PEERS"):
-            pytest.fail(f"systemd cannot boot here ({reason}), and REQUIRE_INTEROP_PEERS is set")
+            pytest.fail(f"systemd {version} cannot boot here ({reason}), and REQUIRE_INTEROP_PEERS is set")
         pytest.skip(reason)
-    with SystemdMachine(tmp_path / "machine") as booted:
-        yield booted
+    with machine_for(version, workdir) as machine:
+        yield machine
+
+
+@pytest.fixture
+def machine(tmp_path: Path) -> Iterator[SystemdMachine]:
+    """Debian 12's own systemd, 252."""
+    yield from booted(252, tmp_path / "machine")
+
+
+@pytest.fixture(params=[252, 254], ids=["systemd-252", "systemd-254"])
+def each_machine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SystemdMachine]:
+    """252 (Type=notify) and 254 (Type=notify-reload, from bookworm-backports): the reload paths."""
+    yield from booted(request.param, tmp_path / "machine")
 
 
 def units_for(manifest: Path, out: Path, *, version: int = 252) -> dict[str, str]:
@@ -123,7 +135,7 @@ def start_by_first_connection(
     The service's name is the manifest's ``[service] name``; the first
     connection to 127.0.0.1:`port` must get `answer` back for ``ping``.
     """
-    units = units_for(manifest, units_dir)
+    units = units_for(manifest, units_dir, version=machine.version)
     machine.install(units)
     machine.systemctl("start", *(name for name in units if name.endswith(".socket")))
     assert ask(machine, ("127.0.0.1", port)) == answer
@@ -268,20 +280,25 @@ class ClientLoop:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_reloads_lose_no_connection_and_restart_and_stop_drain_in_flight_work(
-    machine: SystemdMachine, tmp_path: Path, workers: int
+    each_machine: SystemdMachine, tmp_path: Path, workers: int
 ) -> None:
+    machine = each_machine
     manifest = echo_manifest(tmp_path / "svc", "reloading", 7100, workers=workers)
     main_pid = start_by_first_connection(machine, manifest, tmp_path / "units", 7100)
 
-    with ClientLoop(machine, 7100) as clients:
+    with ClientLoop(machine, 7100, seconds=30) as clients:
         for number in range(2, 12):
             machine.systemctl("reload", "reloading.service")
-            shown = machine.show("reloading.service", "ActiveState", "MainPID", "StatusText")
+            shown = machine.show("reloading.service", "ActiveState", "MainPID", "StatusText", "ReloadResult")
             assert shown["ActiveState"] == "active", "systemctl reload returns once the new code serves"
             assert shown["StatusText"].startswith(f"Generation {number}: {workers} worker(s)"), shown
             assert shown["MainPID"] == main_pid
+            assert shown["ReloadResult"] == "success"
     assert clients.done > 10
     assert clients.failures == []
+    journal = machine.journal("reloading.service")
+    assert journal.count("systemd[1]: Reloaded reloading.service") == 10, journal
+    assert journal.count("reload (SIGHUP): starting generation") == 10, "one reload per systemctl reload"
 
     for action in ("restart", "stop"):
         with machine.connect(("127.0.0.1", 7100)) as in_flight:
@@ -327,8 +344,9 @@ def test_a_supervisor_killed_with_sigkill_is_restarted_and_no_client_is_refused(
 
 
 def test_a_reload_whose_new_code_fails_fails_and_the_old_code_keeps_serving(
-    machine: SystemdMachine, tmp_path: Path
+    each_machine: SystemdMachine, tmp_path: Path
 ) -> None:
+    machine = each_machine
     folder = tmp_path / "svc"
     manifest = write_manifest(
         folder,
@@ -347,19 +365,29 @@ def test_a_reload_whose_new_code_fails_fails_and_the_old_code_keeps_serving(
     )
     start_by_first_connection(machine, manifest, tmp_path / "units", 7200, answer=b"v1\n")
 
+    main_pid = machine.show("versioned.service", "MainPID")["MainPID"]
+
     (folder / "versioned_app.py").write_text("async def handle(stream) this is not Python\n")
     result = machine.systemctl("reload", "versioned.service", check=False)
     assert result.returncode != 0, "systemctl reload fails when the new code cannot start"
     journal = machine.journal("versioned.service")
     assert "handlers.web.call: cannot import 'versioned_app'" in journal, "the reason, in the journal"
     assert "Reload failed for versioned.service" in journal
-    assert machine.show("versioned.service", "ActiveState")["ActiveState"] == "active"
+    shown = machine.show("versioned.service", "ActiveState", "MainPID", "StatusText", "ReloadResult")
+    assert shown["StatusText"].startswith("Reload failed: generation 2: worker "), shown
+    assert shown["StatusText"].endswith("still serving generation 1"), shown
+    assert (shown["ActiveState"], shown["MainPID"], shown["ReloadResult"]) == (
+        "active",
+        main_pid,
+        "exit-code",
+    )
     assert ask(machine, ("127.0.0.1", 7200)) == b"v1\n", "the old code keeps serving"
 
     (folder / "versioned_app.py").write_text(
         "async def handle(stream):\n    await stream.send_all(b'v2\\n')\n"
     )
     machine.systemctl("reload", "versioned.service")
+    assert machine.show("versioned.service", "StatusText")["StatusText"].startswith("Generation 3: ")
     assert ask(machine, ("127.0.0.1", 7200)) == b"v2\n"
     machine.systemctl("stop", "versioned.service")
     assert_clean(machine, "versioned.service", errors_expected=True)
