@@ -415,6 +415,14 @@ INVALID = {
         MINIMAL + "on-error = 'ignore'\n",
         r"handlers.echo.on-error: 'ignore': expected one of log, exit",
     ),
+    "grace-period an integer too large for a float": (
+        "[service]\ngrace-period = 1" + "0" * 400 + "\n" + MINIMAL,
+        r"service.grace-period: 1000000000000000000000000000000000000... is too large for a duration",
+    ),
+    "start-timeout an integer too large for a float": (
+        "[service]\nstart-timeout = -1" + "0" * 400 + "\n" + MINIMAL,
+        r"service.start-timeout: -100000000000000000000000000000000000... is too large for a duration",
+    ),
     "watchdog too short": (
         "[service]\nwatchdog = 0.5\n" + MINIMAL,
         r"service.watchdog: 0.5 is too short: the service pings at half of it \(expected at least 1\)",

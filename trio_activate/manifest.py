@@ -368,6 +368,11 @@ def _close_matches(word: str, choices: list[str], n: int) -> list[str]:
     return difflib.get_close_matches(word, choices, n=n)
 
 
+def _shorten(text: str, limit: int = 40) -> str:
+    """`text`, cut to `limit` characters with an ellipsis: an error line stays one short line."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _type_name(value: object) -> str:
     names = {
         bool: "a boolean",
@@ -473,9 +478,14 @@ class _Parser:
         def check(key: str, value: Any) -> float:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise table.error(key, f"expected a number of seconds, got {_type_name(value)}")
-            if not math.isfinite(value) or value < 0:
+            try:
+                seconds = float(value)
+            except OverflowError:
+                # TOML integers have no bound; a float holds up to about 1.8e308.
+                raise table.error(key, f"{_shorten(str(value))} is too large for a duration") from None
+            if not math.isfinite(seconds) or seconds < 0:
                 raise table.error(key, f"{value!r} is not a duration (expected a finite number >= 0)")
-            return float(value)
+            return seconds
 
         return check
 
