@@ -293,3 +293,127 @@ def test_kill_and_restart_without_hand_over_does_fail_connections(tmp_path: Path
         assert loop.failures, "a plain restart refuses connections; otherwise the reload test proves nothing"
     finally:
         stop_group(process)
+
+
+# --- faults during a hand-over -------------------------------------------------
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] != "Z":
+                    found.append(int(entry.name))
+    return found
+
+
+def test_sigterm_during_a_reload_stops_the_successor_too(tmp_path: Path) -> None:
+    """The stop is for the service: a successor still starting is stopped, never left serving."""
+    manifest = write_service(tmp_path)
+    process = start_serve(manifest)
+    try:
+        wait_for(tmp_path / "web.sock")
+        # The new code takes a second to import: SIGTERM comes while the successor starts.
+        handler = tmp_path / "reloadable.py"
+        handler.write_text("import time\ntime.sleep(1)\n" + handler.read_text())
+        os.kill(process.pid, signal.SIGHUP)
+        time.sleep(0.25)
+        assert len(group_members(process.pid)) == 2, "the successor started"
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+        assert group_members(process.pid) == [], "no successor outlives the stop"
+        with pytest.raises((ConnectionRefusedError, FileNotFoundError)):
+            ask(tmp_path / "web.sock", "anyone?", timeout=1)
+        assert process.stderr is not None
+        assert "reload abandoned: the service is stopping" in process.stderr.read().decode()
+    finally:
+        stop_group(process)
+
+
+def test_remove_on_stop_files_belong_to_whoever_serves_on_them(
+    tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    def write(version: str) -> Path:
+        manifest = write_service(tmp_path, version)
+        manifest.write_text(manifest.read_text().replace('listen = "', 'remove-on-stop = true\nlisten = "'))
+        return manifest
+
+    process = start_serve(write("v1"), tmp_path / "notify.sock")
+    path = tmp_path / "web.sock"
+    try:
+        messages_until(notify_socket, b"READY=1")
+        # A successor that fails to start leaves its predecessor's file alone.
+        (tmp_path / "reloadable.py").write_text("def broken(:\n")
+        os.kill(process.pid, signal.SIGHUP)
+        assert any(b"Reload failed" in m for m in messages_until(notify_socket, b"READY=1"))
+        assert ask(path, "still") == f"{process.pid} v1 still"
+
+        write("v2")
+        os.kill(process.pid, signal.SIGHUP)
+        successor = main_pid_after_reload(notify_socket)
+        assert process.wait(timeout=15) == 0, "handed over and drained"
+        assert path.is_socket(), "the predecessor left the file its successor serves on"
+        assert ask(path, "next") == f"{successor} v2 next"
+        os.kill(successor, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while group_members(process.pid):
+            assert time.monotonic() < deadline, "the successor did not stop"
+            time.sleep(0.05)
+        assert not path.exists(), "the last one to serve on it removed it"
+    finally:
+        stop_group(process)
+
+
+def test_a_reload_that_cannot_start_its_successor_is_one_line_and_keeps_serving(tmp_path: Path) -> None:
+    """Out of fds (prlimit --nofile): no inbox, no successor; the running process serves on."""
+    manifest = write_service(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "TRIO_ACTIVATE_"))}
+    log = tmp_path / "stderr"
+    with log.open("wb") as stderr:  # a file, not a pipe: 60 dropped clients log a lot
+        process = subprocess.Popen(
+            ["prlimit", "--nofile=40:40", sys.executable, "-m", "trio_activate", "serve", str(manifest)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    clients: list[socket.socket] = []
+    try:
+        wait_for(tmp_path / "web.sock")
+        # Idle clients take every fd the service has left (the rest wait in the backlog).
+        for _ in range(60):
+            client = socket.socket(socket.AF_UNIX)
+            client.connect(str(tmp_path / "web.sock"))
+            clients.append(client)
+        time.sleep(0.5)
+        os.kill(process.pid, signal.SIGHUP)
+        time.sleep(1.0)
+        assert process.poll() is None, "the reload's failure did not end the service"
+        for client in clients:
+            client.close()
+        clients.clear()
+        # Served again as soon as fds are free: the first clients' requests, then a new one.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                answer = ask(tmp_path / "web.sock", "after", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the service did not serve again"
+        assert answer == f"{process.pid} v1 after"
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+        err = log.read_text()
+        # (The 60 clients dropped meanwhile log tracebacks of their own: not the reload's.)
+        assert "in hand_over" not in err
+        assert "in _reload" not in err
+        failed = [line for line in err.splitlines() if "reload failed" in line]
+        assert len(failed) == 1, err
+        assert "Too many open files" in failed[0]
+    finally:
+        for client in clients:
+            client.close()
+        stop_group(process)

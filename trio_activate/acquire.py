@@ -30,7 +30,7 @@ from .fds import own_pidfd_id
 from .listen_env import ListenFds, take_listen_env
 from .manifest import Manifest
 from .passed import PassedFds, adopt
-from .private_env import ACTIVATOR_MARKER, SOCKET_FILES_VARIABLE
+from .private_env import ACTIVATOR_MARKER, HANDOFF_FROM_VARIABLE, SOCKET_FILES_VARIABLE
 from .records import field, record
 
 __all__ = ["ServiceSockets", "SocketFile", "acquire_sockets"]
@@ -160,9 +160,10 @@ def acquire_sockets(
     env = os.environ if environ is None else environ
     pid = os.getpid()
     self_activated = env.get(ACTIVATOR_MARKER) == str(pid)
-    # Popped on every path, so no child inherits it; trusted only from our own activator.
+    # Popped on every path, so no child inherits it; trusted only from our own
+    # activator, or from the predecessor that handed us its sockets and files.
     files_text = env.pop(SOCKET_FILES_VARIABLE, None)
-    if not self_activated:
+    if not self_activated and HANDOFF_FROM_VARIABLE not in env:
         files_text = None
     pidfd_id = own_pidfd_id()
     found = take_listen_env(env, pid=pid, pidfd_id=pidfd_id)

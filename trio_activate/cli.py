@@ -319,10 +319,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
         return run_service(manifest, owned, reload_command=reload_command)
     except ActivationError:
-        owned.never_started()
-        if not is_worker:
-            # The process the manager started (a hand-over successor is a worker
-            # too): see ServiceSockets.close_queued_clients.
+        if is_worker:
+            # A supervisor's worker or a hand-over successor: the socket files still
+            # serve whoever started it, remove-on-stop or not.
+            owned.files = []
+        else:
+            # The process the manager started.
+            owned.never_started()
             owned.close_queued_clients()
         raise
     finally:

@@ -30,15 +30,26 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import trio
 
 from .notifier import Notifier
-from .private_env import HANDOFF_FROM_VARIABLE
+from .private_env import HANDOFF_FROM_VARIABLE, SOCKET_FILES_VARIABLE
 from .spawn import NotifyInbox, WorkerCommand, spawn_worker
 
-__all__ = ["HANDOFF_FROM_VARIABLE", "MANAGER_NOTIFY_VARIABLE", "hand_over", "take_handoff", "wait_for_exit"]
+if TYPE_CHECKING:
+    from .acquire import SocketFile
+
+__all__ = [
+    "HANDOFF_FROM_VARIABLE",
+    "MANAGER_NOTIFY_VARIABLE",
+    "hand_over",
+    "stop_successor",
+    "take_handoff",
+    "wait_for_exit",
+]
 
 log = logging.getLogger("trio_activate")
 
@@ -51,44 +62,44 @@ async def hand_over(
     *,
     manager: Notifier,
     start_timeout: float,
+    socket_files: Sequence[SocketFile] = (),
     environ: Mapping[str, str] | None = None,
 ) -> int | None:
     """Start a successor over ``command``'s sockets; its PID once it is ready, or None.
 
-    On failure (it exited, or was not ready within ``start_timeout``) the
-    successor is stopped and reaped before this returns.  On success it is
-    left running: it outlives this process.
+    On failure (it could not be started: no fd for its inbox, ``fork``
+    refused, the interpreter gone; it exited; it was not ready within
+    ``start_timeout``) there is one error line, and a successor that was
+    started is stopped and reaped before this returns.  So is one whose
+    wait is cancelled (the service began to stop), and then the
+    cancellation goes on.  On success it is left running: it outlives this
+    process.
+
+    ``socket_files``: the unix socket files this process made; the successor
+    serves on them and removes them when it stops (``remove-on-stop``).
     """
-    extra = {HANDOFF_FROM_VARIABLE: str(os.getpid())}
-    if manager.enabled and manager.address is not None:
-        address = manager.address
-        text = "@" + address[1:].decode() if isinstance(address, bytes) else address
-        import json  # here, not at the top: start-up time (benchmarks/, scenario 3)
-
-        extra[MANAGER_NOTIFY_VARIABLE] = json.dumps({"address": text, "watchdog": manager.watchdog_interval})
-    with NotifyInbox() as inbox:
-        process = await spawn_worker(
-            command,
-            notify_socket=inbox.address,
-            environ=os.environ if environ is None else environ,
-            extra_env=extra,
-            fresh_code=True,  # a reload: the code on disk now, not a cached .pyc
-        )
-        ready = False
-        with trio.move_on_after(start_timeout):
-            async with trio.open_nursery() as nursery:
-
-                async def watch_exit() -> None:
-                    await process.wait()
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(watch_exit)
-                while True:
-                    pid, fields = await inbox.receive()
-                    if pid == process.pid and fields.get("READY") == "1":
-                        ready = True
-                        nursery.cancel_scope.cancel()
-                        break
+    try:
+        with NotifyInbox() as inbox:
+            try:
+                process = await spawn_worker(
+                    command,
+                    notify_socket=inbox.address,
+                    environ=os.environ if environ is None else environ,
+                    extra_env=_successor_environment(manager, socket_files),
+                    fresh_code=True,  # a reload: the code on disk now, not a cached .pyc
+                )
+            except OSError as exc:
+                log.error("reload failed: cannot start a successor: %s", _describe(exc))
+                return None
+            try:
+                ready = await _wait_until_ready(process, inbox, start_timeout)
+            except BaseException:
+                await _stop(process)
+                raise
+    except OSError as exc:
+        # Out of fds, even the inbox (or a module imported here for the first time) fails.
+        log.error("reload failed: cannot open the successor's notify socket: %s", _describe(exc))
+        return None
     if ready:
         return process.pid
     if process.returncode is not None:
@@ -103,14 +114,57 @@ async def hand_over(
             process.pid,
             start_timeout,
         )
+    await _stop(process)
+    return None
+
+
+def _successor_environment(manager: Notifier, socket_files: Sequence[SocketFile]) -> dict[str, str]:
+    """The private variables that tell a successor it is one (see the module docstring)."""
+    import json  # here, not at the top: start-up time (benchmarks/, scenario 3)
+
+    extra = {HANDOFF_FROM_VARIABLE: str(os.getpid())}
+    if manager.enabled and manager.address is not None:
+        address = manager.address
+        text = "@" + address[1:].decode() if isinstance(address, bytes) else address
+        extra[MANAGER_NOTIFY_VARIABLE] = json.dumps({"address": text, "watchdog": manager.watchdog_interval})
+    if socket_files:
+        extra[SOCKET_FILES_VARIABLE] = json.dumps([[f.socket_name, f.path, *f.file_id] for f in socket_files])
+    return extra
+
+
+async def _wait_until_ready(process: trio.Process, inbox: NotifyInbox, start_timeout: float) -> bool:
+    """True once ``process`` reported ``READY=1``; False when it exited or ``start_timeout`` passed."""
+    with trio.move_on_after(start_timeout):
+        async with trio.open_nursery() as nursery:
+
+            async def watch_exit() -> None:
+                await process.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_exit)
+            while True:
+                pid, fields = await inbox.receive()
+                if pid == process.pid and fields.get("READY") == "1":
+                    nursery.cancel_scope.cancel()
+                    return True
+    return False
+
+
+async def _stop(process: trio.Process) -> None:
+    """SIGTERM, then SIGKILL after ``STOP_TIMEOUT``; reaped.  Shielded: it happens even when cancelled."""
     with trio.CancelScope(shield=True):
-        process.send_signal(signal.SIGTERM)
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
         with trio.move_on_after(STOP_TIMEOUT):
             await process.wait()
         if process.returncode is None:
             process.kill()
             await process.wait()
-    return None
+
+
+def _describe(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
 
 
 def take_handoff(environ: dict[str, str] | os._Environ[str]) -> tuple[int, Notifier] | None:
@@ -137,6 +191,16 @@ def take_handoff(environ: dict[str, str] | os._Environ[str]) -> tuple[int, Notif
                 "ignoring malformed %s: no notifications to the service manager", MANAGER_NOTIFY_VARIABLE
             )
     return int(predecessor), manager
+
+
+async def stop_successor(pid: int) -> None:
+    """SIGTERM to a successor that is ready (it drains), and wait until it exited.  Shielded."""
+    with trio.CancelScope(shield=True):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        await wait_for_exit(pid)
 
 
 async def wait_for_exit(pid: int) -> None:

@@ -75,6 +75,9 @@ class Service:
     ) -> None:
         """``reloader``: what SIGHUP does when ``serve(handle_signals=True)``: start a
         successor and return its PID once it serves, or None if it failed.
+        Cancelled when the service begins to stop, it must stop what it
+        started; one that returns a PID while `stop_requested` is true must
+        have stopped that successor and return None instead.
         Without one, SIGHUP stays blocked (a supervised worker leaves reloads
         to its supervisor)."""
         self.manifest = manifest
@@ -95,15 +98,31 @@ class Service:
         self._instant_scope = trio.CancelScope()
         self._handlers_scope: trio.CancelScope | None = None
         self._watchdog_scope = trio.CancelScope()
+        # A reload in progress; shutdown() cancels it (its successor is stopped).
+        self._reload_scope: trio.CancelScope | None = None
+        # True once a successor took over: the sockets and their files are its now.
+        self.handed_over = False
         self._in_flight_at_stop = 0
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once a stop was asked for (``shutdown``, a signal, a failed handler)."""
+        return self._stop_requested.is_set()
 
     @property
     def name(self) -> str:
         return self.manifest.service.name
 
     def shutdown(self) -> None:
-        """Ask for a graceful stop: stop accepting, drain for grace-period, then cancel."""
+        """Ask for a graceful stop: stop accepting, drain for grace-period, then cancel.
+
+        A reload in progress is abandoned: the successor it started is
+        stopped, so the stop stops the whole service."""
         self._stop_requested.set()
+        if self._reload_scope is not None and not self._reload_scope.cancel_called:
+            log.info("reload abandoned: the service is stopping; its successor is stopped")
+            announce_reload_outcome(False, "the service is stopping")
+            self._reload_scope.cancel()
 
     def cancel(self) -> None:
         """Stop now: cancel every handler without waiting for the grace period."""
@@ -240,13 +259,19 @@ class Service:
         if self.reloader is None or self._reloading or self._stop_requested.is_set():
             return
         self._reloading = True
+        self._reload_scope = trio.CancelScope()
         try:
-            # A successor still sharing the stage with its predecessor is not the
-            # main process yet: its RELOADING=1 would go nowhere.
-            await self.is_main.wait()
-            log.info("SIGHUP: starting a successor; this process serves until it is ready")
-            self.notifier.reloading()
-            successor = await self.reloader()
+            with self._reload_scope:
+                # A successor still sharing the stage with its predecessor is not the
+                # main process yet: its RELOADING=1 would go nowhere.
+                await self.is_main.wait()
+                log.info("SIGHUP: starting a successor; this process serves until it is ready")
+                self.notifier.reloading()
+                successor = await self.reloader()
+            if self._stop_requested.is_set():
+                # The stop came first (shutdown() said so): no hand-over.  The reloader
+                # stopped the successor it started (cancelled, or ready just as the stop came).
+                return
             if successor is None:
                 status = "Reload failed; the previous code keeps serving"
                 self.notifier.ready(status)
@@ -263,9 +288,12 @@ class Service:
             log.info("handed over to process %d", successor)
             manager.send(notify_message.format_message({"MAINPID": str(successor), "READY": "1"}))
             announce_reload_outcome(True, f"handed over to process {successor}")
+            self.handed_over = True
+            self._reload_scope = None  # done: the stop that follows abandons nothing
             self.shutdown()
         finally:
             self._reloading = False
+            self._reload_scope = None
 
     async def _watch_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
         wanted = set(SHUTDOWN_SIGNALS)

@@ -21,7 +21,7 @@ from .acquire import ServiceSockets
 from .address import address_from_sockname
 from .errors import HandlerError
 from .handlers import LoadedHandler, load_handlers
-from .handoff import hand_over, take_handoff, wait_for_exit
+from .handoff import hand_over, stop_successor, take_handoff, wait_for_exit
 from .manifest import HandlerKind, Manifest
 from .notifier import Notifier
 from .private_env import FRESH_CODE_VARIABLE
@@ -72,12 +72,23 @@ def run_service(
             command = reload_command
 
             async def reloader() -> int | None:
-                return await hand_over(
-                    command, manager=service.notifier, start_timeout=manifest.service.start_timeout
+                successor = await hand_over(
+                    command,
+                    manager=service.notifier,
+                    start_timeout=manifest.service.start_timeout,
+                    socket_files=owned.files,
                 )
+                if successor is not None and service.stop_requested:
+                    # Ready just as the stop came: the stop is for the whole service.
+                    await stop_successor(successor)
+                    return None
+                return successor
 
         service = Service(manifest, plan, notifier=notifier, reloader=reloader)
         status: int = trio.run(_serve_with_signals, service, handoff)
+    if service.handed_over:
+        # The successor serves on these socket files and removes them when it stops.
+        owned.files = []
     return status
 
 
