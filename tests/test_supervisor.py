@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -811,6 +812,43 @@ def _connect_and_wait_for_accept(port: int, workers: set[int]) -> Iterator[socke
             what=f"one of {workers} accepted",
         )
         yield sock
+
+
+def test_as_pid_1_a_reload_keeps_pid_1_and_the_service(tmp_path: Path) -> None:
+    """A container's init: handing over would exit PID 1 and end the namespace, so it supervises."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs unshare and root for a PID namespace")
+    port = free_port()
+    write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    unshare = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", *TRIO_ACTIVATE, "serve", str(manifest)],
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        service = Running(unshare)
+        service.wait_for(r"ready: generation 1, 1 worker")
+        (pid_1,) = children_of(unshare.pid)
+        first = ask(loopback(port), "first")
+        write_handler(tmp_path, "v2")
+        os.kill(pid_1, signal.SIGHUP)
+        service.wait_for(r"reloaded: generation 2 serving")
+        assert children_of(unshare.pid) == {pid_1}, "PID 1 is still the same process"
+        assert first.version == "v1"
+        # Generation 1 may still take a connection or two while it learns to stop.
+        wait_until(lambda: ask(loopback(port), "again").version == "v2", what="an answer from v2")
+        os.kill(pid_1, signal.SIGTERM)
+        assert service.wait() == 0
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(unshare.pid, signal.SIGKILL)
+        unshare.wait(timeout=TIMEOUT)
+        assert unshare.stderr is not None
+        unshare.stderr.close()
 
 
 def test_reload_pid_and_reload_pidfile_send_sighup(tmp_path: Path) -> None:

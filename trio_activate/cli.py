@@ -302,7 +302,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     manifest, owned = _load_and_acquire(args.manifest, warn=not is_worker)
     try:
         workers = args.workers if args.workers is not None else manifest.service.workers
-        if not is_worker and owned.connection is None and (workers > 1 or args.supervise):
+        # PID 1 (a container's init) must not hand over on SIGHUP: its exit would end
+        # the PID namespace, the service with it.  A supervisor keeps PID 1 across reloads.
+        supervise = args.supervise or os.getpid() == 1
+        if not is_worker and owned.connection is None and (workers > 1 or supervise):
             from .supervise_main import run_supervisor
 
             return run_supervisor(manifest, args.manifest, owned, workers=workers, log_level=args.log_level)
