@@ -673,9 +673,10 @@ def serve(
     *,
     env: dict[str, str] | None = None,
     argv: Sequence[str] = (),
+    app_preamble: str = "",
 ) -> Iterator[Served]:
     (folder / "svc.toml").write_text(manifest)
-    (folder / "app.py").write_text(APP)
+    (folder / "app.py").write_text(app_preamble + APP)
     log_path = folder / "serve.log"
     command = [sys.executable, "-m", "trio_activate", "serve", str(folder / "svc.toml")]
     with log_path.open("wb") as log_file:
@@ -813,8 +814,48 @@ def test_a_sigterm_during_start_up_ends_in_an_orderly_exit_0(tmp_path: Path) -> 
         served.proc.send_signal(signal.SIGTERM)
         assert served.wait() == 0
     log = served.log()
-    assert "SIGTERM: shutting down gracefully" in log
-    assert "stopped: every connection finished (0 served)" in log
+    # Held pending, it stops the start when the handlers' import begins (the usual case
+    # here), or, were the service past that already, the service.
+    if "ready: " in log:
+        assert "SIGTERM: shutting down gracefully" in log
+        assert "stopped: every connection finished (0 served)" in log
+    else:
+        assert "SIGTERM while starting: stopped before serving" in log
+
+
+def test_a_stop_during_a_slow_handler_import_stops_the_start(tmp_path: Path) -> None:
+    """A handler module that takes 20 s to import does not hold SIGTERM for 20 s."""
+    preamble = "import pathlib, time\npathlib.Path('importing').touch()\ntime.sleep(20)\n"
+    with serve(tmp_path, STREAM_SERVICE.format(grace=5, handler_extra=""), app_preamble=preamble) as served:
+        deadline = time.monotonic() + 15
+        while not (tmp_path / "importing").exists():
+            assert time.monotonic() < deadline, served.log()
+            assert served.proc.poll() is None, served.log()
+            time.sleep(0.01)
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.wait(timeout=5) == 0, "stopped long before the import would end"
+    log = served.log()
+    assert "SIGTERM while starting: stopped before serving" in log
+    assert "ready: " not in log
+    assert "Traceback" not in log
+    assert not (tmp_path / "web.sock").exists(), "a start that was stopped leaves no socket file"
+
+
+def test_threads_a_handler_module_starts_at_import_can_take_shutdown_signals(tmp_path: Path) -> None:
+    preamble = (
+        "import signal, threading\n"
+        "def report():\n"
+        "    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])\n"
+        "    open('thread-mask', 'w').write(' '.join(sorted(s.name for s in blocked)))\n"
+        "threading.Thread(target=report).start()\n"
+    )
+    with serve(tmp_path, STREAM_SERVICE.format(grace=5, handler_extra=""), app_preamble=preamble) as served:
+        served.wait_ready()
+        mask = (tmp_path / "thread-mask").read_text().split()
+        assert not {"SIGTERM", "SIGINT", "SIGHUP"}.intersection(mask), mask
+        # And the service still handles them as before.
+        assert served.stop(signal.SIGTERM) == 0
+    assert "SIGTERM: shutting down gracefully" in served.log()
 
 
 def test_on_error_exit_stops_serve_with_status_1(tmp_path: Path) -> None:

@@ -297,6 +297,8 @@ def _load_and_acquire(path: Path, *, warn: bool) -> tuple[Manifest, ServiceSocke
 def cmd_serve(args: argparse.Namespace) -> int:
     # First thing (again, for an in-process main()): signals during start-up wait.
     hold_shutdown_signals()
+    from .start_signals import StartInterrupted
+
     is_worker = settle_worker_environment()
     # A supervisor's worker: the supervisor already showed the manifest's warnings.
     manifest, owned = _load_and_acquire(args.manifest, warn=not is_worker)
@@ -321,6 +323,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 worker_argv(str(args.manifest.absolute()), args.log_level), sockets
             )
         return run_service(manifest, owned, reload_command=reload_command)
+    except StartInterrupted as stop:
+        log.info("%s while starting: stopped before serving", stop)
+        if is_worker:
+            owned.files = []
+        else:
+            owned.never_started()
+        return EXIT_OK
     except ActivationError:
         if is_worker:
             # A supervisor's worker or a hand-over successor: the socket files still

@@ -43,6 +43,7 @@ from .notifier import Notifier
 from .records import record
 from .reload_outcome import announce_reload_outcome
 from .serving import Listening, StreamServer
+from .start_signals import redeliver
 from .stopping import StopSignal, current_stop_signal
 from .watchdog import serve_watchdog
 
@@ -300,8 +301,10 @@ class Service:
         if self.reloader is not None:
             wanted.add(signal.SIGHUP)
         with trio.open_signal_receiver(*wanted) as signals:
-            # Signals held pending since start-up are delivered now, into the receiver.
+            # Signals held pending since start-up are delivered now, into the receiver,
+            # and so are those remembered while the handlers were imported.
             signal.pthread_sigmask(signal.SIG_UNBLOCK, wanted)
+            redeliver()
             try:
                 task_status.started()
                 async for signum in signals:
@@ -367,6 +370,7 @@ async def _limit_on_signals(
     with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
         # As Service._watch_signals: what was held pending since start-up arrives now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)
+        redeliver()
         try:
             task_status.started()
             stopping = False

@@ -28,6 +28,7 @@ from .private_env import FRESH_CODE_VARIABLE
 from .runtime import HandlerSockets, Service, serve_connection_once
 from .serving import Listening
 from .spawn import WorkerCommand
+from .start_signals import interruptible_start
 
 __all__ = ["run_service"]
 
@@ -51,7 +52,9 @@ def run_service(
     handoff = take_handoff(os.environ)
     _log_banner(manifest, owned)
     fresh_code = os.environ.pop(FRESH_CODE_VARIABLE, None) is not None
-    handlers = load_handlers(manifest, fresh_bytecode=fresh_code)
+    # The user's code runs here: a stop asked for meanwhile stops the start (StartInterrupted).
+    with interruptible_start():
+        handlers = load_handlers(manifest, fresh_bytecode=fresh_code)
     if owned.connection is not None:
         handler = _accept_handler(manifest, handlers)
         log.info("Accept=yes: serving one connection with handlers.%s", handler.spec.name)
