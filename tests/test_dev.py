@@ -150,6 +150,9 @@ def test_a_first_worker_that_fails_waits_for_a_change(tmp_path: Path) -> None:
         write_handler(tmp_path, "v1")
         dev.wait_for(r"reloaded: generation 2 serving")
         assert ask(loopback(port), "x").version == "v1"
+        # The first generation that serves came by a reload: a stop still stops dev.
+        dev.send_signal(signal.SIGTERM)
+        assert dev.wait() == 0
 
 
 def test_ctrl_c_stops_everything_and_removes_the_socket_files(tmp_path: Path, short_dir: Path) -> None:

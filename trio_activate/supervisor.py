@@ -182,6 +182,9 @@ class Supervisor:
 
     def stop(self) -> None:
         self._stop.set()
+        # Whoever waits for a change (the dev supervisor waiting for its first
+        # generation) must see the stop too.
+        self._notify_changed()
 
     async def reload(self, reason: str) -> bool:
         """Start the next generation; once it is ready, stop the current one.  True if it took over.
@@ -212,6 +215,8 @@ class Supervisor:
                 announce_reload_outcome(False, "the service is stopping")
                 return False
             old, self.current = self.current, new
+            # A change: dev's wait for its first generation ends on it.
+            self._notify_changed()
             log.info("reloaded: generation %d serving in %.3fs", new.number, time.monotonic() - started)
             self.notifier.ready(self._status())
             announce_reload_outcome(True, self._status())
