@@ -494,6 +494,10 @@ def test_workers_that_die_at_import_are_retried_then_the_service_exits_2_as_they
         assert len(workers) == 10
         assert all(is_gone(pid) for pid in workers)
     assert log.count("importing 'app' raised RuntimeError: no database") >= 5
+    # Each worker's one-line error names the worker, on a line of its own.
+    failed = re.findall(r"^trio-activate\[(\d+)\]: error: .*importing 'app' raised RuntimeError", log, re.M)
+    assert len(failed) >= 5
+    assert set(map(int, failed)) <= workers
     assert service.count(r"error: generation \d+: worker \d+ exited with status 2 before it was ready") == 5
     assert service.count(r"; retrying in") == 4
     assert "giving up after 5 attempts" in log

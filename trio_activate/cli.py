@@ -37,6 +37,8 @@ __all__ = ["main"]
 
 log = logging.getLogger("trio_activate")
 
+# Set by `serve` in a supervisor's worker or a hand-over successor: its error line names its PID.
+_RUNNING_AS_WORKER = False
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_ERROR = 2
@@ -82,7 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             import traceback
 
             traceback.print_exception(exc.__cause__, file=sys.stderr)
-        print(f"trio-activate: {exc}", file=sys.stderr)
+        # A worker's line says whose it is, as its log lines do: several workers (and
+        # their supervisor) share one stderr.  One write, so lines never run together.
+        who = f"trio-activate[{os.getpid()}]: error" if _RUNNING_AS_WORKER else "trio-activate"
+        sys.stderr.write(f"{who}: {exc}\n")
+        sys.stderr.flush()
         return EXIT_ERROR
 
 
@@ -300,6 +306,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .start_signals import StartInterrupted
 
     is_worker = settle_worker_environment()
+    global _RUNNING_AS_WORKER
+    _RUNNING_AS_WORKER = is_worker
     # A supervisor's worker: the supervisor already showed the manifest's warnings.
     manifest, owned = _load_and_acquire(args.manifest, warn=not is_worker)
     try:
