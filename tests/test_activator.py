@@ -562,6 +562,33 @@ def test_self_activate_that_cannot_exec_leaves_no_fd_no_file_and_no_variables(sh
     assert not sock_path.exists()
 
 
+@pytest.mark.parametrize("how", ["python < script", "python - < script"])
+def test_self_activate_in_a_program_read_from_standard_input_refuses_in_one_line(
+    short_dir: Path, how: str
+) -> None:
+    """Rule: standard input is gone once read, so a re-exec would run nothing and exit 0;
+    `self_activate()` says so instead, creating nothing."""
+    manifest, sock_path = reporter_manifest(short_dir)
+    program = (
+        "import trio_activate\n"
+        "try:\n"
+        f"    trio_activate.self_activate({str(manifest)!r})\n"
+        "except trio_activate.ActivationError as exc:\n"
+        "    print(exc)\n"
+        "    raise SystemExit(2)\n"
+        "print('re-execed')\n"
+    )
+    argv = [sys.executable] if how == "python < script" else [sys.executable, "-"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "TRIO_ACTIVATE_"))}
+    result = subprocess.run(argv, input=program, capture_output=True, text=True, env=env, timeout=30)
+    assert result.returncode == 2, result
+    assert result.stdout == (
+        "self_activate(): this program was read from standard input, which a re-exec cannot read "
+        "again; run it from a file or with -m, or have systemd pass the sockets\n"
+    )
+    assert not sock_path.exists()
+
+
 def test_self_activate_creation_error_closes_what_it_made(short_dir: Path) -> None:
     """Rule: creation is all or nothing: when the second socket cannot bind, the first is
     closed and its file removed, and nothing is set in the environment."""

@@ -397,6 +397,23 @@ async def test_a_raising_datagram_or_listener_handler_stops_the_service_with_1(
     assert isinstance(error.exc_info[1], RuntimeError)
 
 
+async def test_a_datagram_handler_that_fails_at_once_is_never_reported_ready(
+    plan: Plan, records: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def broken(sock: trio.socket.SocketType) -> None:
+        raise RuntimeError("no configuration")
+
+    plan.udp("dgram")
+    service = plan.service({"broken": ({"socket": "dgram"}, broken)})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.serve)
+    assert service.exit_status == EXIT_FAILED
+    assert not any(r.getMessage().startswith("ready: ") for r in records.records)
+    assert [r.getMessage() for r in records.records if r.levelno >= logging.ERROR] == [
+        "handlers.broken (sockets.dgram) raised; stopping the service"
+    ]
+
+
 async def test_a_datagram_handler_that_returns_is_logged_and_the_service_goes_on(
     plan: Plan, records: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sys
 from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -238,6 +239,13 @@ def self_activate(
     if isinstance(found, ListenFds):
         return found
     check_not_looping(env, pid=os.getpid(), reason=found.reason)
+    if argv is None and sys.argv[:1] in ([""], ["-"]):
+        # python < script.py, python - < script.py, the REPL: standard input was read
+        # to its end, so the re-exec'd interpreter would read nothing and exit 0.
+        raise ActivationError(
+            "self_activate(): this program was read from standard input, which a re-exec "
+            "cannot read again; run it from a file or with -m, or have systemd pass the sockets"
+        )
     reexec_with_new_sockets(manifest, pidfd_id=pidfd_id, environ=env, argv=argv)
 
 

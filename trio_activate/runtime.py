@@ -151,7 +151,13 @@ class Service:
                 async with trio.open_nursery() as handlers_nursery:
                     self._handlers_scope = handlers_nursery.cancel_scope
                     await self._start_handlers(handlers_nursery)
-                    self._report_ready()
+                    # Datagram and listener handlers were only scheduled: let each run to
+                    # its first checkpoint (two passes: a batch runs in either order), so
+                    # one that fails at once is not announced as ready first.
+                    await trio.lowlevel.checkpoint()
+                    await trio.lowlevel.checkpoint()
+                    if not self._stop_requested.is_set():
+                        self._report_ready()
                     task_status.started()
                     await self._stop_requested.wait()
                     self._begin_shutdown()
