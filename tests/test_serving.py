@@ -529,26 +529,47 @@ async def test_each_burst_of_accept_failures_is_logged_once(
     assert len(capacity_warnings(records)) == 2
 
 
-@pytest.mark.parametrize("code", [errno.ECONNABORTED, errno.EPROTO, errno.EPERM], ids=errno.errorcode.get)
-async def test_a_connection_that_died_in_the_backlog_is_skipped_at_once(
+# Linux reports an error pending on an incoming connection through accept();
+# EREMOTEIO stands for an errno nobody listed: it must not end the service either.
+SKIPPED_ERRNOS = [*sorted(serving.ACCEPT_SKIP_ERRNOS), errno.EREMOTEIO]
+
+
+@pytest.mark.parametrize("code", SKIPPED_ERRNOS, ids=errno.errorcode.get)
+async def test_a_connection_that_failed_in_the_backlog_is_skipped_at_once_and_logged_at_debug(
     tmp_path: Path, records: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock, code: int
 ) -> None:
+    records.set_level(logging.DEBUG, logger="trio_activate")
     with ScriptedListener(tmp_path / "s.sock", [fault(code), fault(code)]) as listener:
         server = server_for(echo, listener)
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
             assert await exchange(listener, b"hi") == b"hi"
+            assert await exchange(listener, b"again") == b"again"
             server.stop_accepting()
     assert trio.current_time() == 0
-    assert listener.calls == 4
-    assert records.records == []
+    # Two skipped, two accepted, each accepted one followed by a call that found the backlog empty.
+    assert listener.calls == 6
+    assert (server.accepted, server.slots.active) == (2, 0)
+    message = (
+        f"sockets.web: skipped a connection that failed before accept: [Errno {code}] {os.strerror(code)}"
+    )
+    assert [(r.levelno, r.getMessage()) for r in records.records] == [(logging.DEBUG, message)] * 2
 
 
-async def test_an_unexpected_accept_error_propagates(tmp_path: Path) -> None:
-    with ScriptedListener(tmp_path / "s.sock", [fault(errno.EINVAL)]) as listener:
+def test_no_errno_is_both_skipped_and_fatal_or_capacity() -> None:
+    assert not serving.ACCEPT_SKIP_ERRNOS & serving.ACCEPT_FATAL_ERRNOS
+    assert not serving.ACCEPT_SKIP_ERRNOS & serving.ACCEPT_CAPACITY_ERRNOS
+    assert not serving.ACCEPT_FATAL_ERRNOS & serving.ACCEPT_CAPACITY_ERRNOS
+
+
+@pytest.mark.parametrize("code", sorted(serving.ACCEPT_FATAL_ERRNOS), ids=errno.errorcode.get)
+async def test_an_accept_error_of_the_listening_socket_itself_ends_the_server(
+    tmp_path: Path, code: int
+) -> None:
+    with ScriptedListener(tmp_path / "s.sock", [fault(code)]) as listener:
         server = server_for(echo, listener)
         with pytest.RaisesGroup(
-            pytest.RaisesExc(OSError, check=lambda e: e.errno == errno.EINVAL), flatten_subgroups=True
+            pytest.RaisesExc(OSError, check=lambda e: e.errno == code), flatten_subgroups=True
         ):
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.run)
