@@ -329,6 +329,26 @@ def test_unclaimed_and_stored_fds_are_logged_and_closed(
         assert all(message.endswith("closing it") for message in logged)
 
 
+@pytest.mark.parametrize(
+    "name", ["a\tb", "del\x7f", "caf\xe9", "x" * 256], ids=["tab", "del", "utf-8", "256"]
+)
+def test_a_passed_name_no_manifest_could_declare_is_unclaimed_like_any_other(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str
+) -> None:
+    """LISTEN_FDNAMES is read as libsystemd reads it; a name the manifest does
+    not declare, whatever its characters, is closed with a one-line warning."""
+    web, odd = tcp_listener(), tcp_listener()
+    caplog.set_level(logging.WARNING, logger="trio_activate")
+    with adopt(load(tmp_path, WEB), listen_fds([(web, "web"), (odd, name)])) as adopted:
+        assert not is_open(odd)
+        assert [s.fileno() for s in adopted.sockets["web"]] == [web]
+        (warning,) = adopted.warnings
+        assert warning.startswith(
+            f"service.toml: fd {odd} is named {name!r}: the manifest declares no socket"
+        )
+        assert "\n" not in warning
+
+
 def test_accept_yes_connection_named_connection(tmp_path: Path) -> None:
     conn = Connection()
     try:
