@@ -18,6 +18,7 @@ from trio_activate.manifest import (
     HandlerKind,
     Manifest,
     OnError,
+    OnFull,
     SocketType,
     dump_manifest,
     load_manifest,
@@ -146,6 +147,36 @@ def test_stream_handler_options_are_read() -> None:
     assert (handler.max_connections, handler.on_error) == (10, OnError.EXIT)
     assert manifest.service.accept_handler == "echo"
     assert parse(dump_manifest(manifest)) == manifest
+
+
+def test_timeouts_and_on_full_are_read_and_written_back() -> None:
+    manifest = parse(
+        MINIMAL + "max-connections = 10\nidle-timeout = 30\nmax-lifetime = 3600.5\non-full = 'close'\n"
+    )
+    (handler,) = manifest.handlers
+    assert (handler.idle_timeout, handler.max_lifetime, handler.on_full) == (30.0, 3600.5, OnFull.CLOSE)
+    dumped = dump_manifest(manifest)
+    assert "idle-timeout = 30.0" in dumped
+    assert "max-lifetime = 3600.5" in dumped
+    assert 'on-full = "close"' in dumped
+    assert parse(dumped) == manifest
+
+
+def test_timeouts_are_unset_and_on_full_waits_by_default() -> None:
+    (handler,) = parse(MINIMAL).handlers
+    assert (handler.idle_timeout, handler.max_lifetime, handler.on_full) == (None, None, OnFull.WAIT)
+    (limited,) = parse(MINIMAL + "max-connections = 3\n").handlers
+    assert limited.on_full is OnFull.WAIT
+    assert 'on-full = "wait"' in dump_manifest(parse(MINIMAL + "max-connections = 3\n"))
+    assert "on-full" not in dump_manifest(parse(MINIMAL))
+
+
+def test_max_lifetime_applies_to_a_seqpacket_socket() -> None:
+    text = (
+        "[sockets.p]\nlisten = '/run/p.sock'\ntype = 'seqpacket'\n[handlers.p]\nsocket = 'p'\ncall = 'm:f'\n"
+    )
+    (handler,) = parse(text + "max-lifetime = 60\n").handlers
+    assert handler.max_lifetime == 60.0
 
 
 def test_manifest_values_are_immutable() -> None:
@@ -410,6 +441,48 @@ INVALID = {
     "max-connections on a listener handler": (
         MINIMAL + "kind = 'listener'\nmax-connections = 5\n",
         r"handlers.echo.max-connections: applies to stream handlers only, and this one is listener",
+    ),
+    "idle-timeout zero": (
+        MINIMAL + "idle-timeout = 0\n",
+        r"handlers.echo.idle-timeout: 0 is not a timeout \(expected a number of seconds > 0; leave it out",
+    ),
+    "idle-timeout negative": (
+        MINIMAL + "idle-timeout = -1\n",
+        r"handlers.echo.idle-timeout: -1 is not a duration \(expected a finite number >= 0\)",
+    ),
+    "idle-timeout not a number": (
+        MINIMAL + "idle-timeout = '30s'\n",
+        r"handlers.echo.idle-timeout: expected a number of seconds, got a string",
+    ),
+    "max-lifetime infinite": (
+        MINIMAL + "max-lifetime = inf\n",
+        r"handlers.echo.max-lifetime: inf is not a duration",
+    ),
+    "max-lifetime an integer too large for a float": (
+        MINIMAL + "max-lifetime = 1" + "0" * 400 + "\n",
+        r"handlers.echo.max-lifetime: 1000000000000000000000000000000000000... is too large for a duration",
+    ),
+    "idle-timeout on a datagram handler": (
+        "[sockets.d]\nlisten = '127.0.0.1:53'\ntype = 'datagram'\n"
+        "[handlers.d]\nsocket = 'd'\ncall = 'm:f'\nidle-timeout = 5\n",
+        r"handlers.d.idle-timeout: applies to stream handlers only, and this one is datagram",
+    ),
+    "max-lifetime on a listener handler": (
+        MINIMAL + "kind = 'listener'\nmax-lifetime = 5\n",
+        r"handlers.echo.max-lifetime: applies to stream handlers only, and this one is listener",
+    ),
+    "idle-timeout on a seqpacket socket": (
+        "[sockets.p]\nlisten = '/run/p.sock'\ntype = 'seqpacket'\n"
+        "[handlers.p]\nsocket = 'p'\ncall = 'm:f'\nidle-timeout = 5\n",
+        r"handlers.p.idle-timeout: applies to stream sockets only, and sockets.p is seqpacket",
+    ),
+    "on-full unknown": (
+        MINIMAL + "max-connections = 5\non-full = 'drop'\n",
+        r"handlers.echo.on-full: 'drop': expected one of wait, close",
+    ),
+    "on-full without max-connections": (
+        MINIMAL + "on-full = 'close'\n",
+        r"handlers.echo.on-full: applies only with max-connections, which is not set",
     ),
     "on-error unknown": (
         MINIMAL + "on-error = 'ignore'\n",

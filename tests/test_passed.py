@@ -329,6 +329,26 @@ def test_unclaimed_and_stored_fds_are_logged_and_closed(
         assert all(message.endswith("closing it") for message in logged)
 
 
+@pytest.mark.parametrize(
+    "name", ["a\tb", "del\x7f", "caf\xe9", "x" * 256], ids=["tab", "del", "utf-8", "256"]
+)
+def test_a_passed_name_no_manifest_could_declare_is_unclaimed_like_any_other(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str
+) -> None:
+    """LISTEN_FDNAMES is read as libsystemd reads it; a name the manifest does
+    not declare, whatever its characters, is closed with a one-line warning."""
+    web, odd = tcp_listener(), tcp_listener()
+    caplog.set_level(logging.WARNING, logger="trio_activate")
+    with adopt(load(tmp_path, WEB), listen_fds([(web, "web"), (odd, name)])) as adopted:
+        assert not is_open(odd)
+        assert [s.fileno() for s in adopted.sockets["web"]] == [web]
+        (warning,) = adopted.warnings
+        assert warning.startswith(
+            f"service.toml: fd {odd} is named {name!r}: the manifest declares no socket"
+        )
+        assert "\n" not in warning
+
+
 def test_accept_yes_connection_named_connection(tmp_path: Path) -> None:
     conn = Connection()
     try:
@@ -646,3 +666,85 @@ def test_adopts_the_connection_systemd_socket_activate_accept_passes(tmp_path: P
     report, received = run_socket_activate(["-l", f"127.0.0.1:{port}", "--accept"], manifest, port)
     assert report == {"sockets": {}, "connection": 3, "warnings": []}
     assert received == b"hello from the service"
+
+
+# --- a LISTEN_FDS larger than what was passed --------------------------------
+
+# The service, in a process the shell made the LISTEN_PID of: fd 3 is a
+# listening socket, fd 4 is missing, and the process holds fds of its own at
+# numbers LISTEN_FDS counts (5, 1000, and the highest its RLIMIT_NOFILE
+# allows, raised as far as the hard limit lets it), inheritable so that an
+# FD_CLOEXEC set on them would show.  Then `serve` runs; the report says
+# which of its own fds are still as they were.
+_COUNTED_TOO_MANY = r"""
+import json, os, resource, socket, sys
+count = int(os.environ["LISTEN_FDS"])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if hard == resource.RLIM_INFINITY or hard > count + 3:
+    hard = count + 3
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen()
+fd = listener.detach()
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+assert not os.path.exists("/proc/self/fd/4")
+own = {}
+for number in (5, 1000, hard - 1):
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(fd, number)  # inheritable
+    os.close(fd)
+    own[number] = os.fstat(number).st_ino
+from trio_activate.cli import main
+status = main(["serve", sys.argv[1]])
+def untouched(number, ino):
+    try:
+        return os.fstat(number).st_ino == ino and os.get_inheritable(number)
+    except OSError:
+        return False
+print(json.dumps({
+    "status": status,
+    "highest_own": hard - 1,
+    "own_untouched": {str(n): untouched(n, ino) for n, ino in own.items()},
+    "fd_3_open": os.path.exists("/proc/self/fd/3"),
+}))
+"""
+
+
+def test_listen_fds_counting_a_missing_fd_fails_at_once_and_touches_only_what_was_found(
+    tmp_path: Path,
+) -> None:
+    """LISTEN_FDS=100000 with fd 4 missing: the one-line EBADF error, fd 3
+    (found open, so passed) closed, and no other fd touched: the process's
+    own fds inside the counted range are neither closed nor made
+    close-on-exec.  (Before, every number up to 100002 was closed.)"""
+    manifest = tmp_path / "service.toml"
+    manifest.write_text(WEB + '[handlers.web]\nsocket = "web"\ncall = "trio_activate.examples:echo"\n')
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LISTEN_")}
+    env["LISTEN_FDS"] = "100000"
+    out = subprocess.run(
+        [
+            "/bin/sh",
+            "-c",
+            'LISTEN_PID=$$ exec "$0" "$@"',
+            sys.executable,
+            "-c",
+            _COUNTED_TOO_MANY,
+            str(manifest),
+        ],
+        env=env,
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
+    assert out.stderr.decode() == (
+        "trio-activate: fd 4 ('unknown') is not open (EBADF): "
+        "LISTEN_FDS says it was passed, but nothing is there\n"
+    )
+    report = json.loads(out.stdout)
+    assert report["status"] == 2
+    assert report["fd_3_open"] is False
+    highest = str(report["highest_own"])
+    assert report["own_untouched"] == {"5": True, "1000": True, highest: True}

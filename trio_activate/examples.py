@@ -17,9 +17,11 @@ HELLO_BODY = b"Hello, world!\n"
 _MAX_HEADER_BYTES = 64 * 1024
 
 
-async def echo(connection: trio.SocketStream | trio.socket.SocketType) -> None:
+async def echo(connection: trio.abc.HalfCloseableStream | trio.socket.SocketType) -> None:
     """Send back every byte (stream) or every message (seqpacket) until the peer closes."""
-    if isinstance(connection, trio.SocketStream):
+    # A stream, not necessarily a trio.SocketStream: with idle-timeout the
+    # runtime hands over a stream that watches receives.
+    if isinstance(connection, trio.abc.HalfCloseableStream):
         async for data in connection:
             await connection.send_all(data)
         return

@@ -43,9 +43,14 @@ about whether it was activated:
    2000000000 is an error rather than a tuple of two billion fd numbers.
 4. ``LISTEN_FDNAMES``.  Absent: every fd is named ``"unknown"``.  Present, it
    is split on ``:`` without merging empty fields, so ``"a::b"`` is three names
-   with ``""`` in the middle, and the count must equal ``n``.  Each name is at
-   most 255 printable ASCII characters (it cannot contain ``:`` after the
-   split).  Empty names and duplicate names are valid.
+   with ``""`` in the middle, and the count must equal ``n``.  The names are
+   taken as they are, like libsystemd does: a tab, a control character, DEL,
+   non-ASCII text or more than 255 characters in a passed name is not an
+   error here.  Empty names and duplicate names are valid.  What a name may
+   be is judged where it is declared (`fd_name_problem`, for the manifest's
+   socket names and for what `format_listen_env` sends); a passed name the
+   manifest does not declare is merely unclaimed (`trio_activate.match`).
+   Refusing it here would fail a service over an fd it never asked for.
 
 Malformed values are only reported once the earlier steps have decided the
 variables are for us: garbage in ``LISTEN_FDS`` next to someone else's
@@ -202,9 +207,11 @@ def _parse_decimal(
 
 
 def fd_name_problem(name: str) -> str | None:
-    """Say why `name` cannot be a systemd fd name, or return None if it can.
+    """Say why `name` cannot be declared as an fd name, or return None if it can.
 
-    A valid name is at most 255 printable ASCII characters (0x20 to 0x7e) and
+    Used for the names a manifest declares and an activator sends, not for
+    the names read from ``LISTEN_FDNAMES`` (taken as passed, as libsystemd
+    does).  A valid name is at most 255 printable ASCII characters (0x20 to 0x7e) and
     contains no ``:``, the separator of ``LISTEN_FDNAMES``.  The empty name
     is valid.  The answer is a phrase to follow the name in a message, e.g.
     ``f"fd name {name!r} {problem}"``.
@@ -233,17 +240,12 @@ def _read_names(value: str, count: int) -> tuple[str, ...]:
     # never escape: systemd joins the names with a plain strv_join(names, ":")
     # and rejects ':' in a name up front.  So a '\' here is a literal
     # character of the name, as the manager meant it.
+    #
+    # No check of the characters or the length, as in libsystemd: the names
+    # are compared with the manifest's, which are checked where declared.
     names = value.split(":")
     if len(names) != count:
         raise ListenEnvError(f"LISTEN_FDNAMES={_show(value)} names {len(names)} fds but LISTEN_FDS={count}")
-    for index, name in enumerate(names):
-        problem = fd_name_problem(name)
-        if problem is not None:
-            raise ListenEnvError(
-                f"LISTEN_FDNAMES={_show(value)}: name {index} (fd "
-                f"{SD_LISTEN_FDS_START + index}) {_show(name)} {problem}; "
-                f"expected at most {_FD_NAME_MAX} printable ASCII characters"
-            )
     return tuple(names)
 
 

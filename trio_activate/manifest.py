@@ -49,6 +49,7 @@ __all__ = [
     "HandlerSpec",
     "Manifest",
     "OnError",
+    "OnFull",
     "ServiceSpec",
     "SocketSpec",
     "SocketType",
@@ -161,6 +162,13 @@ class OnError(enum.Enum):
     EXIT = "exit"
 
 
+class OnFull(enum.Enum):
+    """What a new connection meets while ``max-connections`` are open."""
+
+    WAIT = "wait"  # left in the kernel's backlog until a connection closes
+    CLOSE = "close"  # accepted and closed at once
+
+
 @record
 class HandlerSpec:
     """One ``[handlers.NAME]`` table: a ``module:function`` serving some sockets.
@@ -175,6 +183,11 @@ class HandlerSpec:
     kind: HandlerKind = HandlerKind.STREAM
     max_connections: int | None = None
     on_error: OnError = OnError.LOG
+    idle_timeout: float | None = None
+    """Seconds a connection may go without receiving a byte; None: no limit."""
+    max_lifetime: float | None = None
+    """Seconds a connection may last at all; None: no limit."""
+    on_full: OnFull = OnFull.WAIT
 
     @property
     def module(self) -> str:
@@ -623,11 +636,40 @@ class _Parser:
         if on_error_text is not None:
             on_error = self.enum_value(table, "on-error", OnError, on_error_text)
         max_connections = table.get("max-connections", self.positive_int(table), None)
+        idle_timeout = table.get("idle-timeout", self.positive_duration(table), None)
+        max_lifetime = table.get("max-lifetime", self.positive_duration(table), None)
+        on_full_text = table.get("on-full", table.string, None)
+        on_full = OnFull.WAIT
+        if on_full_text is not None:
+            on_full = self.enum_value(table, "on-full", OnFull, on_full_text)
+            if max_connections is None:
+                raise table.error("on-full", "applies only with max-connections, which is not set")
         table.finish()
         # The kind is resolved against the sockets' types once every socket is known.
         self.explicit_kinds[name] = kind
         self.handler_tables[name] = table
-        return HandlerSpec(name, sockets, call, HandlerKind.STREAM, max_connections, on_error)
+        return HandlerSpec(
+            name,
+            sockets,
+            call,
+            HandlerKind.STREAM,
+            max_connections,
+            on_error,
+            idle_timeout,
+            max_lifetime,
+            on_full,
+        )
+
+    def positive_duration(self, table: _Table) -> Callable[[str, Any], float]:
+        def check(key: str, value: Any) -> float:
+            seconds = self.grace_period(table)(key, value)
+            if seconds == 0:
+                raise table.error(
+                    key, "0 is not a timeout (expected a number of seconds > 0; leave it out for none)"
+                )
+            return seconds
+
+        return check
 
     _E = TypeVar("_E", bound=enum.Enum)
 
@@ -679,11 +721,20 @@ class _Parser:
                         f"a {kind.value} handler cannot serve sockets.{name}, a {types[name].value} socket",
                     )
             if kind is not HandlerKind.STREAM:
-                for key in ("max-connections", "on-error"):
+                for key in ("max-connections", "on-error", "idle-timeout", "max-lifetime", "on-full"):
                     if key in table.data:
                         raise table.error(
                             key, f"applies to stream handlers only, and this one is {kind.value}"
                         )
+            seqpacket = [name for name in handler.sockets if types[name] is SocketType.SEQPACKET]
+            if "idle-timeout" in table.data and seqpacket:
+                # A seqpacket connection is handed over as the Trio socket
+                # itself, whose receives the runtime does not see.
+                raise table.error(
+                    "idle-timeout",
+                    f"applies to stream sockets only, and sockets.{seqpacket[0]} is seqpacket "
+                    "(its connections come as the Trio socket; max-lifetime applies to them)",
+                )
             resolved.append(replace(handler, kind=kind))
         return tuple(resolved)
 
@@ -825,7 +876,12 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
         if handler.kind is HandlerKind.STREAM:
             if handler.max_connections is not None:
                 handler_table["max-connections"] = handler.max_connections
+                handler_table["on-full"] = handler.on_full.value
             handler_table["on-error"] = handler.on_error.value
+            if handler.idle_timeout is not None:
+                handler_table["idle-timeout"] = handler.idle_timeout
+            if handler.max_lifetime is not None:
+                handler_table["max-lifetime"] = handler.max_lifetime
         handlers[handler.name] = handler_table
     document: dict[str, Any] = {"service": service, "sockets": sockets}
     if handlers:

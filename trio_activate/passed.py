@@ -14,7 +14,14 @@ has exactly one owner:
   `PassedFds.close` closes what is still owned, each fd once; the number is
   forgotten before ``close()`` is called, so nothing is ever closed twice (a
   second close of a number can close an unrelated fd that reused it).  An fd
-  found not open (EBADF) is forgotten, never closed.
+  found not open (EBADF) is forgotten, never closed.  It also means
+  ``LISTEN_FDS`` counted more fds than were passed: from then on only the fds
+  already found open (those that got ``FD_CLOEXEC``) are owned, and the other
+  numbers are forgotten unclosed.  They were never shown to be passed, and
+  may be this process's own fds (a log file, an embedding program's event
+  loop); libsystemd, too, leaves every fd alone when one is missing.  So a
+  bad ``LISTEN_FDS=1048573`` costs one failed ``fcntl()`` per fd up to the
+  missing one, not a million ``close()`` calls on numbers nobody passed.
 - `adopt` builds (or is given) a `PassedFds` and moves every fd it keeps into
   an `Adopted`, which the caller then owns and closes.  Unclaimed fds are
   logged and closed.  All or nothing: if any step raises (an `AdoptionError`,
@@ -145,11 +152,13 @@ class PassedFds:
         """
         self._closed = True
         first_error: BaseException | None = None
-        while self._owned:
-            fd = next(iter(self._owned))
-            # Forget first: close() frees the number even when it reports an
-            # error, so a retry could close whatever reused it.
-            del self._owned[fd]
+        # Forget every number first: close() frees the number even when it
+        # reports an error, so a retry could close whatever reused it.  (One
+        # swap, not a `del` per fd: taking the first key of a dict whose
+        # front was deleted walks over every deleted slot, quadratic in the
+        # number of fds.)
+        owned, self._owned = self._owned, {}
+        for fd in owned:
             try:
                 self.steps.close_fd(fd)
             except BaseException as exc:
@@ -176,9 +185,13 @@ class PassedFds:
             raise ValueError("this PassedFds is closed")
 
     def _forget_not_open(self, exc: BaseException) -> None:
-        """After `FdNotOpenError`, stop owning the number: closing it could hit an unrelated fd."""
+        """After `FdNotOpenError`, stop owning the number and every number not yet found open.
+
+        Closing the missing number could hit an unrelated fd; the numbers not
+        checked yet were never shown to be passed (see the module docstring).
+        """
         if isinstance(exc, fds.FdNotOpenError):
-            self._owned.pop(exc.fd, None)
+            self._owned = {fd: name for fd, name in self._owned.items() if fd in self._cloexec_set}
 
     def _set_cloexec(self, fd: int) -> None:
         if fd in self._cloexec_set:
