@@ -568,6 +568,29 @@ async def test_serve_connection_once_exits_1_when_the_handler_raises(
     assert messages(records) == ["handlers.acc: the Accept=yes connection raised"]
 
 
+async def test_serve_connection_once_keeps_the_handlers_idle_timeout_and_max_lifetime(
+    records: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Accept=yes: the handler's timeouts hold for the one connection, as they do under `serve`."""
+
+    async def waits_forever(stream: trio.abc.HalfCloseableStream) -> None:
+        async for _ in stream:
+            pass
+
+    for limits, reached, after in (
+        ({"idle_timeout": 30.0}, "idle-timeout", 30),
+        ({"max_lifetime": 55.0}, "max-lifetime", 55),
+    ):
+        handler = LoadedHandler(HandlerSpec("acc", ("web",), "tests.app:web", **limits), waits_forever)
+        ours, peer = socket.socketpair()
+        with peer:
+            started = trio.current_time()
+            assert await serve_connection_once(handler, ours) == EXIT_OK
+            assert trio.current_time() - started == pytest.approx(after, abs=30 / 8 + 0.01)
+            assert peer.recv(100) == b""
+        assert messages(records)[-1] == f"handlers.acc: the Accept=yes connection reached its {reached}"
+
+
 # --- end to end: trio-activate serve as a subprocess ----------------------------
 
 APP = '''\

@@ -42,7 +42,7 @@ from .manifest import HandlerKind, Manifest
 from .notifier import Notifier
 from .records import record
 from .reload_outcome import announce_reload_outcome
-from .serving import Listening, StreamServer
+from .serving import Listening, StreamServer, serve_with_timeouts
 from .start_signals import redeliver
 from .stopping import StopSignal, current_stop_signal
 from .watchdog import serve_watchdog
@@ -356,12 +356,12 @@ async def _serve_one(handler: LoadedHandler, conn: socket.socket, scope: trio.Ca
     trio_sock = trio.socket.from_stdlib_socket(conn)
     try:
         with scope:
-            if conn.type == socket.SOCK_STREAM:
-                await handler.function(trio.SocketStream(trio_sock))
-            else:
-                await handler.function(trio_sock)
+            # The handler's idle-timeout and max-lifetime apply here as in `serve`.
+            reached = await serve_with_timeouts(handler, trio_sock, is_stream=conn.type == socket.SOCK_STREAM)
         if scope.cancelled_caught:
             log.warning("handlers.%s: the Accept=yes connection was cancelled", handler.spec.name)
+        elif reached is not None:
+            log.info("handlers.%s: the Accept=yes connection reached its %s", handler.spec.name, reached)
     except Exception:
         log.exception("handlers.%s: the Accept=yes connection raised", handler.spec.name)
         return EXIT_FAILED

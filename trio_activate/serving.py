@@ -68,6 +68,7 @@ __all__ = [
     "IdleTimedStream",
     "Listening",
     "StreamServer",
+    "serve_with_timeouts",
 ]
 
 log = logging.getLogger("trio_activate")
@@ -396,22 +397,9 @@ class StreamServer:
 
     async def _serve_timed(self, trio_sock: trio.socket.SocketType, name: str, is_stream: bool) -> None:
         """Run the handler under the connection's own deadline: ``max-lifetime``, ``idle-timeout``."""
-        spec = self.handler.spec
-        now = trio.current_time()
-        cap = math.inf if spec.max_lifetime is None else now + spec.max_lifetime
-        with trio.CancelScope(deadline=cap) as scope:
-            if not is_stream:
-                # Seqpacket: the manifest allows max-lifetime only.
-                await self.handler.function(trio_sock)
-            elif spec.idle_timeout is None:
-                await self.handler.function(trio.SocketStream(trio_sock))
-            else:
-                scope.deadline = min(now + spec.idle_timeout, cap)
-                stream = IdleTimedStream(trio.SocketStream(trio_sock), scope, spec.idle_timeout, cap)
-                await self.handler.function(stream)
-        if scope.cancelled_caught:
+        reached = await serve_with_timeouts(self.handler, trio_sock, is_stream=is_stream)
+        if reached is not None:
             self.timed_out += 1
-            reached = "max-lifetime" if trio.current_time() >= cap else "idle-timeout"
             log.debug(
                 "handlers.%s: a connection on sockets.%s reached its %s; closing it", self.name, name, reached
             )
@@ -420,3 +408,31 @@ class StreamServer:
         log.error("handlers.%s: a connection on sockets.%s raised", self.name, name, exc_info=exc)
         if self.handler.spec.on_error is OnError.EXIT:
             self.on_failure()
+
+
+async def serve_with_timeouts(
+    handler: LoadedHandler, trio_sock: trio.socket.SocketType, *, is_stream: bool
+) -> str | None:
+    """Run ``handler`` on one connection under its ``max-lifetime`` and ``idle-timeout``.
+
+    Returns the key whose limit ended the connection, or None when the
+    handler returned.  The limits live in a cancel scope of their own, so a
+    grace period the caller puts on an outer scope still applies unchanged.
+    """
+    spec = handler.spec
+    now = trio.current_time()
+    cap = math.inf if spec.max_lifetime is None else now + spec.max_lifetime
+    with trio.CancelScope(deadline=cap) as scope:
+        if not is_stream:
+            # Seqpacket: the manifest allows max-lifetime only.
+            await handler.function(trio_sock)
+        elif spec.idle_timeout is None:
+            await handler.function(trio.SocketStream(trio_sock))
+        else:
+            scope.deadline = min(now + spec.idle_timeout, cap)
+            await handler.function(
+                IdleTimedStream(trio.SocketStream(trio_sock), scope, spec.idle_timeout, cap)
+            )
+    if not scope.cancelled_caught:
+        return None
+    return "max-lifetime" if trio.current_time() >= cap else "idle-timeout"
