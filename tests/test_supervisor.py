@@ -954,3 +954,23 @@ def test_reload_with_an_impossible_pid_is_one_line_and_exit_2(target: str) -> No
     result = run_cli("reload", target)
     assert result.returncode == 2
     assert result.stderr == f"trio-activate: {target!r} is not a PID\n"
+
+
+# --- parent death ---
+
+
+def test_workers_stop_when_their_supervisor_is_killed_and_release_the_port(tmp_path: Path) -> None:
+    port = free_port()
+    write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", workers=2)
+    with running("--log-level", "debug", "serve", manifest, cwd=tmp_path) as service:
+        service.wait_for(r"ready: generation 1, 2 worker")
+        workers = service.workers_of(1)
+        os.kill(service.pid, signal.SIGKILL)
+        wait_until(lambda: all(is_gone(pid) for pid in workers), what="the workers stopped")
+        assert service.count(rf"the supervisor \(PID {service.pid}\) exited; stopping gracefully") == 2
+    with running("--log-level", "debug", "serve", manifest, cwd=tmp_path) as again:
+        again.wait_for(r"ready: generation 1, 2 worker")
+        assert ask(loopback(port), "again").pid in again.workers_of(1)
+        again.send_signal(signal.SIGTERM)
+        assert again.wait() == 0

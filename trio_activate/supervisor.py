@@ -71,6 +71,7 @@ from functools import partial
 import trio
 
 from .notifier import Notifier
+from .private_env import SUPERVISOR_VARIABLE
 from .records import field, record
 from .reload_outcome import announce_reload_outcome
 from .spawn import NotifyInbox, WorkerCommand, spawn_worker
@@ -299,7 +300,8 @@ class Supervisor:
 
     async def _spawn(self, generation: int, slot: int) -> Worker:
         assert self._inbox is not None
-        extra_env = {}
+        # The worker stops when this process dies (service_main).
+        extra_env = {SUPERVISOR_VARIABLE: str(os.getpid())}
         interval = self.notifier.watchdog_interval
         if interval is not None:
             # The manager's own period (twice the ping interval): see the module docstring.
