@@ -496,6 +496,14 @@ INVALID = {
         "[service]\nstart-timeout = -1" + "0" * 400 + "\n" + MINIMAL,
         r"service.start-timeout: -100000000000000000000000000000000000... is too large for a duration",
     ),
+    "worker-timeout zero": (
+        "[service]\nworker-timeout = 0\n" + MINIMAL,
+        r"service.worker-timeout: 0 would kill every worker at once \(expected a number of seconds > 0\)",
+    ),
+    "worker-timeout not a number": (
+        "[service]\nworker-timeout = 'long'\n" + MINIMAL,
+        r"service.worker-timeout: expected a number of seconds, got a string",
+    ),
     "watchdog too short": (
         "[service]\nwatchdog = 0.5\n" + MINIMAL,
         r"service.watchdog: 0.5 is too short: the service pings at half of it \(expected at least 1\)",

@@ -27,9 +27,10 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 
@@ -107,10 +108,13 @@ def write_manifest(
     workers: int = 1,
     grace_period: float = 5.0,
     start_timeout: float | None = None,
+    worker_timeout: float | None = None,
 ) -> Path:
     service = f'python-path = ["."]\nworkers = {workers}\ngrace-period = {grace_period}\n'
     if start_timeout is not None:
         service += f"start-timeout = {start_timeout}\n"
+    if worker_timeout is not None:
+        service += f"worker-timeout = {worker_timeout}\n"
     path = folder / "app.toml"
     path.write_text(
         f"[service]\n{service}\n"
@@ -200,10 +204,12 @@ class Running:
 
 
 @contextmanager
-def running(*args: str | Path, cwd: Path, env: dict[str, str] | None = None) -> Iterator[Running]:
+def running(
+    *args: str | Path, cwd: Path, env: dict[str, str] | None = None, command: Sequence[str] = TRIO_ACTIVATE
+) -> Iterator[Running]:
     """Run ``trio-activate ARGS``; on the way out kill its whole process group, workers included."""
     process = subprocess.Popen(
-        [*TRIO_ACTIVATE, *map(str, args)],
+        [*command, *map(str, args)],
         cwd=cwd,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -515,15 +521,16 @@ def test_a_worker_not_ready_within_start_timeout_counts_as_failed(tmp_path: Path
             time.sleep(60)
         """)
     write_handler(tmp_path, "v1", preamble=hang_once)
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", start_timeout=1.0, grace_period=0.0)
+    # A grace period longer than the test's every wait: the hung worker, which
+    # served nothing, is killed without one (its SIGTERM would wait for its import).
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", start_timeout=1.0, grace_period=60.0)
     started = time.monotonic()
     with running("--log-level", "debug", "serve", "--supervise", manifest, cwd=tmp_path) as service:
-        service.wait_for(r"ready: generation 2, 1 worker", timeout=20)
+        service.wait_for(r"ready: generation 2, 1 worker")
         service.wait_for(r"generation 1: not ready within start-timeout \(1s\); retrying")
         (hung,) = service.workers_of(1)
-        # SIGTERM stops a start hung in its import (start_signals): no need to kill it.
-        service.wait_for(rf"trio-activate\[{hung}\]: info: SIGTERM while starting: stopped before serving")
         assert is_gone(hung)
+        assert "did not stop in time" not in service.log
         (serving,) = service.workers_of(2)
         assert ask(loopback(port), "x") == Answer(serving, "v1")
         service.send_signal(signal.SIGTERM)
@@ -561,6 +568,21 @@ def test_sighup_during_the_first_start_reloads_after_it(tmp_path: Path) -> None:
         assert service.wait() == 0
 
 
+def test_sigterm_while_the_first_generation_hangs_at_start_stops_it_at_once_and_never_retries(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    write_handler(tmp_path, "v1", preamble="import time\ntime.sleep(60)\n")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", start_timeout=60.0, grace_period=60.0)
+    with running("--log-level", "debug", "serve", "--supervise", manifest, cwd=tmp_path) as service:
+        service.wait_for(r"generation 1: started worker")
+        (hung,) = service.workers_of(1)
+        service.send_signal(signal.SIGTERM)
+        assert service.wait() == 0
+        assert is_gone(hung)
+    assert "retrying" not in service.log
+
+
 def _blocks(pid: int, signum: int) -> bool:
     """Whether `pid` holds `signum` blocked (pending until it handles it)."""
     status = Path(f"/proc/{pid}/status").read_text()
@@ -572,12 +594,15 @@ def _blocks(pid: int, signum: int) -> bool:
 
 
 def test_a_killed_worker_is_restarted_and_the_supervisor_leaks_no_fd(tmp_path: Path) -> None:
-    """50 restarts after ``kill -9`` (10 rounds of 5); the supervisor's fd count stays the same."""
+    """50 restarts after ``kill -9`` (5 rounds of 10); the supervisor's fd count stays the same.
+
+    Each slot's back-off doubles as its workers die right after they are ready
+    (0.1 s to 1.6 s): more slots, fewer rounds."""
     port = free_port()
     write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", workers=5)
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", workers=10)
     with running("--log-level", "debug", "serve", manifest, cwd=tmp_path) as service:
-        service.wait_for(r"ready: generation 1, 5 worker")
+        service.wait_for(r"ready: generation 1, 10 worker")
         before = _open_fds(service.pid)
         workers = service.workers_of(1)
         restarts = 0
@@ -603,7 +628,7 @@ def test_a_killed_worker_is_restarted_and_the_supervisor_leaks_no_fd(tmp_path: P
         assert answered <= workers
         service.send_signal(signal.SIGTERM)
         assert service.wait() == 0
-    assert service.count("died with status SIGKILL; restarting") == 50
+    assert service.count(r"died with status SIGKILL after [\d.]+s serving; restarting in") == 50
 
 
 def _open_fds(pid: int) -> dict[int, str]:
@@ -997,3 +1022,343 @@ def test_reload_with_an_impossible_pid_is_one_line_and_exit_2(target: str) -> No
     result = run_cli("reload", target)
     assert result.returncode == 2
     assert result.stderr == f"trio-activate: {target!r} is not a PID\n"
+
+
+# --- production hardening: spawn failures, crash loops, stuck workers, parent death ---
+
+
+def private_interpreter(folder: Path) -> Path:
+    """A virtualenv of its own over the one running the tests: its ``bin/python`` can be removed."""
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("needs to run in a virtualenv, whose pyvenv.cfg and lib/ a private one can share")
+    venv = folder / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text((Path(sys.prefix) / "pyvenv.cfg").read_text())
+    (venv / "lib").symlink_to(Path(sys.prefix) / "lib")
+    python = venv / "bin" / "python"
+    python.symlink_to(sys.executable)
+    return python
+
+
+def test_a_spawn_that_fails_is_one_error_line_the_service_serves_on_and_retries(tmp_path: Path) -> None:
+    """The interpreter removed: a reload fails in one line and generation 1 serves on; a killed
+    worker's restart backs off and retries until it can spawn; signals keep working."""
+    python = private_interpreter(tmp_path)
+    port = free_port()
+    write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", workers=2)
+    command = [str(python), "-m", "trio_activate"]
+    with running("--log-level", "debug", "serve", manifest, cwd=tmp_path, command=command) as service:
+        service.wait_for(r"ready: generation 1, 2 worker")
+        first = service.workers_of(1)
+        python.unlink()
+        since = service.mark()
+        service.send_signal(signal.SIGHUP)
+        service.wait_for(
+            r"error: reload failed: generation 2: cannot start a worker: .*No such file or directory.*; "
+            r"generation 1 keeps serving",
+            since=since,
+        )
+        assert service.count(r"error: ", since=since) == 1
+        assert ask(loopback(port), "still").pid in first
+
+        killed = min(first)
+        since = service.mark()
+        os.kill(killed, signal.SIGKILL)
+        retry = rf"cannot start a worker: .* \(to replace worker {killed}\); retrying in"
+        service.wait_for(rf"{retry} 0\.2s", since=since)
+        service.wait_for(rf"{retry} 0\.4s", since=since)
+        python.symlink_to(sys.executable)
+        replacement = int(service.wait_for(rf"worker (\d+) replaced worker {killed}$", since=since)[1])
+
+        since = service.mark()
+        service.send_signal(signal.SIGHUP)
+        service.wait_for(r"reloaded: generation 3 serving", since=since)
+        third = service.workers_of(3)
+        service.send_signal(signal.SIGTERM)
+        assert service.wait() == 0
+    assert all(is_gone(pid) for pid in first | third | {replacement})
+
+
+def test_a_restart_under_way_when_a_reload_takes_over_adds_no_worker_to_the_old_generation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's replacement, spawned while a reload took over, would join the old generation
+    after its workers were collected for stopping, and serve the old code beside the new.
+    Deterministic: the replacement's spawn is held until the reload has taken over."""
+    import trio
+    import trio.testing
+
+    from trio_activate import supervisor as supervisor_module
+    from trio_activate.spawn import WorkerCommand, spawn_worker, worker_argv
+
+    port = free_port()
+    write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    held: list[int] = []
+
+    async def main(listener: socket.socket) -> None:
+        holding, release = trio.Event(), trio.Event()
+        hold_next = [False]
+
+        async def slow_spawn(*args: object, **kwargs: object) -> trio.Process:
+            process = await spawn_worker(*args, **kwargs)  # type: ignore[arg-type]
+            if hold_next[0]:
+                hold_next[0] = False
+                held.append(process.pid)
+                holding.set()
+                await release.wait()
+            return process
+
+        monkeypatch.setattr(supervisor_module, "spawn_worker", slow_spawn)
+        command = WorkerCommand(worker_argv(str(manifest), "info"), [(listener.fileno(), "web")])
+        supervisor = supervisor_module.Supervisor(command, workers=1, grace_period=5.0, start_timeout=TIMEOUT)
+        async with trio.open_nursery() as nursery:
+            try:
+                with trio.fail_after(TIMEOUT):
+                    await nursery.start(partial(supervisor.run, handle_signals=False))
+                    assert supervisor.current is not None
+                    (old,) = supervisor.current.workers
+                    hold_next[0] = True
+                    os.kill(old.pid, signal.SIGKILL)
+                    await holding.wait()
+                    assert await supervisor.reload("test")
+                    new = {w.pid for w in supervisor.current.workers}
+                    # The old generation's stop has collected its workers (none live) and ended.
+                    await trio.testing.wait_all_tasks_blocked()
+                    release.set()
+                    for _ in range(round(TIMEOUT / 0.02)):
+                        if is_gone(held[0]):
+                            break
+                        await trio.sleep(0.02)
+                    assert children_of(os.getpid()) == new
+                    supervisor.stop()
+            except BaseException:
+                # The supervisor reaps every worker before it returns: end them first.
+                for pid in children_of(os.getpid()):
+                    os.kill(pid, signal.SIGKILL)
+                raise
+
+    with socket.create_server(loopback(port)) as listener:
+        trio.run(main, listener)
+
+
+def test_sighups_during_a_reload_fold_into_one_reload_after_it(tmp_path: Path) -> None:
+    """100 SIGHUPs while generation 2 starts: one more reload follows (generation 3), not 100;
+    ``reload --wait`` afterwards is answered by the reload it asked for (generation 4)."""
+    port = free_port()
+    hold = tmp_path / "hold"
+    wait_for_release = textwrap.dedent(f"""\
+        import os, time
+        _deadline = time.monotonic() + 20
+        while os.path.exists({str(hold)!r}) and time.monotonic() < _deadline:
+            time.sleep(0.02)
+        """)
+    write_handler(tmp_path, "v1", preamble=wait_for_release)
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    with running("--log-level", "debug", "serve", "--supervise", manifest, cwd=tmp_path) as service:
+        service.wait_for(r"ready: generation 1, 1 worker")
+        hold.write_text("")
+        service.send_signal(signal.SIGHUP)
+        service.wait_for(r"reload \(SIGHUP\): starting generation 2")
+        asked = r"reload \(SIGHUP\): (follows the one under way|folded into the reload that follows)"
+        for number in range(1, 101):
+            service.send_signal(signal.SIGHUP)
+            wait_until(partial(_counts, service, asked, number), what=f"SIGHUP {number} handled")
+        hold.unlink()
+        service.wait_for(r"reloaded: generation 3 serving")
+        result = run_cli("reload", "--wait", str(service.pid))
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.splitlines()[-1].startswith(f"reloaded PID {service.pid}: Generation 4:")
+        assert service.count(r"starting generation") == 3
+        service.send_signal(signal.SIGTERM)
+        assert service.wait() == 0
+
+
+def _counts(service: Running, pattern: str, number: int) -> bool:
+    return service.count(pattern) == number
+
+
+CRASHING_HANDLER = """\
+import os
+
+
+async def handle(stream):
+    request = await stream.receive_some(1024)
+    if request == b"die\\n":
+        os._exit(3)
+    await stream.send_all(request)
+"""
+
+
+def test_a_crash_loop_backs_off_and_each_failed_start_is_logged(tmp_path: Path) -> None:
+    """A worker that dies soon after it was ready doubles its slot's back-off, a failed start too."""
+    port = free_port()
+    app = tmp_path / "app.py"
+    app.write_text(CRASHING_HANDLER)
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+
+    def die() -> None:
+        with socket.create_connection(loopback(port), timeout=TIMEOUT) as sock:
+            sock.sendall(b"die\n")
+            assert sock.recv(100) == b""
+
+    with running("--log-level", "debug", "serve", "--supervise", manifest, cwd=tmp_path) as service:
+        service.wait_for(r"ready: generation 1, 1 worker")
+        (worker,) = service.workers_of(1)
+        since = service.mark()
+        die()
+        service.wait_for(
+            rf"worker {worker} \(generation 1\) died with status 3 after .*; restarting in 0\.1s"
+        )
+        worker = int(service.wait_for(rf"worker (\d+) replaced worker {worker}$", since=since)[1])
+
+        app.write_text(CRASHING_HANDLER + "\ndef broken(:\n")
+        since = service.mark()
+        die()
+        service.wait_for(
+            rf"worker {worker} \(generation 1\) died with status 3 after .*; restarting in 0\.2s"
+        )
+        failed = r"worker \d+ \(generation 1\) exited with status 2 before it was ready; retrying in"
+        service.wait_for(rf"error: {failed} 0\.4s", since=since)
+        service.wait_for(rf"error: {failed} 0\.8s", since=since)
+        app.write_text(CRASHING_HANDLER)
+        service.wait_for(r"worker (\d+) replaced worker \d+$", since=since)
+        assert ask_echo(port, b"alive\n") == b"alive\n"
+        service.send_signal(signal.SIGTERM)
+        assert service.wait() == 0
+
+
+def ask_echo(port: int, data: bytes) -> bytes:
+    with socket.create_connection(loopback(port), timeout=TIMEOUT) as sock:
+        sock.sendall(data)
+        return sock.recv(100)
+
+
+def test_a_stuck_worker_is_killed_after_worker_timeout_and_replaced(short_dir: Path, tmp_path: Path) -> None:
+    """SIGSTOP stops a worker's loop: it is killed (one error line) and its slot restarts.  The
+    other worker serves meanwhile, so the service manager's watchdog keeps being pinged."""
+    port = free_port()
+    write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", workers=2, worker_timeout=1.0)
+    with notify_socket(short_dir) as manager:
+        env = {**os.environ, "NOTIFY_SOCKET": str(short_dir / "notify"), "WATCHDOG_USEC": "400000"}
+        with running("--log-level", "debug", "serve", manifest, cwd=tmp_path, env=env) as service:
+            service.wait_for(r"ready: generation 1, 2 worker")
+            stuck, other = sorted(service.workers_of(1))
+            since = service.mark()
+            os.kill(stuck, signal.SIGSTOP)
+            service.wait_for(
+                rf"error: worker {stuck} \(generation 1\) has not pinged for [\d.]+s, over worker-timeout "
+                r"\(1s\): its event loop is stuck; killing it",
+                since=since,
+            )
+            replacement = int(service.wait_for(rf"worker (\d+) replaced worker {stuck}$", since=since)[1])
+            assert is_gone(stuck)
+            assert service.count(r"error: ", since=since) == 1
+            assert "no more watchdog pings" not in service.log
+            assert {ask(loopback(port), f"q{n}").pid for n in range(20)} <= {other, replacement}
+            manager.settimeout(0)
+            with suppress(BlockingIOError):
+                while True:
+                    manager.recv(4096)
+            manager.settimeout(TIMEOUT)
+            assert receive_until(manager, "WATCHDOG")[-1][0] == service.pid
+            service.send_signal(signal.SIGTERM)
+            assert service.wait() == 0
+
+
+def test_workers_stop_when_their_supervisor_is_killed_and_release_the_port(tmp_path: Path) -> None:
+    port = free_port()
+    write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", workers=2)
+    with running("--log-level", "debug", "serve", manifest, cwd=tmp_path) as service:
+        service.wait_for(r"ready: generation 1, 2 worker")
+        workers = service.workers_of(1)
+        os.kill(service.pid, signal.SIGKILL)
+        wait_until(lambda: all(is_gone(pid) for pid in workers), what="the workers stopped")
+        assert service.count(rf"the supervisor \(PID {service.pid}\) exited; stopping gracefully") == 2
+    with running("--log-level", "debug", "serve", manifest, cwd=tmp_path) as again:
+        again.wait_for(r"ready: generation 1, 2 worker")
+        assert ask(loopback(port), "again").pid in again.workers_of(1)
+        again.send_signal(signal.SIGTERM)
+        assert again.wait() == 0
+
+
+NOBODY = 65534
+
+
+def as_nobody_with_nproc(stage: Path, limit: int, needed: Sequence[Path]) -> list[str]:
+    """A command prefix that runs as ``nobody`` with ``RLIMIT_NPROC`` at `limit` (root ignores it).
+
+    Where a folder above one of the `needed` paths is closed to others (a Python
+    under ``/root/.pyenv``, ``/root`` being 0700), it runs in a mount namespace of
+    its own with that folder covered by an open tmpfs and the needed paths bound
+    back onto it, so ``nobody`` reaches exactly those, as root does.
+    """
+    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("setpriv", "prlimit", "unshare")):
+        pytest.skip("needs root and util-linux's setpriv, prlimit and unshare")
+    binds, covers = [], {}
+    for number, path in enumerate(p.resolve() for p in needed):
+        closed = [a for a in reversed(path.parents) if a != Path("/") and not a.stat().st_mode & 0o001]
+        if closed:
+            covers[closed[0]] = None
+            binds.append((path, stage / f"bind{number}"))
+    script = ["set -e"]
+    script += [f"mkdir -p '{staged}'; mount --bind '{path}' '{staged}'" for path, staged in binds]
+    script += [f"mount -t tmpfs -o mode=0755 tmpfs '{cover}'" for cover in covers]
+    script += [f"mkdir -p '{path}'; mount --move '{staged}' '{path}'" for path, staged in binds]
+    script.append('exec "$@"')
+    setpriv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    limited = [*setpriv, "prlimit", f"--nproc={limit}:{limit}", sys.executable, "-m", "trio_activate"]
+    if not binds:
+        return limited
+    return ["unshare", "--mount", "--", "sh", "-c", "\n".join(script), "sh", *limited]
+
+
+def test_under_rlimit_nproc_a_reload_fails_in_one_line_a_restart_waits_for_a_process_and_sigterm_stops_all(
+    short_dir: Path,
+) -> None:
+    """``prlimit --nproc=4:4`` as nobody: the supervisor, the thread it forks from and two workers
+    use the 4 processes.  A reload cannot fork: one error line, generation 1 serves on.  A killed
+    worker's restart waits, retrying, while another process of nobody's holds the slot."""
+    short_dir.chmod(0o755)
+    port = free_port()
+    write_handler(short_dir, "v1")
+    manifest = write_manifest(short_dir, f"127.0.0.1:{port}", workers=2)
+    import trio as trio_module
+
+    import trio_activate
+
+    needed = [Path(sys.base_prefix), Path(sys.prefix), Path(trio_activate.__file__).parents[1]]
+    needed.append(Path(trio_module.__file__).parents[1])
+    command = as_nobody_with_nproc(short_dir, 4, needed)
+    with running("--log-level", "debug", "serve", manifest, cwd=short_dir, command=command) as service:
+        service.wait_for(r"ready: generation 1, 2 worker")
+        first = service.workers_of(1)
+        since = service.mark()
+        service.send_signal(signal.SIGHUP)
+        service.wait_for(
+            r"error: reload failed: generation 2: cannot start a worker: \[Errno 11\] .*; "
+            r"generation 1 keeps serving",
+            since=since,
+        )
+        assert service.count(r"error: ", since=since) == 1
+        assert ask(loopback(port), "still").pid in first
+
+        hog = subprocess.Popen(
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "sleep", "60"],
+            start_new_session=True,
+        )
+        try:
+            killed = min(first)
+            since = service.mark()
+            os.kill(killed, signal.SIGKILL)
+            service.wait_for(rf"cannot start a worker: .* \(to replace worker {killed}\); retrying in 0\.2s")
+        finally:
+            hog.kill()
+            hog.wait(TIMEOUT)
+        replacement = int(service.wait_for(rf"worker (\d+) replaced worker {killed}$", since=since)[1])
+        service.send_signal(signal.SIGTERM)
+        assert service.wait() == 0
+    assert all(is_gone(pid) for pid in first | {replacement})

@@ -65,6 +65,10 @@ __all__ = [
 DEFAULT_BACKLOG = 4096
 DEFAULT_GRACE_PERIOD = 5.0
 DEFAULT_START_TIMEOUT = 30.0
+# A worker whose event loop has not pinged its supervisor for this long is
+# killed and replaced.  As gunicorn's --timeout: long enough for a handler that
+# computes for a few seconds without a checkpoint, short enough to end a hang.
+DEFAULT_WORKER_TIMEOUT = 30.0
 # The shortest [service] watchdog: pings go at half of it, from the event loop.
 WATCHDOG_MIN = 1.0
 # systemd's SocketMode= default.
@@ -120,6 +124,9 @@ class ServiceSpec:
     # WatchdogSec= in the generated unit: a service whose event loop stops
     # for this long is restarted.  None: no watchdog.
     watchdog: float | None = None
+    # Seconds a serving worker's event loop may go without pinging its
+    # supervisor before it is killed and replaced.
+    worker_timeout: float = DEFAULT_WORKER_TIMEOUT
 
 
 @record
@@ -453,6 +460,11 @@ class _Parser:
                 f"{watchdog:g} is too short: the service pings at half of it "
                 f"(expected at least {WATCHDOG_MIN:g})",
             )
+        worker_timeout = table.get("worker-timeout", self.grace_period(table), DEFAULT_WORKER_TIMEOUT)
+        if worker_timeout == 0:
+            raise table.error(
+                "worker-timeout", "0 would kill every worker at once (expected a number of seconds > 0)"
+            )
         user = table.get("user", self.user_or_group(table), None)
         group = table.get("group", self.user_or_group(table), None)
         if group is not None and user is None:
@@ -476,6 +488,7 @@ class _Parser:
             group,
             unit_extra,
             watchdog,
+            worker_timeout,
         )
 
     def service_name(self, key_path: str, name: str, *, from_file_name: bool) -> str:
@@ -838,6 +851,7 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
     service["start-timeout"] = manifest.service.start_timeout
     if manifest.service.watchdog is not None:
         service["watchdog"] = manifest.service.watchdog
+    service["worker-timeout"] = manifest.service.worker_timeout
     if manifest.service.user is not None:
         service["user"] = manifest.service.user
     if manifest.service.group is not None:

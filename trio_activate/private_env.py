@@ -14,6 +14,7 @@ __all__ = [
     "FRESH_CODE_VARIABLE",
     "HANDOFF_FROM_VARIABLE",
     "SOCKET_FILES_VARIABLE",
+    "SUPERVISOR_VARIABLE",
     "WORKER_FDS_VARIABLE",
 ]
 
@@ -31,6 +32,11 @@ WORKER_FDS_VARIABLE = "TRIO_ACTIVATE_WORKER_FDS"
 # Set in a successor that a single-process serve hands its sockets over to on
 # SIGHUP: the predecessor's PID (see handoff.py).
 HANDOFF_FROM_VARIABLE = "TRIO_ACTIVATE_HANDOFF_FROM"
+# Set by the supervisor for each worker it spawns: its own PID.  The worker
+# stops when that process dies (a `kill -9`), instead of serving on, orphaned,
+# with the port bound.  A hand-over successor has none: its predecessor exits
+# on purpose.
+SUPERVISOR_VARIABLE = "TRIO_ACTIVATE_SUPERVISOR_PID"
 # Set by `trio-activate dev` in its workers: full tracebacks for start-up
 # errors, and handler modules compiled from source (never stale bytecode).
 DEV_VARIABLE = "TRIO_ACTIVATE_DEV"

@@ -24,7 +24,7 @@ from .handlers import LoadedHandler, load_handlers
 from .handoff import hand_over, stop_successor, take_handoff, wait_for_exit
 from .manifest import HandlerKind, Manifest
 from .notifier import Notifier
-from .private_env import FRESH_CODE_VARIABLE
+from .private_env import FRESH_CODE_VARIABLE, SUPERVISOR_VARIABLE
 from .runtime import HandlerSockets, Service, serve_connection_once
 from .serving import Listening
 from .spawn import WorkerCommand
@@ -50,6 +50,7 @@ def run_service(
     hand-over); None leaves reloads to a supervisor.
     """
     handoff = take_handoff(os.environ)
+    supervisor = os.environ.pop(SUPERVISOR_VARIABLE, None)
     _log_banner(manifest, owned)
     fresh_code = os.environ.pop(FRESH_CODE_VARIABLE, None) is not None
     # The user's code runs here: a stop asked for meanwhile stops the start (StartInterrupted).
@@ -88,14 +89,51 @@ def run_service(
                 return successor
 
         service = Service(manifest, plan, notifier=notifier, reloader=reloader)
-        status: int = trio.run(_serve_with_signals, service, handoff)
+        watch = _watch_supervisor(supervisor)
+        try:
+            status: int = trio.run(_serve_with_signals, service, handoff, watch)
+        finally:
+            if watch is not None and watch[1] is not None:
+                os.close(watch[1])
     if service.handed_over:
         # The successor serves on these socket files and removes them when it stops.
         owned.files = []
     return status
 
 
-async def _serve_with_signals(service: Service, handoff: tuple[int, Notifier] | None) -> int:
+def _watch_supervisor(text: str | None) -> tuple[int, int | None] | None:
+    """In a supervised worker: the supervisor's PID and a pidfd for it (None: it is gone already).
+
+    Not ``prctl(PR_SET_PDEATHSIG)``: it must be set between fork and exec,
+    where running Python in the supervisor's threaded process is unsafe, and
+    it fires when the *thread* that forked exits, and the supervisor forks
+    from trio's worker threads, which end when idle.  A pidfd is watched from
+    the worker's own loop.  Opened first, then checked against our parent:
+    if that is no longer the supervisor, it died before, and its PID may name
+    another process by now.
+    """
+    if text is None or not text.isdigit():
+        return None
+    pid = int(text)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return pid, None
+    if os.getppid() != pid:
+        os.close(pidfd)
+        return pid, None
+    return pid, pidfd
+
+
+async def _serve_with_signals(
+    service: Service, handoff: tuple[int, Notifier] | None, supervisor: tuple[int, int | None] | None = None
+) -> int:
+    if handoff is None and supervisor is not None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_with_supervisor, service, *supervisor)
+            status = await service.serve(handle_signals=True)
+            nursery.cancel_scope.cancel()
+        return status
     if handoff is None:
         return await service.serve(handle_signals=True)
     predecessor, manager = handoff
@@ -118,6 +156,17 @@ async def _serve_with_signals(service: Service, handoff: tuple[int, Notifier] | 
             log.info("predecessor %d exited; this process is the service now", predecessor)
             service.is_main.set()
     return statuses[0]
+
+
+async def _stop_with_supervisor(service: Service, pid: int, pidfd: int | None) -> None:
+    """A worker whose supervisor died (``kill -9``) stops gracefully, releasing the sockets."""
+    if pidfd is not None:
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            trio.lowlevel.notify_closing(pidfd)
+    log.warning("the supervisor (PID %d) exited; stopping gracefully", pid)
+    service.shutdown()
 
 
 def _accept_handler(manifest: Manifest, handlers: list[LoadedHandler]) -> LoadedHandler:

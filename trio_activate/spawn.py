@@ -31,13 +31,20 @@ import trio
 
 from .listen_env import LISTEN_VARIABLES
 from .notify_message import credentials_space, parse_notify_message, sender_pid
-from .private_env import DEV_VARIABLE, FRESH_CODE_VARIABLE, WORKER_FDS_VARIABLE
+from .private_env import DEV_VARIABLE, FRESH_CODE_VARIABLE, SUPERVISOR_VARIABLE, WORKER_FDS_VARIABLE
 from .records import record
 
 __all__ = ["NotifyInbox", "WorkerCommand", "spawn_worker", "worker_argv"]
 
 # Variables a worker must not inherit from whoever spawns it.
-_PRIVATE = (*LISTEN_VARIABLES, "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", FRESH_CODE_VARIABLE)
+_PRIVATE = (
+    *LISTEN_VARIABLES,
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    FRESH_CODE_VARIABLE,
+    SUPERVISOR_VARIABLE,
+)
 
 
 @record

@@ -43,6 +43,7 @@ def run_supervisor(
             workers=workers,
             grace_period=manifest.service.grace_period,
             start_timeout=manifest.service.start_timeout,
+            worker_timeout=manifest.service.worker_timeout,
             notifier=notifier,
             dev=bool(watch),
         )

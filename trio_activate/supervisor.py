@@ -19,19 +19,39 @@ Readiness: every worker gets the supervisor's private ``NOTIFY_SOCKET`` (an
 abstract unix datagram socket with ``SO_PASSCRED``, so the kernel tells
 which PID sent each message).  A worker counts as serving once it sends
 ``READY=1``; one that exits before, or is not ready within ``start-timeout``
-seconds, failed to start.
+seconds, failed to start.  A worker that is not ready has served nothing: it
+is stopped with SIGKILL, without a grace period (it would hold SIGTERM
+pending until its start-up ended, a hung import never).  A worker that
+cannot even be spawned (fork refused at ``RLIMIT_NPROC``, the interpreter
+removed) is a failed start too, told in one line; the supervisor goes on.
 
 A generation is N workers (``workers = N``).  A reload (SIGHUP, or a file
 change under ``dev``) starts the next generation; once all its workers are
 ready, the old generation gets SIGTERM and drains within its grace period.
 If the new generation fails, it is stopped and the old one keeps serving.
+Reloads never overlap: those asked for while one runs fold into one reload
+that follows it (`PendingReload`).  A generation a reload replaced is
+*retired*: a restart of one of its slots that was under way adds no worker
+to it.
 
-A worker that dies while serving is restarted with exponential back-off
-(``RESTART_BACKOFF_START`` doubling up to ``RESTART_BACKOFF_MAX``).  Before
-any generation was ever ready, a failed start is retried
+A worker that dies while serving is restarted in its slot after a back-off
+that doubles each time the slot's worker dies within ``STABLE_AFTER``
+seconds of its ``READY=1`` or fails to start (``RESTART_BACKOFF_START`` up
+to ``RESTART_BACKOFF_MAX``), and starts over after one that served longer;
+every death and every failed attempt is one log line.  A restart that cannot
+spawn retries for as long as that lasts; one whose worker fails to start
+``START_ATTEMPTS`` times in a row stops the service (``dev`` never gives
+up).  Before any generation was ever ready, a failed start is retried
 ``START_ATTEMPTS`` times, then the supervisor gives up with exit status 1;
-a worker that keeps dying at start after ``START_ATTEMPTS`` restarts also
-stops the service (``dev`` never gives up: it waits for the next change).
+a stop asked for meanwhile ends the start at once, never retried.
+
+Liveness (``worker-timeout``): every worker gets ``WATCHDOG_USEC`` and so
+pings the inbox (``WATCHDOG=1``) from its Trio loop, four times per
+``worker-timeout``.  A serving worker silent for ``worker-timeout`` (its
+loop is stuck: a handler calling ``time.sleep``, ``SIGSTOP``) is killed
+with SIGKILL, in one error line, and its slot restarts.  Each worker
+watches the supervisor through a pidfd and stops gracefully when it dies
+(``service_main``).
 
 Towards systemd (``NOTIFY_SOCKET`` set for the supervisor): ``READY=1`` when
 the first generation is ready, ``RELOADING=1`` with ``MONOTONIC_USEC=`` when
@@ -41,13 +61,14 @@ them.  The supervisor's PID never changes, so ``MAINPID`` stays right, and a
 manager that cannot follow a main process it did not fork (systemd before
 the pidfd hand-over) never has to: this is the mode generated units run.
 
-The watchdog watches the workers' loops, not only the supervisor's: each
-worker gets the same ``WATCHDOG_USEC`` and pings the supervisor's inbox,
-and the supervisor pings the manager only while every serving worker of
-the current generation has pinged within that period.  A worker whose loop
-is stuck (a handler calling ``time.sleep``) so makes the manager act on
-the service (``WatchdogSec=``: abort and restart), as it would for a
-single process.
+The manager's watchdog watches the workers' loops, not only the
+supervisor's: the workers ping at least twice per manager period, and the
+supervisor pings the manager only while some serving worker of the current
+generation has pinged within that period.  One stuck worker among others is
+the supervisor's to replace (``worker-timeout``); when none pings, the
+service as a whole is stuck (the one worker's loop blocked by a handler
+calling ``time.sleep``), and the manager acts on it (``WatchdogSec=``:
+abort and restart), as it would for a single process.
 
 A reload's outcome also goes to whoever waits for it
 (`~trio_activate.reload_outcome`: ``trio-activate reload --wait``, systemd
@@ -70,7 +91,9 @@ from functools import partial
 
 import trio
 
+from .manifest import DEFAULT_WORKER_TIMEOUT
 from .notifier import Notifier
+from .private_env import SUPERVISOR_VARIABLE
 from .records import field, record
 from .reload_outcome import announce_reload_outcome
 from .spawn import NotifyInbox, WorkerCommand, spawn_worker
@@ -85,6 +108,10 @@ START_ATTEMPTS = 5
 EXIT_CONFIGURATION_ERROR = 2
 RESTART_BACKOFF_START = 0.1
 RESTART_BACKOFF_MAX = 10.0
+# A worker that served this long before it died resets its slot's back-off; one
+# that died sooner doubles it (a crash loop), up to RESTART_BACKOFF_MAX.  As long
+# as the longest back-off, so a slot in a crash loop is never restarted faster.
+STABLE_AFTER = RESTART_BACKOFF_MAX
 # After SIGTERM a worker has its grace period to drain, and this much more to exit.
 STOP_MARGIN = 5.0
 
@@ -97,9 +124,11 @@ class Worker:
     ready: bool = False
     stopping: bool = False
     exited: bool = False
-    # trio.current_time() of its last READY=1 or WATCHDOG=1.
+    # trio.current_time() of its READY=1, and of its last READY=1 or WATCHDOG=1.
+    ready_at: float = 0.0
     last_ping: float = 0.0
-    reported_stuck: bool = False
+    # Killed for its silence (worker-timeout): its error line said so already.
+    timed_out: bool = False
 
     @property
     def pid(self) -> int:
@@ -110,9 +139,29 @@ class Worker:
 class Generation:
     number: int
     workers: list[Worker] = field(default_factory=list)
+    # Set once it is being stopped (replaced by a reload, or failed to start):
+    # no worker may join it from then on.
+    retired: bool = False
+    # Each slot's last restart back-off.
+    backoff: dict[int, float] = field(default_factory=dict)
 
     def live(self) -> list[Worker]:
         return [w for w in self.workers if not w.exited]
+
+    def restart_delay(self, slot: int, served: float) -> float:
+        """The back-off before restarting `slot`, whose worker died after serving `served` seconds."""
+        previous = self.backoff.get(slot)
+        if previous is None or served >= STABLE_AFTER:
+            delay = RESTART_BACKOFF_START
+        else:
+            delay = min(previous * 2, RESTART_BACKOFF_MAX)
+        self.backoff[slot] = delay
+        return delay
+
+    def back_off(self, slot: int, delay: float) -> float:
+        """After a failed restart of `slot` that waited `delay`: the next, longer wait."""
+        self.backoff[slot] = min(delay * 2, RESTART_BACKOFF_MAX)
+        return self.backoff[slot]
 
 
 class StartFailed(Exception):
@@ -124,6 +173,18 @@ class StartFailed(Exception):
         self.worker_status = worker_status
 
 
+class SpawnFailed(StartFailed):
+    """A worker process could not even be created (no process to spare, the interpreter gone)."""
+
+
+@record(frozen=False, eq=False)
+class PendingReload:
+    """A reload asked for while another runs: every request meanwhile waits for this one's outcome."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    taken_over: bool = False
+
+
 class Supervisor:
     def __init__(
         self,
@@ -132,6 +193,7 @@ class Supervisor:
         workers: int,
         grace_period: float,
         start_timeout: float,
+        worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
         notifier: Notifier | None = None,
         dev: bool = False,
         environ: Mapping[str, str] | None = None,
@@ -140,6 +202,7 @@ class Supervisor:
         self.worker_count = workers
         self.grace_period = grace_period
         self.start_timeout = start_timeout
+        self.worker_timeout = worker_timeout
         self.notifier = notifier if notifier is not None else Notifier(None)
         self.dev = dev
         self.environ = dict(os.environ if environ is None else environ)
@@ -152,6 +215,12 @@ class Supervisor:
         self._stop = trio.Event()
         self._stopping = False
         self._reload_lock = trio.Lock()
+        # The reload that follows the one under way, once asked for.
+        self._pending_reload: PendingReload | None = None
+        # While the first generation starts: cancelled by stop(), which need not wait for it.
+        self._first_start: trio.CancelScope | None = None
+        # Whether WATCHDOG=1 is withheld from the manager (logged once per stall).
+        self._withholding = False
         self._nursery: trio.Nursery | None = None
         self._inbox: NotifyInbox | None = None
 
@@ -166,6 +235,7 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._receive_notifications)
+                nursery.start_soon(self._watch_liveness)
                 # The service manager watches the supervisor (its MAINPID); the
                 # supervisor vouches for its workers' loops.
                 await nursery.start(partial(serve_watchdog, self.notifier, healthy=self._workers_healthy))
@@ -182,6 +252,10 @@ class Supervisor:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._first_start is not None:
+            # A first generation still starting has served nothing: stopped now,
+            # not at the end of its start-timeout, and never retried.
+            self._first_start.cancel()
         # Whoever waits for a change (the dev supervisor waiting for its first
         # generation) must see the stop too.
         self._notify_changed()
@@ -189,74 +263,117 @@ class Supervisor:
     async def reload(self, reason: str) -> bool:
         """Start the next generation; once it is ready, stop the current one.  True if it took over.
 
-        How it ended also goes to a waiting ``trio-activate reload --wait``.
+        Reloads asked for while one runs fold into one that follows it, which
+        starts the code on disk then, with every change they asked for; each
+        returns its outcome.  How it ended also goes to a waiting
+        ``trio-activate reload --wait``.
         """
-        if self._stopping:
+        if self._stop.is_set():
             announce_reload_outcome(False, "the service is stopping")
             return False
-        async with self._reload_lock:
-            started = time.monotonic()
-            log.info("reload (%s): starting generation %d", reason, self.generations_started + 1)
-            self.notifier.reloading()
-            try:
-                new = await self._start_generation()
-            except StartFailed as exc:
-                if self._stopping:
-                    announce_reload_outcome(False, "the service is stopping")
-                    return False
-                current = self.current.number if self.current else 0
-                log.error("reload failed: %s; generation %d keeps serving", exc, current)
-                status = f"Reload failed: {exc}; still serving generation {current}"
-                self.notifier.ready(status)
-                announce_reload_outcome(False, status)
-                return False
-            if self._stopping:
-                # Ready just as the stop began: the shutdown stops it with the rest.
+        pending = self._pending_reload
+        if pending is not None:
+            log.debug("reload (%s): folded into the reload that follows the one under way", reason)
+            await pending.done.wait()
+            return pending.taken_over
+        pending = self._pending_reload = PendingReload()
+        if self._reload_lock.locked():
+            log.info("reload (%s): follows the one under way", reason)
+        try:
+            async with self._reload_lock:
+                # From here on, a reload asked for is one more, to follow this one.
+                self._pending_reload = None
+                pending.taken_over = await self._reload_once(reason)
+        finally:
+            if self._pending_reload is pending:
+                # Cancelled before it could run: the service stops.
+                self._pending_reload = None
                 announce_reload_outcome(False, "the service is stopping")
+            pending.done.set()
+        return pending.taken_over
+
+    async def _reload_once(self, reason: str) -> bool:
+        if self._stop.is_set():
+            self._announce(False, "the service is stopping")
+            return False
+        started = time.monotonic()
+        log.info("reload (%s): starting generation %d", reason, self.generations_started + 1)
+        self.notifier.reloading()
+        try:
+            new = await self._start_generation()
+        except StartFailed as exc:
+            if self._stop.is_set():
+                self._announce(False, "the service is stopping")
                 return False
-            old, self.current = self.current, new
-            # A change: dev's wait for its first generation ends on it.
-            self._notify_changed()
-            log.info("reloaded: generation %d serving in %.3fs", new.number, time.monotonic() - started)
-            self.notifier.ready(self._status())
-            announce_reload_outcome(True, self._status())
-            if old is not None:
-                assert self._nursery is not None
-                self._nursery.start_soon(self._stop_generation, old)
-            return True
+            current = self.current.number if self.current else 0
+            log.error("reload failed: %s; generation %d keeps serving", exc, current)
+            status = f"Reload failed: {exc}; still serving generation {current}"
+            self.notifier.ready(status)
+            self._announce(False, status)
+            return False
+        if self._stop.is_set():
+            # Ready just as the stop began: the shutdown stops it with the rest.
+            self._announce(False, "the service is stopping")
+            return False
+        old, self.current = self.current, new
+        # A change: dev's wait for its first generation ends on it.
+        self._notify_changed()
+        log.info("reloaded: generation %d serving in %.3fs", new.number, time.monotonic() - started)
+        self.notifier.ready(self._status())
+        self._announce(True, self._status())
+        if old is not None:
+            # Retired now, before anything else runs: a restart of one of its
+            # slots that is under way must not add a worker to it any more.
+            old.retired = True
+            assert self._nursery is not None
+            self._nursery.start_soon(self._stop_generation, old)
+        return True
+
+    def _announce(self, taken_over: bool, status: str) -> None:
+        # With a reload to follow, that one answers: a waiter listening now may
+        # have sent its SIGHUP after this reload began, so this reload's code
+        # need not have what it asked for.  The follower always answers.
+        if self._pending_reload is None:
+            announce_reload_outcome(taken_over, status)
 
     # --- generations ---------------------------------------------------------
 
     async def _start_first_generation(self) -> bool:
         delay = RESTART_BACKOFF_START
         for attempt in range(1, START_ATTEMPTS + 1):
-            try:
-                # Held so that a reload asked for meanwhile (SIGHUP) starts after this
-                # generation is current and then replaces it, instead of racing it.
-                async with self._reload_lock:
-                    self.current = await self._start_generation()
-            except StartFailed as exc:
-                if self.dev:
-                    log.error("%s; waiting for a change to try again", exc)
-                    return await self._wait_for_first_dev_generation()
-                if attempt == START_ATTEMPTS:
-                    log.error("%s; giving up after %d attempts", exc, attempt)
-                    # A worker's configuration error (it said why in one line: a
-                    # handler that cannot be imported, sockets that do not match
-                    # the manifest) is the supervisor's too: the same status tells
-                    # the manager that restarting cannot help (the units'
-                    # RestartPreventExitStatus=2).  Retried all the same, as an
-                    # import can fail for a while (a database not up yet).
-                    self.exit_status = 2 if exc.worker_status == EXIT_CONFIGURATION_ERROR else 1
-                    return False
-                log.error("%s; retrying in %.1fs", exc, delay)
-                with trio.move_on_after(delay):
-                    await self._stop.wait()
-                if self._stop.is_set():
-                    return False
-                delay = min(delay * 2, RESTART_BACKOFF_MAX)
-            else:
-                break
+            if self._stop.is_set():
+                return False
+            failure: StartFailed | None = None
+            with trio.CancelScope() as self._first_start:
+                try:
+                    # Held so that a reload asked for meanwhile (SIGHUP) starts after this
+                    # generation is current and then replaces it, instead of racing it.
+                    async with self._reload_lock:
+                        self.current = await self._start_generation()
+                except StartFailed as exc:
+                    failure = exc
+            self._first_start = None
+            if self.current is not None:
+                break  # serving; a stop asked for meanwhile follows in run()
+            if failure is None or self._stop.is_set():
+                return False  # stopped while it started
+            if self.dev:
+                log.error("%s; waiting for a change to try again", failure)
+                return await self._wait_for_first_dev_generation()
+            if attempt == START_ATTEMPTS:
+                log.error("%s; giving up after %d attempts", failure, attempt)
+                # A worker's configuration error (it said why in one line: a
+                # handler that cannot be imported, sockets that do not match
+                # the manifest) is the supervisor's too: the same status tells
+                # the manager that restarting cannot help (the units'
+                # RestartPreventExitStatus=2).  Retried all the same, as an
+                # import can fail for a while (a database not up yet).
+                self.exit_status = 2 if failure.worker_status == EXIT_CONFIGURATION_ERROR else 1
+                return False
+            log.error("%s; retrying in %.1fs", failure, delay)
+            with trio.move_on_after(delay):
+                await self._stop.wait()
+            delay = min(delay * 2, RESTART_BACKOFF_MAX)
         log.info(
             "ready: generation %d, %d worker(s)",
             self.current.number if self.current else 0,
@@ -282,12 +399,15 @@ class Supervisor:
                 generation.workers.append(await self._spawn(generation.number, slot))
             with trio.move_on_after(self.start_timeout) as timeout:
                 while not all(w.ready for w in generation.workers):
-                    failed = [w for w in generation.workers if w.exited and not w.ready]
+                    # Also one that was ready and died: nothing would restart it,
+                    # as its generation is not current yet.
+                    failed = [w for w in generation.workers if w.exited]
                     if failed:
                         worker = failed[0]
                         raise StartFailed(
                             f"generation {generation.number}: worker {worker.pid} exited with status "
-                            f"{worker.process.returncode} before it was ready",
+                            f"{worker.process.returncode} before "
+                            + ("the generation was ready" if worker.ready else "it was ready"),
                             worker_status=worker.process.returncode,
                         )
                     await self._wait_changed()
@@ -304,18 +424,32 @@ class Supervisor:
 
     async def _spawn(self, generation: int, slot: int) -> Worker:
         assert self._inbox is not None
-        extra_env = {}
+        # A worker pings at half of WATCHDOG_USEC: four pings per worker-timeout,
+        # and at least two per period of the manager's own watchdog (twice our
+        # interval) when there is one.  See the module docstring.
+        # Capped at a day: WATCHDOG_USEC must stay below 2**64-1 for any worker-timeout.
+        period = min(self.worker_timeout / 2, 86_400.0)
         interval = self.notifier.watchdog_interval
         if interval is not None:
-            # The manager's own period (twice the ping interval): see the module docstring.
-            extra_env["WATCHDOG_USEC"] = str(round(interval * 2 * 1_000_000))
-        process = await spawn_worker(
-            self.command,
-            notify_socket=self._inbox.address,
-            environ=self.environ,
-            extra_env=extra_env,
-            fresh_code=generation > 1,  # a reload: the code on disk now, not a cached .pyc
-        )
+            period = min(period, interval * 2)
+        extra_env = {
+            "WATCHDOG_USEC": str(max(1, round(period * 1_000_000))),
+            # The worker stops when this process dies (service_main).
+            SUPERVISOR_VARIABLE: str(os.getpid()),
+        }
+        try:
+            process = await spawn_worker(
+                self.command,
+                notify_socket=self._inbox.address,
+                environ=self.environ,
+                extra_env=extra_env,
+                fresh_code=generation > 1,  # a reload: the code on disk now, not a cached .pyc
+            )
+        except (OSError, RuntimeError) as exc:
+            # fork refused (EAGAIN at RLIMIT_NPROC), the interpreter gone (ENOENT:
+            # a virtualenv removed under us), no thread left to fork from
+            # (RuntimeError): this worker cannot start, but what serves goes on.
+            raise SpawnFailed(f"generation {generation}: cannot start a worker: {exc}") from exc
         worker = Worker(process, generation, slot)
         self._workers_by_pid[worker.pid] = worker
         assert self._nursery is not None
@@ -340,46 +474,82 @@ class Supervisor:
             return
         if not worker.ready:
             return  # a failed start: the generation's start reports it
-        if self.current is not None and worker in self.current.workers:
+        generation = self.current
+        if generation is None or worker not in generation.workers:
+            return  # of a generation still starting: its start reports it
+        delay = generation.restart_delay(worker.slot, trio.current_time() - worker.ready_at)
+        if worker.timed_out:
+            log.debug("worker %d killed; restarting in %gs", worker.pid, delay)
+        else:
             log.warning(
-                "worker %d (generation %d) died with status %s; restarting",
+                "worker %d (generation %d) died with status %s after %.1fs serving; restarting in %gs",
                 worker.pid,
                 worker.generation,
                 _describe_status(status),
+                trio.current_time() - worker.ready_at,
+                delay,
             )
-            assert self._nursery is not None
-            self._nursery.start_soon(self._restart_slot, worker)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._restart_slot, generation, worker, delay)
 
-    async def _restart_slot(self, dead: Worker) -> None:
-        delay = RESTART_BACKOFF_START
+    async def _restart_slot(self, generation: Generation, dead: Worker, delay: float) -> None:
         failures = 0
-        generation = self.current
-        if generation is None:
-            return
-        while generation is self.current and not self._stopping:
+        while True:
             await trio.sleep(delay)
-            if generation is not self.current or self._stopping:
+            if generation.retired or self._stop.is_set():
                 return
             self.restarts += 1
-            replacement = await self._spawn(dead.generation, dead.slot)
+            try:
+                replacement = await self._spawn(generation.number, dead.slot)
+            except SpawnFailed as exc:
+                # The machine's fault (no process to spare, the interpreter gone),
+                # not the code's: retried as long as it lasts, each attempt logged.
+                delay = generation.back_off(dead.slot, delay)
+                log.error("%s (to replace worker %d); retrying in %gs", exc, dead.pid, delay)
+                continue
+            if generation.retired:
+                # Replaced by a reload while this worker was being spawned: it would
+                # serve the old code beside the new generation.  It served nothing.
+                replacement.stopping = True
+                _signal(replacement, signal.SIGKILL)
+                return
             generation.workers[generation.workers.index(dead)] = replacement
-            with trio.move_on_after(self.start_timeout):
+            with trio.move_on_after(self.start_timeout) as waited:
                 while not replacement.ready and not replacement.exited:
                     await self._wait_changed()
             if replacement.ready:
                 log.info("worker %d replaced worker %d", replacement.pid, dead.pid)
                 return
+            if replacement.stopping:
+                return  # its generation stops (a reload, the shutdown)
             await self._stop_workers([replacement])
             failures += 1
+            if waited.cancelled_caught:
+                why = f"was not ready within start-timeout ({self.start_timeout:g}s)"
+            else:
+                why = f"exited with status {replacement.process.returncode} before it was ready"
             if failures >= START_ATTEMPTS and not self.dev:
-                log.error("a worker failed to start %d times in a row; stopping the service", failures)
+                log.error(
+                    "worker %d %s; a worker failed to start %d times in a row; stopping the service",
+                    replacement.pid,
+                    why,
+                    failures,
+                )
                 self.exit_status = 1
                 self.stop()
                 return
+            delay = generation.back_off(dead.slot, delay)
+            log.error(
+                "worker %d (generation %d) %s; retrying in %gs",
+                replacement.pid,
+                generation.number,
+                why,
+                delay,
+            )
             dead = replacement
-            delay = min(delay * 2, RESTART_BACKOFF_MAX)
 
     async def _stop_generation(self, generation: Generation) -> None:
+        generation.retired = True
         await self._stop_workers(generation.workers)
         log.debug("generation %d stopped", generation.number)
 
@@ -387,7 +557,9 @@ class Supervisor:
         live = [w for w in workers if not w.exited]
         for worker in live:
             worker.stopping = True
-            _signal(worker, signal.SIGTERM)
+            # One not ready has served nothing, and holds SIGTERM pending until its
+            # start-up ends (a hung import: for ever): no grace period for it.
+            _signal(worker, signal.SIGTERM if worker.ready else signal.SIGKILL)
         deadline = trio.current_time() + self.grace_period + STOP_MARGIN
         with trio.move_on_at(deadline):
             while any(not w.exited for w in live):
@@ -422,30 +594,61 @@ class Supervisor:
                 worker.last_ping = trio.current_time()
             if fields.get("READY") == "1" and not worker.ready:
                 worker.ready = True
+                worker.ready_at = worker.last_ping
                 log.debug("worker %d ready", worker.pid)
                 self._notify_changed()
 
     def _workers_healthy(self) -> bool:
-        """Whether every serving worker of the current generation pinged within the manager's period."""
+        """Whether the current generation serves: one of its workers pinged within the manager's period.
+
+        One stuck worker among others is the supervisor's to replace (worker-timeout);
+        when none pings, the service as a whole is stuck, and the manager acts.
+        """
         interval = self.notifier.watchdog_interval
         if interval is None or self.current is None:
             return True
         now = trio.current_time()
-        healthy = True
-        for worker in self.current.workers:
-            if not worker.ready or worker.exited or worker.stopping:
+        serving = [w for w in self.current.workers if w.ready and not w.exited and not w.stopping]
+        if not serving or any(now - w.last_ping <= 2 * interval for w in serving):
+            self._withholding = False
+            return True
+        if not self._withholding:
+            self._withholding = True
+            log.error(
+                "the service has not pinged the watchdog for %.1fs: no worker of generation %d did "
+                "(their event loops are blocked); no more watchdog pings to the service manager",
+                now - max(w.last_ping for w in serving),
+                self.current.number,
+            )
+        return False
+
+    async def _watch_liveness(self) -> None:
+        """Kill a serving worker whose event loop has been silent for worker-timeout; its slot restarts."""
+        period = self.worker_timeout / 10
+        last_check = trio.current_time()
+        while True:
+            await trio.sleep(period)
+            now = trio.current_time()
+            late = now - last_check > 2 * period
+            last_check = now
+            if late:
+                # This loop was stalled (or the machine slept): the pings that
+                # waited in the inbox meanwhile are read before anyone is judged.
                 continue
-            if now - worker.last_ping > 2 * interval:
-                healthy = False
-                if not worker.reported_stuck:
-                    worker.reported_stuck = True
+            for worker in list(self._workers_by_pid.values()):
+                if not worker.ready or worker.exited or worker.stopping or worker.timed_out:
+                    continue
+                if now - worker.last_ping > self.worker_timeout:
+                    worker.timed_out = True
                     log.error(
-                        "worker %d has not pinged the watchdog for %.1fs (its event loop is blocked); "
-                        "no more watchdog pings to the service manager",
+                        "worker %d (generation %d) has not pinged for %.1fs, over worker-timeout (%gs): "
+                        "its event loop is stuck; killing it",
                         worker.pid,
+                        worker.generation,
                         now - worker.last_ping,
+                        self.worker_timeout,
                     )
-        return healthy
+                    _signal(worker, signal.SIGKILL)
 
     async def _watch_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
         wanted = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
