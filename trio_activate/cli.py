@@ -54,6 +54,10 @@ STARTER_MANIFEST = """\
 # name = "my-service"          # default: this file's name without .toml
 grace-period = 5.0             # seconds in-flight handlers get on shutdown
 python-path = ["."]            # folders (relative to this file) searched for handler modules
+# workers = 1                  # more than one runs a supervisor; SIGHUP reloads with zero downtime
+# worker-timeout = 30.0        # a worker whose event loop stalls this long is replaced
+# watchdog = 10.0              # WatchdogSec= in the systemd unit
+# user = "www-data"            # the systemd unit's User=; unset: DynamicUser=yes
 
 # The table's key is the socket's name: systemd passes it as FileDescriptorName=.
 [sockets.echo]
@@ -64,10 +68,15 @@ type = "stream"                # stream | datagram | seqpacket
 # ipv6-only = false            # IPv6 addresses only
 # free-bind = false
 # mode = "0660"                # unix socket files only; also owner, group, remove-on-stop
+# accept = false               # stream only: Accept=yes, one process per connection (systemd)
 
 [handlers.echo]
 socket = "echo"                # a socket name, or a list of names
 call = "trio_activate.examples:echo"   # module:function; await echo(stream) per connection
+# max-connections = 1000       # stop accepting while this many are open
+# on-full = "wait"             # at max-connections: "wait" in the backlog, or "close" at once
+# idle-timeout = 60.0          # close a connection that received nothing for this long
+# max-lifetime = 3600.0        # close a connection this old
 """
 
 
