@@ -177,3 +177,33 @@ def test_wrk_report_line_is_parsed(bench_modules: tuple[ModuleType, ModuleType, 
     assert result.latency_p99_ms == 9.0
     with pytest.raises(harness.BenchError):
         harness.parse_wrk("no report here")
+
+
+FAULTS = BENCH / "faults.py"
+
+
+def test_faults_quick_run_leaks_no_fd_and_recovers_from_emfile() -> None:
+    """``faults.py --quick`` on the parts that need no wrk: no fd is left behind by the mix of
+    resets, half-closes and silent connections, and a connection queued while the server was out
+    of fds is answered once one closes (no timing is asserted)."""
+    done = subprocess.run(
+        [sys.executable, str(FAULTS), "--quick", "--only", "fds,emfile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| part | figure | target | measured | met? |" in done.stdout
+    assert "| fds | fds leaked over the second 400 connections | 0 | +0 | yes |" in done.stdout
+    assert "0 connections that should have been answered were not" in done.stdout
+    assert "freed fd to the queued connection's answer" in done.stdout
+    assert "the server logged 'accept failed: Too many open files'" in done.stdout
+
+
+def test_faults_refuses_unknown_parts() -> None:
+    done = subprocess.run(
+        [sys.executable, str(FAULTS), "--only", "fds,nonsense"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0
+    assert "nonsense" in done.stderr
