@@ -312,6 +312,12 @@ class StreamServer:
             if not close_when_full:
                 await self.slots.wait_available()
             await trio.lowlevel.wait_readable(sock)
+            if self._accepting.cancel_called:
+                # Woken in the same pass as stop_accepting(), before its
+                # cancellation could reach this task: accept nothing more.  The
+                # service has said STOPPING=1; a reload has told its waiter that
+                # new connections go to the new code.
+                return
             for _ in range(ACCEPT_BATCH):
                 if not self.slots.available() and not close_when_full:
                     break

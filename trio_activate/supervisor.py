@@ -114,6 +114,8 @@ RESTART_BACKOFF_MAX = 10.0
 STABLE_AFTER = RESTART_BACKOFF_MAX
 # After SIGTERM a worker has its grace period to drain, and this much more to exit.
 STOP_MARGIN = 5.0
+# A reload waits at most this long for the old generation to stop accepting.
+STOP_ACCEPTING_WAIT = 2.0
 
 
 @record(frozen=False, eq=False)
@@ -123,6 +125,8 @@ class Worker:
     slot: int
     ready: bool = False
     stopping: bool = False
+    # It said STOPPING=1: it accepts no new connection (it drains what it has).
+    stopped_accepting: bool = False
     exited: bool = False
     # trio.current_time() of its READY=1, and of its last READY=1 or WATCHDOG=1.
     ready_at: float = 0.0
@@ -318,16 +322,32 @@ class Supervisor:
         old, self.current = self.current, new
         # A change: dev's wait for its first generation ends on it.
         self._notify_changed()
-        log.info("reloaded: generation %d serving in %.3fs", new.number, time.monotonic() - started)
-        self.notifier.ready(self._status())
-        self._announce(True, self._status())
         if old is not None:
             # Retired now, before anything else runs: a restart of one of its
             # slots that is under way must not add a worker to it any more.
             old.retired = True
+            # The outcome is told once the old code takes no new connection, so that
+            # whoever waits for the reload (systemctl reload) then reaches the new code.
+            await self._stop_accepting(old)
+        log.info("reloaded: generation %d serving in %.3fs", new.number, time.monotonic() - started)
+        self.notifier.ready(self._status())
+        self._announce(True, self._status())
+        if old is not None:
             assert self._nursery is not None
             self._nursery.start_soon(self._stop_generation, old)
         return True
+
+    async def _stop_accepting(self, generation: Generation) -> None:
+        """SIGTERM to `generation`; wait until each of its workers said ``STOPPING=1`` (it accepts no
+        more) or exited, for at most ``STOP_ACCEPTING_WAIT`` seconds (a stuck worker is no reason to
+        hold the reload: `_stop_generation` deals with it)."""
+        live = [w for w in generation.workers if not w.exited]
+        for worker in live:
+            worker.stopping = True
+            _signal(worker, signal.SIGTERM)
+        with trio.move_on_after(STOP_ACCEPTING_WAIT):
+            while any(not (w.exited or w.stopped_accepting) for w in live):
+                await self._wait_changed()
 
     def _announce(self, taken_over: bool, status: str) -> None:
         # With a reload to follow, that one answers: a waiter listening now may
@@ -592,6 +612,9 @@ class Supervisor:
                 continue
             if fields.get("READY") == "1" or fields.get("WATCHDOG") == "1":
                 worker.last_ping = trio.current_time()
+            if fields.get("STOPPING") == "1" and not worker.stopped_accepting:
+                worker.stopped_accepting = True
+                self._notify_changed()
             if fields.get("READY") == "1" and not worker.ready:
                 worker.ready = True
                 worker.ready_at = worker.last_ping
