@@ -596,8 +596,9 @@ def _blocks(pid: int, signum: int) -> bool:
 def test_a_killed_worker_is_restarted_and_the_supervisor_leaks_no_fd(tmp_path: Path) -> None:
     """50 restarts after ``kill -9`` (5 rounds of 10); the supervisor's fd count stays the same.
 
-    Each slot's back-off doubles as its workers die right after they are ready
-    (0.1 s to 1.6 s): more slots, fewer rounds."""
+    A kill from outside is no crash of the worker's code: each restart comes after
+    0.1 s, however soon after its start the worker was killed (a growing back-off
+    would leave the socket with fewer workers, at times none, while kills go on)."""
     port = free_port()
     write_handler(tmp_path, "v1")
     manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", workers=10)
@@ -628,7 +629,7 @@ def test_a_killed_worker_is_restarted_and_the_supervisor_leaks_no_fd(tmp_path: P
         assert answered <= workers
         service.send_signal(signal.SIGTERM)
         assert service.wait() == 0
-    assert service.count(r"died with status SIGKILL after [\d.]+s serving; restarting in") == 50
+    assert service.count(r"died with status SIGKILL after [\d.]+s serving; restarting in 0\.1s$") == 50
 
 
 def _open_fds(pid: int) -> dict[int, str]:

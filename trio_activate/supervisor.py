@@ -37,8 +37,9 @@ to it.
 A worker that dies while serving is restarted in its slot after a back-off
 that doubles each time the slot's worker dies within ``STABLE_AFTER``
 seconds of its ``READY=1`` or fails to start (``RESTART_BACKOFF_START`` up
-to ``RESTART_BACKOFF_MAX``), and starts over after one that served longer;
-every death and every failed attempt is one log line.  A restart that cannot
+to ``RESTART_BACKOFF_MAX``), and starts over after one that served longer
+or was killed from outside (SIGKILL: an operator, the OOM killer; not a
+crash of its code); every death and every failed attempt is one log line.  A restart that cannot
 spawn retries for as long as that lasts; one whose worker fails to start
 ``START_ATTEMPTS`` times in a row stops the service (``dev`` never gives
 up).  Before any generation was ever ready, a failed start is retried
@@ -497,7 +498,15 @@ class Supervisor:
         generation = self.current
         if generation is None or worker not in generation.workers:
             return  # of a generation still starting: its start reports it
-        delay = generation.restart_delay(worker.slot, trio.current_time() - worker.ready_at)
+        served = trio.current_time() - worker.ready_at
+        if status == -signal.SIGKILL and not worker.timed_out:
+            # Killed from outside (an operator's kill -9, the OOM killer): no crash of
+            # its code, which started and served.  A growing back-off here would leave
+            # the socket with fewer workers, at times none, for as long as the kills
+            # go on; a code that crashes on its own (an exit, SIGSEGV, SIGABRT) still
+            # backs off, and one that no longer starts backs off as a failed start.
+            served = STABLE_AFTER
+        delay = generation.restart_delay(worker.slot, served)
         if worker.timed_out:
             log.debug("worker %d killed; restarting in %gs", worker.pid, delay)
         else:
