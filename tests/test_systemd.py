@@ -110,21 +110,34 @@ def write_manifest(folder: Path, text: str) -> Path:
     return path
 
 
-def echo_manifest(folder: Path, name: str, port: int, *, workers: int = 1) -> Path:
-    """A manifest: service `name`, socket ``echo`` on 127.0.0.1:`port`, the example echo handler."""
+def one_socket_manifest(
+    folder: Path,
+    name: str,
+    port: int,
+    call: str,
+    *,
+    socket: str = "web",
+    service_keys: str = "",
+    socket_keys: str = "",
+) -> Path:
+    """A manifest: service `name`, one stream socket on 127.0.0.1:`port`, served by `call`."""
     return write_manifest(
         folder,
-        f"""\
-        [service]
-        name = "{name}"
-        grace-period = 5.0
-        workers = {workers}
-        [sockets.echo]
-        listen = "127.0.0.1:{port}"
-        [handlers.echo]
-        socket = "echo"
-        call = "trio_activate.examples:echo"
-        """,
+        f'[service]\nname = "{name}"\n{service_keys}\n'
+        f'[sockets.{socket}]\nlisten = "127.0.0.1:{port}"\n{socket_keys}\n'
+        f'[handlers.{socket}]\nsocket = "{socket}"\ncall = "{call}"\n',
+    )
+
+
+def echo_manifest(folder: Path, name: str, port: int, *, workers: int = 1) -> Path:
+    """A manifest: service `name`, socket ``echo`` on 127.0.0.1:`port`, the example echo handler."""
+    return one_socket_manifest(
+        folder,
+        name,
+        port,
+        "trio_activate.examples:echo",
+        socket="echo",
+        service_keys=f"grace-period = 5.0\nworkers = {workers}",
     )
 
 
@@ -349,18 +362,7 @@ def test_a_reload_whose_new_code_fails_fails_and_the_old_code_keeps_serving(
 ) -> None:
     machine = each_machine
     folder = tmp_path / "svc"
-    manifest = write_manifest(
-        folder,
-        """\
-        [service]
-        name = "versioned"
-        [sockets.web]
-        listen = "127.0.0.1:7200"
-        [handlers.web]
-        socket = "web"
-        call = "versioned_app:handle"
-        """,
-    )
+    manifest = one_socket_manifest(folder, "versioned", 7200, "versioned_app:handle")
     (folder / "versioned_app.py").write_text(
         "async def handle(stream):\n    await stream.send_all(b'v1\\n')\n"
     )
@@ -398,18 +400,7 @@ def test_a_stop_during_a_reload_stops_both_generations_and_leaves_no_process(
     machine: SystemdMachine, tmp_path: Path
 ) -> None:
     folder = tmp_path / "svc"
-    manifest = write_manifest(
-        folder,
-        """\
-        [service]
-        name = "slow-reload"
-        [sockets.web]
-        listen = "127.0.0.1:7250"
-        [handlers.web]
-        socket = "web"
-        call = "slow_app:handle"
-        """,
-    )
+    manifest = one_socket_manifest(folder, "slow-reload", 7250, "slow_app:handle")
     app = folder / "slow_app.py"
     app.write_text("async def handle(stream):\n    await stream.send_all(b'v1\\n')\n")
     start_by_first_connection(machine, manifest, tmp_path / "units", 7250, answer=b"v1\n")
@@ -432,18 +423,7 @@ def test_a_handler_that_cannot_be_imported_fails_the_unit_and_the_socket_keeps_l
     machine: SystemdMachine, tmp_path: Path
 ) -> None:
     folder = tmp_path / "svc"
-    manifest = write_manifest(
-        folder,
-        """\
-        [service]
-        name = "broken"
-        [sockets.web]
-        listen = "127.0.0.1:7300"
-        [handlers.web]
-        socket = "web"
-        call = "broken_app:handle"
-        """,
-    )
+    manifest = one_socket_manifest(folder, "broken", 7300, "broken_app:handle")
     machine.install(units_for(manifest, tmp_path / "units"))
     machine.systemctl("start", "broken-web.socket")
     with machine.connect(("127.0.0.1", 7300), timeout=30) as client:
@@ -487,18 +467,8 @@ def test_the_watchdog_spares_a_healthy_service_and_restarts_one_whose_loop_is_bl
     machine: SystemdMachine, tmp_path: Path
 ) -> None:
     folder = tmp_path / "svc"
-    manifest = write_manifest(
-        folder,
-        """\
-        [service]
-        name = "watched"
-        watchdog = 1.0
-        [sockets.web]
-        listen = "127.0.0.1:7500"
-        [handlers.web]
-        socket = "web"
-        call = "watched_app:handle"
-        """,
+    manifest = one_socket_manifest(
+        folder, "watched", 7500, "watched_app:handle", service_keys="watchdog = 1.0"
     )
     (folder / "watched_app.py").write_text(
         textwrap.dedent(
@@ -513,13 +483,8 @@ def test_the_watchdog_spares_a_healthy_service_and_restarts_one_whose_loop_is_bl
             """
         )
     )
-    units = units_for(manifest, tmp_path / "units")
-    assert "WatchdogSec=1" in units["watched.service"].splitlines()
-    machine.install(units)
-    machine.systemctl("start", "watched-web.socket")
-    assert ask(machine, ("127.0.0.1", 7500)) == b"ping\n"
-    machine.wait_for("watched.service", ActiveState="active")
-    main_pid = machine.show("watched.service", "MainPID")["MainPID"]
+    main_pid = start_by_first_connection(machine, manifest, tmp_path / "units", 7500)
+    assert "WatchdogSec=1" in (tmp_path / "units" / "watched.service").read_text().splitlines()
 
     time.sleep(3.5)  # over three periods
     assert machine.show("watched.service", "ActiveState", "MainPID", "NRestarts") == {
@@ -547,18 +512,8 @@ def test_accept_yes_serves_each_connection_in_a_process_of_its_own(
     machine: SystemdMachine, tmp_path: Path
 ) -> None:
     folder = tmp_path / "svc"
-    manifest = write_manifest(
-        folder,
-        """\
-        [service]
-        name = "per-connection"
-        [sockets.conn]
-        listen = "127.0.0.1:7600"
-        accept = true
-        [handlers.conn]
-        socket = "conn"
-        call = "pid_app:handle"
-        """,
+    manifest = one_socket_manifest(
+        folder, "per-connection", 7600, "pid_app:handle", socket="conn", socket_keys="accept = true"
     )
     (folder / "pid_app.py").write_text(
         textwrap.dedent(

@@ -18,26 +18,19 @@ from pathlib import Path
 
 import pytest
 from systemd_machine import SystemdMachine
-from test_systemd import TRIO_ACTIVATE, ask, assert_clean, machine, units_for, write_manifest
+from test_systemd import TRIO_ACTIVATE, ask, assert_clean, machine, one_socket_manifest, units_for
 
 __all__ = ["machine"]  # the fixture, shared with test_systemd
 
 
 def manifest_for(folder: Path, name: str, port: int, service_lines: str = "") -> Path:
-    return write_manifest(
+    return one_socket_manifest(
         folder,
-        f"""\
-        [service]
-        name = "{name}"
-        workers = 2
-        {service_lines}
-        [sockets.echo]
-        listen = "127.0.0.1:{port}"
-
-        [handlers.echo]
-        socket = "echo"
-        call = "trio_activate.examples:echo"
-        """,
+        name,
+        port,
+        "trio_activate.examples:echo",
+        socket="echo",
+        service_keys=f"workers = 2\n{service_lines}",
     )
 
 
@@ -122,19 +115,7 @@ def test_a_handler_imported_from_the_manifest_folder_serves(
 ) -> None:
     """The manifest's folder (python-path ".") is readable under the sandbox: handlers import from it."""
     folder = tmp_path / "svc"
-    manifest = write_manifest(
-        folder,
-        f"""\
-        [service]
-        name = "local"
-        {user}
-        [sockets.web]
-        listen = "127.0.0.1:7503"
-        [handlers.web]
-        socket = "web"
-        call = "local_app:handle"
-        """,
-    )
+    manifest = one_socket_manifest(folder, "local", 7503, "local_app:handle", service_keys=user)
     (folder / "local_app.py").write_text(
         "import os\n\nasync def handle(stream):\n    await stream.send_all(b'uid %d\\n' % os.getuid())\n"
     )

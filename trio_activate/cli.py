@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from ._entry import hold_shutdown_signals
 from .activator import settle_worker_environment
-from .errors import ActivationError
+from .errors import ActivationError, StartInterrupted
 from .manifest import Manifest, dump_manifest, load_manifest
 from .private_env import ACTIVATOR_CHANNEL_VARIABLE, DEV_VARIABLE, HANDOFF_FROM_VARIABLE
 
@@ -312,8 +312,6 @@ def _load_and_acquire(path: Path, *, warn: bool) -> tuple[Manifest, ServiceSocke
 def cmd_serve(args: argparse.Namespace) -> int:
     # First thing (again, for an in-process main()): signals during start-up wait.
     hold_shutdown_signals()
-    from .start_signals import StartInterrupted
-
     is_worker = settle_worker_environment()
     global _RUNNING_AS_WORKER
     _RUNNING_AS_WORKER = is_worker

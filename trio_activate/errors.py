@@ -16,6 +16,7 @@ __all__ = [
     "HandlerError",
     "ListenEnvError",
     "ManifestError",
+    "StartInterrupted",
 ]
 
 
@@ -52,3 +53,20 @@ class CreationError(ActivationError):
 class HandlerError(ActivationError):
     """A handler named in the manifest cannot be imported, or is not a coroutine
     function, or does not fit its sockets."""
+
+
+class StartInterrupted(BaseException):
+    """SIGTERM or SIGINT while the handlers were imported: stop, having served nothing.
+
+    Not an error of the service (`trio_activate.start_signals` raises it).  A
+    BaseException, as KeyboardInterrupt is: the ``except Exception`` that
+    reports a handler module's import error (and any in the user's own code)
+    must let it through.  Here rather than beside its raiser so that the CLI
+    can name it without importing anything before the re-exec.
+    """
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum

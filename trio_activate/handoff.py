@@ -194,13 +194,20 @@ def take_handoff(environ: dict[str, str] | os._Environ[str]) -> tuple[int, Notif
 
 
 async def stop_successor(pid: int) -> None:
-    """SIGTERM to a successor that is ready (it drains), and wait until it exited.  Shielded."""
+    """Stop a successor that is ready (a race with the service's own stop): as `_stop`, by PID.
+
+    Shielded.  SIGTERM (it drains what little it took), SIGKILL after
+    ``STOP_TIMEOUT``; the caller, its parent, reaps it by exiting.
+    """
     with trio.CancelScope(shield=True):
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        await wait_for_exit(pid)
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                return
+            with trio.move_on_after(STOP_TIMEOUT):
+                await wait_for_exit(pid)
+                return
 
 
 async def wait_for_exit(pid: int) -> None:

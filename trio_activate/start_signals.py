@@ -29,24 +29,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
+from .errors import StartInterrupted
+
 __all__ = ["StartInterrupted", "interruptible_start", "redeliver"]
 
 _STOP = (signal.SIGTERM, signal.SIGINT)
 _ALL = {*_STOP, signal.SIGHUP}
 _remembered: list[int] = []
-
-
-class StartInterrupted(BaseException):
-    """SIGTERM or SIGINT while the handlers were imported: stop, having served nothing.
-
-    A BaseException, as KeyboardInterrupt is: the ``except Exception`` that
-    reports a handler module's import error (and any in the user's own code)
-    must let it through.
-    """
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 def _raise(signum: int, frame: FrameType | None) -> None:
