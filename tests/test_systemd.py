@@ -129,7 +129,7 @@ def one_socket_manifest(
     )
 
 
-def echo_manifest(folder: Path, name: str, port: int, *, workers: int = 1) -> Path:
+def echo_manifest(folder: Path, name: str, port: int, *, workers: int = 1, service_keys: str = "") -> Path:
     """A manifest: service `name`, socket ``echo`` on 127.0.0.1:`port`, the example echo handler."""
     return one_socket_manifest(
         folder,
@@ -137,7 +137,7 @@ def echo_manifest(folder: Path, name: str, port: int, *, workers: int = 1) -> Pa
         port,
         "trio_activate.examples:echo",
         socket="echo",
-        service_keys=f"grace-period = 5.0\nworkers = {workers}",
+        service_keys=f"grace-period = 5.0\nworkers = {workers}\n{service_keys}",
     )
 
 

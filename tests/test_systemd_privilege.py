@@ -18,20 +18,21 @@ from pathlib import Path
 
 import pytest
 from systemd_machine import SystemdMachine
-from test_systemd import TRIO_ACTIVATE, ask, assert_clean, machine, one_socket_manifest, units_for
+from test_systemd import (
+    TRIO_ACTIVATE,
+    ask,
+    assert_clean,
+    echo_manifest,
+    machine,
+    one_socket_manifest,
+    units_for,
+)
 
 __all__ = ["machine"]  # the fixture, shared with test_systemd
 
 
 def manifest_for(folder: Path, name: str, port: int, service_lines: str = "") -> Path:
-    return one_socket_manifest(
-        folder,
-        name,
-        port,
-        "trio_activate.examples:echo",
-        socket="echo",
-        service_keys=f"workers = 2\n{service_lines}",
-    )
+    return echo_manifest(folder, name, port, workers=2, service_keys=service_lines)
 
 
 def status(machine: SystemdMachine, pid: str) -> dict[str, str]:
