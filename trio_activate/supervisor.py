@@ -585,9 +585,11 @@ class Supervisor:
     async def _stop_workers(self, workers: Sequence[Worker]) -> None:
         live = [w for w in workers if not w.exited]
         for worker in live:
+            if worker.stopping:
+                continue  # signalled already (a reload's _stop_accepting, a spawn during the stop)
             worker.stopping = True
-            # One not ready has served nothing, and holds SIGTERM pending until its
-            # start-up ends (a hung import: for ever): no grace period for it.
+            # One not ready has served nothing: no grace period for it (and until
+            # its handlers' import begins, it would hold SIGTERM pending).
             _signal(worker, signal.SIGTERM if worker.ready else signal.SIGKILL)
         deadline = trio.current_time() + self.grace_period + STOP_MARGIN
         with trio.move_on_at(deadline):
