@@ -967,6 +967,16 @@ def test_reload_wait_for_a_process_that_exits_or_never_answers_is_one_line_exit_
         assert result.stderr.splitlines()[-1] == f"trio-activate: reload: PID {target.pid} {message}"
 
 
+@pytest.mark.parametrize("wait", [[], ["--wait"]])
+def test_reload_of_a_pid_that_names_no_process_is_one_line_and_exit_2(wait: list[str]) -> None:
+    # Above the kernel's largest pid_max (2**22): never a process.
+    result = run_cli("reload", *wait, "4194305")
+    assert (result.returncode, result.stderr) == (
+        2,
+        "trio-activate: cannot signal PID 4194305: No such process\n",
+    )
+
+
 def test_reload_wait_stopped_by_sigterm_exits_0_as_systemd_stops_a_reload_for_a_stop_job() -> None:
     """systemd counts a control process killed by SIGTERM as the unit's failure (Result=signal)."""
     with subprocess.Popen(["sh", "-c", "trap '' HUP; sleep 30"], start_new_session=True) as target:

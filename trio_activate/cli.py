@@ -433,6 +433,10 @@ def cmd_reload(args: argparse.Namespace) -> int:
             if status != EXIT_OK:
                 return status
             taken_over, text = waiter.wait(args.timeout)
+    except ProcessLookupError as exc:
+        # As without --wait: a PID that names no process is a usage error.
+        print(f"trio-activate: cannot signal PID {pid}: {exc.strerror}", file=sys.stderr)
+        return EXIT_ERROR
     except ReloadWaitError as exc:
         print(f"trio-activate: reload: {exc}", file=sys.stderr)
         return EXIT_FAILED

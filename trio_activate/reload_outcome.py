@@ -78,9 +78,10 @@ class ReloadWaiter:
 
     ``with ReloadWaiter(pid) as waiter: os.kill(pid, SIGHUP); waiter.wait(timeout)``.
 
-    Error handling: `ReloadWaitError` when the name is taken (another reload
-    of `pid` is being waited for), when `pid` is not running, when it exits
-    before it tells the outcome, and on timeout.
+    Error handling: `ProcessLookupError` when `pid` is not running;
+    `ReloadWaitError` when the name is taken (another reload of `pid` is
+    being waited for), when `pid` cannot be watched, when it exits before it
+    tells the outcome, and on timeout.
     """
 
     def __init__(self, pid: int) -> None:
@@ -100,6 +101,8 @@ class ReloadWaiter:
                 raise ReloadWaitError(f"cannot wait for PID {self.pid}'s reload: {exc.strerror}") from None
             try:
                 self._pidfd = os.pidfd_open(self.pid)
+            except ProcessLookupError:
+                raise  # no such process: the caller says so as it would for the signal
             except OSError as exc:
                 raise ReloadWaitError(f"cannot watch PID {self.pid}: {exc.strerror}") from None
         except BaseException:
