@@ -881,6 +881,24 @@ def test_a_stop_during_a_slow_handler_import_stops_the_start(tmp_path: Path) -> 
     assert not (tmp_path / "web.sock").exists(), "a start that was stopped leaves no socket file"
 
 
+def test_a_sighup_during_the_handlers_import_reloads_once_the_service_serves(tmp_path: Path) -> None:
+    """Remembered while the handlers import (start_signals), then redelivered: not lost."""
+    preamble = "import pathlib, time\npathlib.Path('importing').touch()\ntime.sleep(1)\n"
+    with serve(tmp_path, STREAM_SERVICE.format(grace=5, handler_extra=""), app_preamble=preamble) as served:
+        deadline = time.monotonic() + 15
+        while not (tmp_path / "importing").exists():
+            assert time.monotonic() < deadline, served.log()
+            time.sleep(0.01)
+        served.proc.send_signal(signal.SIGHUP)
+        log = served.wait_for("handed over to process ")
+        successor = int(re.search(r"handed over to process (\d+)", log)[1])  # type: ignore[index]
+        try:
+            assert served.wait() == 0
+            assert log.index("ready: ") < log.index("SIGHUP: starting a successor")
+        finally:
+            os.kill(successor, signal.SIGTERM)
+
+
 def test_threads_a_handler_module_starts_at_import_can_take_shutdown_signals(tmp_path: Path) -> None:
     preamble = (
         "import signal, threading\n"

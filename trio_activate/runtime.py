@@ -87,6 +87,9 @@ class Service:
         # except in a hand-over successor until its predecessor has exited.
         self.is_main = trio.Event()
         self.is_main.set()
+        # Set once every handler started (READY=1 sent): a reload asked for before
+        # (a SIGHUP held since start-up) waits for it.
+        self._started = trio.Event()
         self._reloading = False
         self._service_nursery: trio.Nursery | None = None
         self.handlers = list(handlers)
@@ -158,6 +161,7 @@ class Service:
                     await trio.lowlevel.checkpoint()
                     if not self._stop_requested.is_set():
                         self._report_ready()
+                        self._started.set()
                     task_status.started()
                     await self._stop_requested.wait()
                     self._begin_shutdown()
@@ -269,8 +273,10 @@ class Service:
         self._reload_scope = trio.CancelScope()
         try:
             with self._reload_scope:
-                # A successor still sharing the stage with its predecessor is not the
-                # main process yet: its RELOADING=1 would go nowhere.
+                # Not before this service said READY=1: RELOADING=1 first would confuse
+                # the manager.  And a successor still sharing the stage with its
+                # predecessor is not the main process yet: its RELOADING=1 would go nowhere.
+                await self._started.wait()
                 await self.is_main.wait()
                 log.info("SIGHUP: starting a successor; this process serves until it is ready")
                 self.notifier.reloading()
