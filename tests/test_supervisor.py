@@ -632,6 +632,34 @@ def test_a_killed_worker_is_restarted_and_the_supervisor_leaks_no_fd(tmp_path: P
     assert service.count(r"died with status SIGKILL after [\d.]+s serving; restarting in 0\.1s$") == 50
 
 
+def test_a_worker_stopped_from_outside_is_restarted_at_once_every_time(tmp_path: Path) -> None:
+    """``kill -TERM`` to a serving worker, 5 times in a row: each replacement comes after 0.1 s.
+
+    The worker drains and exits 0 after its own ``STOPPING=1``: an operator's stop,
+    no crash of its code, so its slot must not back off (with the back-off, the
+    fifth restart would wait 1.6 s and the socket would have one worker fewer)."""
+    port = free_port()
+    write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", workers=2)
+    with running("--log-level", "debug", "serve", manifest, cwd=tmp_path) as service:
+        service.wait_for(r"ready: generation 1, 2 worker")
+        workers = service.workers_of(1)
+        for _ in range(5):
+            victim = min(workers)
+            since = service.mark()
+            os.kill(victim, signal.SIGTERM)
+            found = service.wait_for(rf"worker (\d+) replaced worker {victim}$", since=since)
+            assert is_gone(victim)
+            workers = (workers - {victim}) | {int(found[1])}
+        wait_until(lambda: children_of(service.pid) == workers, what="only the replacements run")
+        assert {ask(loopback(port), f"q{n}").pid for n in range(20)} <= workers
+        service.send_signal(signal.SIGTERM)
+        assert service.wait() == 0
+    restarted = r"stopped after [\d.]+s serving, not asked by the supervisor; restarting in 0\.1s$"
+    assert service.count(restarted) == 5
+    assert service.count(r"died with status") == 0
+
+
 def _open_fds(pid: int) -> dict[int, str]:
     """Each open fd of `pid` and what it is, e.g. ``socket``, ``anon_inode:[pidfd]``, ``/dev/null``."""
     fds = {}

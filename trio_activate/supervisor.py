@@ -38,13 +38,15 @@ A worker that dies while serving is restarted in its slot after a back-off
 that doubles each time the slot's worker dies within ``STABLE_AFTER``
 seconds of its ``READY=1`` or fails to start (``RESTART_BACKOFF_START`` up
 to ``RESTART_BACKOFF_MAX``), and starts over after one that served longer
-or was killed from outside (SIGKILL: an operator, the OOM killer; not a
-crash of its code); every death and every failed attempt is one log line.  A restart that cannot
-spawn retries for as long as that lasts; one whose worker fails to start
-``START_ATTEMPTS`` times in a row stops the service (``dev`` never gives
-up).  Before any generation was ever ready, a failed start is retried
-``START_ATTEMPTS`` times, then the supervisor gives up with exit status 1;
-a stop asked for meanwhile ends the start at once, never retried.
+or was killed or stopped from outside (SIGKILL: an operator, the OOM
+killer; SIGTERM: an operator, shown by exit status 0 after its own
+``STOPPING=1``; neither is a crash of its code); every death and every
+failed attempt is one log line.  A restart that cannot spawn retries for
+as long as that lasts; one whose worker fails to start ``START_ATTEMPTS``
+times in a row stops the service (``dev`` never gives up).  Before any
+generation was ever ready, a failed start is retried ``START_ATTEMPTS``
+times, then the supervisor gives up with exit status 1; a stop asked for
+meanwhile ends the start at once, never retried.
 
 Liveness (``worker-timeout``): every worker gets ``WATCHDOG_USEC`` and so
 pings the inbox (``WATCHDOG=1``) from its Trio loop, four times per
@@ -499,16 +501,28 @@ class Supervisor:
         if generation is None or worker not in generation.workers:
             return  # of a generation still starting: its start reports it
         served = trio.current_time() - worker.ready_at
-        if status == -signal.SIGKILL and not worker.timed_out:
-            # Killed from outside (an operator's kill -9, the OOM killer): no crash of
-            # its code, which started and served.  A growing back-off here would leave
-            # the socket with fewer workers, at times none, for as long as the kills
-            # go on; a code that crashes on its own (an exit, SIGSEGV, SIGABRT) still
-            # backs off, and one that no longer starts backs off as a failed start.
+        killed = status == -signal.SIGKILL and not worker.timed_out
+        stopped = status == 0 and worker.stopped_accepting
+        if killed or stopped:
+            # Killed or stopped from outside (an operator's kill -9 or kill, the OOM
+            # killer): no crash of its code, which started and served.  A growing
+            # back-off here would leave the socket with fewer workers, at times none,
+            # for as long as the kills go on; a code that crashes on its own (an
+            # exit, SIGSEGV, SIGABRT) still backs off, and one that no longer starts
+            # backs off as a failed start.
             served = STABLE_AFTER
         delay = generation.restart_delay(worker.slot, served)
         if worker.timed_out:
             log.debug("worker %d killed; restarting in %gs", worker.pid, delay)
+        elif stopped:
+            log.info(
+                "worker %d (generation %d) stopped after %.1fs serving, not asked by the supervisor; "
+                "restarting in %gs",
+                worker.pid,
+                worker.generation,
+                trio.current_time() - worker.ready_at,
+                delay,
+            )
         else:
             log.warning(
                 "worker %d (generation %d) died with status %s after %.1fs serving; restarting in %gs",
