@@ -367,6 +367,53 @@ def test_remove_on_stop_files_belong_to_whoever_serves_on_them(
         stop_group(process)
 
 
+def test_a_reload_whose_interpreter_is_gone_is_one_line_and_keeps_serving(tmp_path: Path) -> None:
+    """The interpreter the service runs was removed (an upgrade moved it): the successor's exec fails.
+
+    The service runs a symlink to this interpreter, in a copy of this virtual
+    environment's ``pyvenv.cfg`` (so it finds the same packages); the symlink
+    is removed before SIGHUP.  The reload fails with one line, and the running
+    process serves on, then stops cleanly."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    interpreter = venv / "bin" / "python"
+    interpreter.symlink_to(Path(sys.executable).resolve())
+    config = Path(sys.prefix) / "pyvenv.cfg"
+    if config.exists():
+        (venv / "pyvenv.cfg").write_bytes(config.read_bytes())
+    service = tmp_path / "service"
+    service.mkdir()
+    manifest = write_service(service)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "TRIO_ACTIVATE_"))}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and Path(p).is_dir())
+    process = subprocess.Popen(
+        [str(interpreter), "-m", "trio_activate", "serve", str(manifest)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for(service / "web.sock")
+        assert ask(service / "web.sock", "before") == f"{process.pid} v1 before"
+        interpreter.unlink()
+        write_service(service, "v2")
+        os.kill(process.pid, signal.SIGHUP)
+        time.sleep(1.0)
+        assert process.poll() is None, "the reload's failure ended the service"
+        assert ask(service / "web.sock", "after") == f"{process.pid} v1 after"
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+        err = process.stderr.read() if process.stderr else ""
+        assert "Traceback" not in err, err
+        failed = [line for line in err.splitlines() if "reload failed" in line]
+        assert len(failed) == 1, err
+        assert "No such file or directory" in failed[0], failed[0]
+    finally:
+        stop_group(process)
+
+
 def test_a_reload_that_cannot_start_its_successor_is_one_line_and_keeps_serving(tmp_path: Path) -> None:
     """Out of fds (prlimit --nofile): no inbox, no successor; the running process serves on."""
     manifest = write_service(tmp_path)
