@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from trio_activate.fds import open_fds
+from trio_activate.system.fds import open_fds
 
 
 def require_peer(binary: str) -> str:

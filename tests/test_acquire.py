@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from trio_activate.acquire import ServiceSockets
+from trio_activate.system.acquire import ServiceSockets
 
 
 def test_a_failed_start_closes_queued_connections_and_keeps_listening() -> None:

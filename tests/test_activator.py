@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
-from trio_activate.activator import check_not_looping
 from trio_activate.errors import ActivationError
-from trio_activate.fds import own_pidfd_id
-from trio_activate.private_env import ACTIVATOR_MARKER
+from trio_activate.model.private_env import ACTIVATOR_MARKER
+from trio_activate.system.activator import check_not_looping
+from trio_activate.system.fds import own_pidfd_id
 
 TIMEOUT = 10.0
 
@@ -197,8 +197,8 @@ def one_line_error(err: str) -> str:
 # at the "occupied" numbers, calls place_fds, reports inodes and flags.
 PLACE_SCRIPT = """
 import fcntl, json, os, socket, sys
-from trio_activate.activator import place_fds
-from trio_activate.fds import open_fds
+from trio_activate.system.activator import place_fds
+from trio_activate.system.fds import open_fds
 
 sources, occupied = json.loads(sys.argv[1])
 
@@ -359,8 +359,8 @@ def test_serve_imports_no_trio_up_to_the_point_of_the_re_exec(short_dir: Path) -
     )
     assert result.returncode == 2
     imported = [line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if "|" in line]
-    assert "trio_activate.activator" in imported
-    assert "trio_activate.acquire" in imported
+    assert "trio_activate.system.activator" in imported
+    assert "trio_activate.system.acquire" in imported
     assert [name for name in imported if name == "trio" or name.startswith("trio.")] == []
 
 
@@ -371,8 +371,12 @@ FAST_START_MODULES = {
     "__future__",  # imported by `from __future__ import annotations` itself: a few dozen lines
     "trio_activate",
     "trio_activate.errors",
-    "trio_activate._entry",
-    "trio_activate.private_env",
+    "trio_activate.cli",  # each layer's __init__ is a docstring
+    "trio_activate.cli.entry",
+    "trio_activate.system",
+    "trio_activate.system.fast_start",
+    "trio_activate.model",
+    "trio_activate.model.private_env",
 }
 
 
@@ -383,14 +387,14 @@ def test_the_console_script_imports_next_to_nothing_before_the_fast_start() -> N
     code = (
         "import sys, re\n"
         "before = set(sys.modules)\n"
-        "from trio_activate._entry import fork_activator_and_reexec, main\n"
+        "from trio_activate.cli.entry import main\n"
         "print(' '.join(sorted(set(sys.modules) - before)))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT, check=True
     )
     added = set(result.stdout.split())
-    assert "trio_activate._entry" in added
+    assert {"trio_activate.cli.entry", "trio_activate.system.fast_start"} <= added
     assert added <= FAST_START_MODULES, sorted(added - FAST_START_MODULES)
 
 
@@ -436,7 +440,7 @@ try:
     os.close(pidfd)
 except OSError:
     pidfd_id = None
-from trio_activate.fds import open_fds
+from trio_activate.system.fds import open_fds
 print(json.dumps({
     "pid": os.getpid(),
     "argv": sys.argv,
@@ -511,7 +515,7 @@ def test_self_activate_in_a_script_re_execs_in_place_with_fds_from_3_in_manifest
 FAILING_EMBEDDED_SCRIPT = """
 import json, os, sys
 import trio_activate
-from trio_activate.fds import open_fds
+from trio_activate.system.fds import open_fds
 
 def variables():
     return {k: v for k, v in os.environ.items() if k.startswith(("LISTEN_", "TRIO_ACTIVATE"))}

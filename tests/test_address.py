@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_activate.address import (
+from trio_activate.model.address import (
     AbstractAddress,
     InetAddress,
     UnixAddress,

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from trio_activate import __version__
-from trio_activate.cli import main
-from trio_activate.manifest import load_manifest, parse_manifest
+from trio_activate.cli.commands import main
+from trio_activate.model.manifest import load_manifest, parse_manifest
 
 CONFIG = Path(__file__).parent.parent / "config"
 

@@ -22,11 +22,11 @@ from typing import Any, ClassVar
 
 import pytest
 
-from trio_activate import create
-from trio_activate.address import AbstractAddress, Address, InetAddress, UnixAddress, parse_address
-from trio_activate.create import CreatedSocket, create_socket, create_sockets, remove_socket_file
 from trio_activate.errors import CreationError
-from trio_activate.manifest import Manifest, SocketSpec, SocketType, parse_manifest
+from trio_activate.model.address import AbstractAddress, Address, InetAddress, UnixAddress, parse_address
+from trio_activate.model.manifest import Manifest, SocketSpec, SocketType, parse_manifest
+from trio_activate.system import create
+from trio_activate.system.create import CreatedSocket, create_socket, create_sockets, remove_socket_file
 
 STREAM, DATAGRAM, SEQPACKET = SocketType.STREAM, SocketType.DATAGRAM, SocketType.SEQPACKET
 

@@ -24,10 +24,10 @@ import trio.testing
 from conftest import require_peer
 
 from trio_activate import activated
-from trio_activate.embedded import Activation
 from trio_activate.errors import HandlerError
-from trio_activate.fds import open_fds
-from trio_activate.manifest import parse_manifest
+from trio_activate.model.manifest import parse_manifest
+from trio_activate.runtime.embedded import Activation
+from trio_activate.system.fds import open_fds
 
 pytestmark = pytest.mark.usefixtures("no_fd_leaks")
 

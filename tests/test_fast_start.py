@@ -37,11 +37,11 @@ from test_activator import TIMEOUT, one_line_error, running, serve_cmd, stop
 from test_examples import retry, tcp_exchange, unix_exchange
 from test_supervisor import _blocks, wait_until
 
-from trio_activate._entry import fast_start_applies, serving_command
-from trio_activate.activator_channel import hand_sockets_to_service, receive_from_forked_activator
 from trio_activate.errors import ActivationError
-from trio_activate.fds import open_fds
-from trio_activate.private_env import ACTIVATOR_CHANNEL_VARIABLE
+from trio_activate.model.private_env import ACTIVATOR_CHANNEL_VARIABLE
+from trio_activate.system.activator_channel import hand_sockets_to_service, receive_from_forked_activator
+from trio_activate.system.fast_start import fast_start_applies, serving_command
+from trio_activate.system.fds import open_fds
 
 PR_SET_CHILD_SUBREAPER = 36
 SEQPACKET_TYPE = 5  # SOCK_SEQPACKET in /proc/net/unix's Type column
@@ -310,7 +310,7 @@ def test_the_fast_start_applies_to_serving_commands_in_a_single_threaded_process
     script = textwrap.dedent(
         """
         import json, threading
-        from trio_activate._entry import fast_start_applies
+        from trio_activate.system.fast_start import fast_start_applies
 
         results = [
             fast_start_applies(["serve", "m.toml"], {}),
@@ -847,7 +847,7 @@ if channel is not None:
     print("activator", channel.partition(":")[2], file=sys.stderr, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 
-from trio_activate._entry import main
+from trio_activate.cli.entry import main
 
 sys.exit(main())
 """

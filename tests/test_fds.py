@@ -1,4 +1,4 @@
-"""`trio_activate.fds` against real kernel objects: sockets, pipes, files, pidfds."""
+"""`trio_activate.system.fds` against real kernel objects: sockets, pipes, files, pidfds."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from trio_activate.address import AbstractAddress, InetAddress, UnixAddress
 from trio_activate.errors import AdoptionError
-from trio_activate.fds import FdNotOpenError, inspect_fd, open_fds, own_pidfd_id, set_cloexec
+from trio_activate.model.address import AbstractAddress, InetAddress, UnixAddress
+from trio_activate.system.fds import FdNotOpenError, inspect_fd, open_fds, own_pidfd_id, set_cloexec
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +55,7 @@ def test_own_pidfd_id_differs_between_processes() -> None:
     if mine is None:
         pytest.skip("no pidfs on this kernel (Linux < 6.9) or no pidfd_open")
     child = subprocess.run(
-        [sys.executable, "-c", "from trio_activate.fds import own_pidfd_id; print(own_pidfd_id())"],
+        [sys.executable, "-c", "from trio_activate.system.fds import own_pidfd_id; print(own_pidfd_id())"],
         check=True,
         capture_output=True,
         text=True,

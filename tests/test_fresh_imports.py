@@ -13,7 +13,7 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
-from trio_activate.fresh_imports import installation_folders, is_project_folder
+from trio_activate.system.fresh_imports import installation_folders, is_project_folder
 
 TIMEOUT = 30
 
@@ -72,7 +72,7 @@ def test_project_modules_compile_from_source_and_write_no_pyc(tmp_path: Path) ->
         """
         import sys
         sys.path.insert(0, ".")
-        from trio_activate.fresh_imports import import_project_code_from_source
+        from trio_activate.system.fresh_imports import import_project_code_from_source
         import_project_code_from_source()
         import app
         print(app.VERSION, type(app.__spec__.loader).__name__)
@@ -89,7 +89,7 @@ def test_installed_libraries_keep_their_bytecode_cache(tmp_path: Path) -> None:
     library's `colorsys` and the installed `tomli_w`) loads with the standard loader."""
     out = run_python(
         """
-        from trio_activate.fresh_imports import import_project_code_from_source
+        from trio_activate.system.fresh_imports import import_project_code_from_source
         import_project_code_from_source()
         import colorsys, tomli_w
         print(type(colorsys.__spec__.loader).__name__, type(tomli_w.__spec__.loader).__name__)
@@ -104,7 +104,7 @@ def test_installing_the_hook_twice_installs_it_once(tmp_path: Path) -> None:
     out = run_python(
         """
         import sys
-        from trio_activate.fresh_imports import import_project_code_from_source
+        from trio_activate.system.fresh_imports import import_project_code_from_source
         before = len(sys.path_hooks)
         import_project_code_from_source()
         import_project_code_from_source()

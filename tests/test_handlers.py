@@ -1,4 +1,4 @@
-"""`trio_activate.handlers`: importing the manifest's handlers before anything is served.
+"""`trio_activate.runtime.handlers`: importing the manifest's handlers before anything is served.
 
 Every failure is one `HandlerError` line naming the manifest, the handler's
 ``call`` key and the reason.  The handler modules are real files written
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from trio_activate.errors import HandlerError
-from trio_activate.handlers import LoadedHandler, load_handler, load_handlers, prepend_python_path
-from trio_activate.manifest import Manifest, parse_manifest
+from trio_activate.model.manifest import Manifest, parse_manifest
+from trio_activate.runtime.handlers import LoadedHandler, load_handler, load_handlers, prepend_python_path
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from trio_activate.notify_message import credentials_space, sender_pid
+from trio_activate.model.notify_message import credentials_space, sender_pid
 
 HANDLER = """
 import os

@@ -1,4 +1,4 @@
-"""Tests for trio_activate.listen_env: the LISTEN_* rules, one test per rule.
+"""Tests for trio_activate.model.listen_env: the LISTEN_* rules, one test per rule.
 
 The reader is pure, so every test drives it with a plain dict, a pid and a
 pidfd id; no fds or processes are needed, except to check the reader side
@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_activate.errors import ListenEnvError
-from trio_activate.listen_env import (
+from trio_activate.model.listen_env import (
     CONNECTION_NAME,
     LISTEN_VARIABLES,
     SD_LISTEN_FDS_START,
@@ -682,8 +682,8 @@ def test_property_any_environment_is_a_result_or_listen_env_error(
 _SIDE_BY_SIDE = r"""
 import ctypes, json, os
 from trio_activate.errors import ListenEnvError
-from trio_activate.fds import own_pidfd_id
-from trio_activate.listen_env import ListenFds, read_listen_env
+from trio_activate.system.fds import own_pidfd_id
+from trio_activate.model.listen_env import ListenFds, read_listen_env
 
 lib = ctypes.CDLL("libsystemd.so.0")
 names_out = ctypes.POINTER(ctypes.c_char_p)()

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from trio_activate.address import AbstractAddress, InetAddress, UnixAddress
 from trio_activate.errors import ManifestError
-from trio_activate.manifest import (
+from trio_activate.model.address import AbstractAddress, InetAddress, UnixAddress
+from trio_activate.model.manifest import (
     DEFAULT_BACKLOG,
     HandlerKind,
     Manifest,
@@ -624,6 +624,6 @@ def test_load_keeps_the_path_so_relative_paths_resolve_against_the_manifest(tmp_
 
 def test_importing_the_manifest_does_not_import_trio() -> None:
     """The activator runs before trio is imported: the manifest must stay light."""
-    code = "import sys, trio_activate.manifest, trio_activate; print('trio' in sys.modules)"
+    code = "import sys, trio_activate.model.manifest, trio_activate; print('trio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

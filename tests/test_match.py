@@ -1,4 +1,4 @@
-"""Rules of `trio_activate.match`: one test per rule, on hand-built `PassedSocket` values."""
+"""Rules of `trio_activate.model.match`: one test per rule, on hand-built `PassedSocket` values."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_activate.address import AbstractAddress, Address, InetAddress, UnixAddress
 from trio_activate.errors import AdoptionError
-from trio_activate.manifest import Manifest, parse_manifest
-from trio_activate.match import Match, PassedSocket, match_passed
+from trio_activate.model.address import AbstractAddress, Address, InetAddress, UnixAddress
+from trio_activate.model.manifest import Manifest, parse_manifest
+from trio_activate.model.match import Match, PassedSocket, match_passed
 
 AF_INET, AF_INET6, AF_UNIX = socket.AF_INET, socket.AF_INET6, socket.AF_UNIX
 STREAM, DGRAM, SEQPACKET = socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET

@@ -1,4 +1,4 @@
-"""Tests for trio_activate.notifier: sending to real unix datagram sockets.
+"""Tests for trio_activate.system.notifier: sending to real unix datagram sockets.
 
 Each test binds a real AF_UNIX SOCK_DGRAM socket (a file in tmp_path, or an
 abstract name), builds the Notifier from a plain dict, and reads the exact
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import require_peer
 
-from trio_activate.notifier import Notifier
+from trio_activate.system.notifier import Notifier
 
 OTHER_PID = 1  # init: never the test process
 

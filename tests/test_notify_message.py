@@ -1,4 +1,4 @@
-"""Tests for trio_activate.notify_message: the sd_notify rules, one test per rule.
+"""Tests for trio_activate.model.notify_message: the sd_notify rules, one test per rule.
 
 The module is pure: every test drives it with strings, bytes, dicts and pids;
 no socket is opened.
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_activate.notify_message import (
+from trio_activate.model.notify_message import (
     NOTIFY_MESSAGE_MAX,
     NOTIFY_VARIABLES,
     extend_timeout,

@@ -1,4 +1,4 @@
-"""`trio_activate.passed`: ownership of passed fds and adoption, on real sockets at real fd numbers.
+"""`trio_activate.system.passed`: ownership of passed fds and adoption, on real sockets at real fd numbers.
 
 The sockets are made here and handed over by number (``detach()``), as a
 manager hands them over by exec; `ListenFds` names those numbers (the owner
@@ -28,11 +28,11 @@ from typing import Any
 import pytest
 
 from trio_activate.errors import AdoptionError
-from trio_activate.fds import FdNotOpenError, open_fds
-from trio_activate.listen_env import ListenFds
-from trio_activate.manifest import Manifest, parse_manifest
-from trio_activate.match import Match, PassedSocket
-from trio_activate.passed import DEFAULT_STEPS, Adopted, AdoptSteps, PassedFds, adopt
+from trio_activate.model.listen_env import ListenFds
+from trio_activate.model.manifest import Manifest, parse_manifest
+from trio_activate.model.match import Match, PassedSocket
+from trio_activate.system.fds import FdNotOpenError, open_fds
+from trio_activate.system.passed import DEFAULT_STEPS, Adopted, AdoptSteps, PassedFds, adopt
 
 pytestmark = pytest.mark.usefixtures("no_fd_leaks")
 
@@ -564,10 +564,10 @@ _needs_socket_activate = pytest.mark.skipif(
 # The service: read LISTEN_*, adopt, report what it got as JSON on stdout.
 _SERVICE = """
 import json, os, sys
-from trio_activate.fds import own_pidfd_id
-from trio_activate.listen_env import take_listen_env
-from trio_activate.manifest import load_manifest
-from trio_activate.passed import adopt
+from trio_activate.system.fds import own_pidfd_id
+from trio_activate.model.listen_env import take_listen_env
+from trio_activate.model.manifest import load_manifest
+from trio_activate.system.passed import adopt
 
 listen = take_listen_env(os.environ, pid=os.getpid(), pidfd_id=own_pidfd_id())
 with adopt(load_manifest(sys.argv[1]), listen) as adopted:
@@ -697,7 +697,7 @@ for number in (5, 1000, hard - 1):
     os.dup2(fd, number)  # inheritable
     os.close(fd)
     own[number] = os.fstat(number).st_ino
-from trio_activate.cli import main
+from trio_activate.cli.commands import main
 status = main(["serve", sys.argv[1]])
 def untouched(number, ino):
     try:

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import trio_activate
-from trio_activate.records import FrozenRecordError, field, record, replace
+from trio_activate.model.records import FrozenRecordError, field, record, replace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,9 +256,9 @@ def test_a_field_without_default_after_one_with_a_default_is_rejected(via_field:
 
 def package_records() -> list[Any]:
     found = []
-    for info in pkgutil.iter_modules(trio_activate.__path__):
-        if info.name != "__main__":
-            module = importlib.import_module(f"trio_activate.{info.name}")
+    for info in pkgutil.walk_packages(trio_activate.__path__, "trio_activate."):
+        if info.name != "trio_activate.__main__":
+            module = importlib.import_module(info.name)
             classes = [c for c in vars(module).values() if isinstance(c, type)]
             found += [
                 c for c in classes if c.__module__ == module.__name__ and "__record_fields__" in vars(c)

@@ -1,4 +1,4 @@
-"""`trio_activate.runtime`: a service's life, in-process and end to end.
+"""`trio_activate.runtime.service`: a service's life, in-process and end to end.
 
 In-process: a `Service` built from sockets made here (127.0.0.1, unix paths
 in the test's folder) and handler functions defined here, with clients in
@@ -35,12 +35,12 @@ import trio
 import trio.testing
 from conftest import require_peer
 
-from trio_activate.handlers import LoadedHandler
-from trio_activate.manifest import HandlerSpec, manifest_from_dict
-from trio_activate.notifier import Notifier
-from trio_activate.notify_message import parse_notify_message
-from trio_activate.runtime import EXIT_FAILED, EXIT_OK, HandlerSockets, Service, serve_connection_once
-from trio_activate.serving import Listening
+from trio_activate.model.manifest import HandlerSpec, manifest_from_dict
+from trio_activate.model.notify_message import parse_notify_message
+from trio_activate.runtime.handlers import LoadedHandler
+from trio_activate.runtime.service import EXIT_FAILED, EXIT_OK, HandlerSockets, Service, serve_connection_once
+from trio_activate.runtime.serving import Listening
+from trio_activate.system.notifier import Notifier
 
 Handler = Callable[[Any], Awaitable[None]]
 

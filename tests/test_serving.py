@@ -1,4 +1,4 @@
-"""`trio_activate.serving`: a stream handler's accept loops and one task per connection.
+"""`trio_activate.runtime.serving`: a stream handler's accept loops and one task per connection.
 
 Real listening sockets (127.0.0.1, unix paths in the test's folder), real
 clients in the same Trio run.  Timing tests run on pytest-trio's
@@ -26,11 +26,12 @@ import pytest
 import trio
 import trio.testing
 
-from trio_activate import examples, serving
-from trio_activate.fds import open_fds
-from trio_activate.handlers import LoadedHandler
-from trio_activate.manifest import HandlerKind, HandlerSpec, OnError, OnFull
-from trio_activate.serving import ConnectionSlots, IdleTimedStream, Listening, StreamServer
+from trio_activate import examples
+from trio_activate.model.manifest import HandlerKind, HandlerSpec, OnError, OnFull
+from trio_activate.runtime import serving
+from trio_activate.runtime.handlers import LoadedHandler
+from trio_activate.runtime.serving import ConnectionSlots, IdleTimedStream, Listening, StreamServer
+from trio_activate.system.fds import open_fds
 
 Handler = Callable[[Any], Awaitable[None]]
 

@@ -8,11 +8,11 @@ import trio
 import trio.lowlevel
 
 from trio_activate.examples import hello_http
-from trio_activate.handlers import LoadedHandler
-from trio_activate.manifest import manifest_from_dict
-from trio_activate.runtime import HandlerSockets, Service
-from trio_activate.serving import Listening
-from trio_activate.stopping import is_stopping, move_on_stop
+from trio_activate.model.manifest import manifest_from_dict
+from trio_activate.runtime.handlers import LoadedHandler
+from trio_activate.runtime.service import HandlerSockets, Service
+from trio_activate.runtime.serving import Listening
+from trio_activate.runtime.stopping import is_stopping, move_on_stop
 
 GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 

@@ -715,7 +715,7 @@ def _pidfd_id(pid: int) -> int | None:
 
 
 def _has_pidfs() -> bool:
-    from trio_activate.fds import own_pidfd_id
+    from trio_activate.system.fds import own_pidfd_id
 
     return own_pidfd_id() is not None
 
@@ -1131,8 +1131,8 @@ def test_a_restart_under_way_when_a_reload_takes_over_adds_no_worker_to_the_old_
     import trio
     import trio.testing
 
-    from trio_activate import supervisor as supervisor_module
-    from trio_activate.spawn import WorkerCommand, spawn_worker, worker_argv
+    from trio_activate.processes import supervisor as supervisor_module
+    from trio_activate.processes.spawn import WorkerCommand, spawn_worker, worker_argv
 
     port = free_port()
     write_handler(tmp_path, "v1")

@@ -3,7 +3,7 @@
 Each test boots its own manager (`systemd_machine.SystemdMachine`) and runs
 the units `trio-activate systemd` writes, as they are: with ``DynamicUser=``
 or a named user, no capabilities, ``ProtectHome=``, ``PrivateTmp=``, the
-system call filter and the rest (see trio_activate/units.py).  The service
+system call filter and the rest (see trio_activate/model/units.py).  The service
 runs from this test run's own interpreter: a venv whose Python lives under
 ``/root`` (``0700``) here and in CI, which the unit binds back read-only on
 an empty home hierarchy; the manifests live under pytest's ``tmp_path``

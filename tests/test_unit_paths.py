@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from trio_activate.errors import ManifestError
-from trio_activate.manifest import load_manifest
-from trio_activate.unit_paths import ServiceUser, check_reachable, needed_paths, service_user
+from trio_activate.model.manifest import load_manifest
+from trio_activate.system.unit_paths import ServiceUser, check_reachable, needed_paths, service_user
 
 ECHO = '[sockets.echo]\nlisten = "127.0.0.1:7000"\n'
 COMMAND = [sys.executable, "-m", "trio_activate"]

@@ -15,8 +15,8 @@ import pytest
 from conftest import require_peer
 
 from trio_activate.errors import ManifestError
-from trio_activate.manifest import load_manifest, parse_manifest
-from trio_activate.units import NeededPath, hidden_by, render_units, unit_name_part
+from trio_activate.model.manifest import load_manifest, parse_manifest
+from trio_activate.model.units import NeededPath, hidden_by, render_units, unit_name_part
 
 CONFIG = Path(__file__).parent.parent / "config"
 COMMAND = [sys.executable, "-m", "trio_activate"]

@@ -1,4 +1,4 @@
-"""Tests for trio_activate.watchdog: the WATCHDOG=1 schedule, in virtual time.
+"""Tests for trio_activate.runtime.watchdog: the WATCHDOG=1 schedule, in virtual time.
 
 Time is pytest-trio's ``autojump_clock`` (``MockClock(autojump_threshold=0)``):
 whenever every task is blocked, the clock jumps to the next deadline, so an
@@ -18,8 +18,8 @@ import pytest
 import trio
 import trio.testing
 
-from trio_activate.notifier import Notifier
-from trio_activate.watchdog import serve_watchdog
+from trio_activate.runtime.watchdog import serve_watchdog
+from trio_activate.system.notifier import Notifier
 
 INTERVAL = 1.5
 WATCHDOG_USEC = str(int(INTERVAL * 2 * 1_000_000))  # WatchdogSec=3: ping every 1.5 s

@@ -8,8 +8,17 @@ and re-execs itself through its internal activator.
 imported (importing trio costs ~150 ms), so names that need trio are
 re-exported lazily through a module-level ``__getattr__`` (PEP 562), and
 so is the manifest: the console script imports this package before it can
-block SIGTERM for a starting service (see ``_entry``), so it holds nothing
-but the error classes.
+block SIGTERM for a starting service (see ``cli.entry``), so it holds
+nothing but the error classes.
+
+The layers, each a subpackage that imports only those below it (checked by
+``tests/test_layers.py`` with import-linter), and ``errors`` under them all:
+
+    cli        the command line and the console script's first code
+    processes  the supervisor and its workers, the single-process hand-over
+    runtime    Trio: serving, handlers, readiness, shutdown, the embedded API
+    system     syscalls without Trio: fds, sockets, adoption, the activator
+    model      pure values and parsing: manifest, addresses, LISTEN_*, units
 """
 
 from __future__ import annotations
@@ -46,13 +55,13 @@ __all__ = [
 
 # name -> module that defines it; imported on first access.
 _LAZY: dict[str, str] = {
-    "Manifest": ".manifest",
-    "load_manifest": ".manifest",
-    "Activation": ".embedded",
-    "activated": ".embedded",
-    "self_activate": ".activator",
-    "is_stopping": ".stopping",
-    "move_on_stop": ".stopping",
+    "Manifest": ".model.manifest",
+    "load_manifest": ".model.manifest",
+    "Activation": ".runtime.embedded",
+    "activated": ".runtime.embedded",
+    "self_activate": ".system.activator",
+    "is_stopping": ".runtime.stopping",
+    "move_on_stop": ".runtime.stopping",
 }
 
 

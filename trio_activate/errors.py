@@ -58,7 +58,7 @@ class HandlerError(ActivationError):
 class StartInterrupted(BaseException):
     """SIGTERM or SIGINT while the handlers were imported: stop, having served nothing.
 
-    Not an error of the service (`trio_activate.start_signals` raises it).  A
+    Not an error of the service (`trio_activate.system.start_signals` raises it).  A
     BaseException, as KeyboardInterrupt is: the ``except Exception`` that
     reports a handler module's import error (and any in the user's own code)
     must let it through.  Here rather than beside its raiser so that the CLI

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import trio
 
-from .stopping import is_stopping
+from .runtime.stopping import is_stopping
 
 __all__ = ["echo", "hello_http", "udp_echo"]
 

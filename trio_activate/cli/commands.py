@@ -21,15 +21,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__
-from ._entry import hold_shutdown_signals
-from .activator import settle_worker_environment
-from .errors import ActivationError, StartInterrupted
-from .manifest import Manifest, dump_manifest, load_manifest
-from .private_env import ACTIVATOR_CHANNEL_VARIABLE, DEV_VARIABLE, HANDOFF_FROM_VARIABLE
+from .. import __version__
+from ..errors import ActivationError, StartInterrupted
+from ..model.manifest import Manifest, dump_manifest, load_manifest
+from ..model.private_env import ACTIVATOR_CHANNEL_VARIABLE, DEV_VARIABLE, HANDOFF_FROM_VARIABLE
+from ..system.activator import settle_worker_environment
+from ..system.fast_start import hold_shutdown_signals
 
 if TYPE_CHECKING:
-    from .acquire import ServiceSockets
+    from ..system.acquire import ServiceSockets
 
 # Layer 2 only up to the re-exec: trio is imported by `serve` after it.
 
@@ -287,18 +287,18 @@ def _load_and_acquire(path: Path, *, warn: bool) -> tuple[Manifest, ServiceSocke
     """The manifest and its sockets: adopted, or created by a self-activation re-exec.
 
     Runs before trio is imported, so a re-exec does not pay for it.  The fast
-    start's re-exec'd process (see _entry) is past that point: its activator
+    start's re-exec'd process (see system.fast_start) is past that point: its activator
     is reading the manifest and making the sockets right now, perhaps on this
     very core.  It imports trio first, which comes next anyway, then takes
     the sockets and the manifest's document, ready instead of waited for.
     """
-    from .acquire import acquire_sockets
+    from ..system.acquire import acquire_sockets
 
     handover = None
     if ACTIVATOR_CHANNEL_VARIABLE in os.environ:
         import trio  # noqa: F401
 
-        from .activator_channel import receive_from_forked_activator
+        from ..system.activator_channel import receive_from_forked_activator
 
         handover = receive_from_forked_activator(os.environ)
     manifest = load_manifest(path, document=handover.document if handover else None)
@@ -323,11 +323,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # the PID namespace, the service with it.  A supervisor keeps PID 1 across reloads.
         supervise = args.supervise or os.getpid() == 1
         if not is_worker and owned.connection is None and (workers > 1 or supervise):
-            from .supervise_main import run_supervisor
+            from ..processes.supervise_main import run_supervisor
 
             return run_supervisor(manifest, args.manifest, owned, workers=workers, log_level=args.log_level)
-        from .service_main import run_service
-        from .spawn import WorkerCommand, worker_argv
+        from ..processes.service_main import run_service
+        from ..processes.spawn import WorkerCommand, worker_argv
 
         # A standalone process (not a supervisor's worker) reloads on SIGHUP by
         # handing its sockets over to a successor; a hand-over successor is one too.
@@ -365,7 +365,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     # dev made these sockets: stopping removes every socket file it created.
     owned.remove_on_stop = frozenset(manifest.socket_names())
     try:
-        from .supervise_main import run_supervisor
+        from ..processes.supervise_main import run_supervisor
 
         watch = [manifest.path or args.manifest]
         watch += [manifest.folder / entry for entry in manifest.service.python_path]
@@ -378,13 +378,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def run_forked_activator(channel_fd: int) -> int:
-    """The activator ``_entry`` forks for a fast start: this command line's sockets, over ``channel_fd``.
+    """The activator ``fast_start`` forks for a fast start: this command line's sockets, over ``channel_fd``.
 
     Returns the exit status.  It prints nothing of its own: the re-exec'd
     parent parses the same command line and reports any usage error, and
     reports the activator's errors, which come over the channel.
     """
-    from .activator_channel import hand_sockets_to_service
+    from ..system.activator_channel import hand_sockets_to_service
 
     quiet = open(os.devnull, "w")  # noqa: SIM115 - for the life of this short process
     saved = sys.stdout, sys.stderr
@@ -420,7 +420,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
         pid = int(text)
     if not args.wait:
         return _send_sighup(pid)
-    from .reload_outcome import ReloadWaiter, ReloadWaitError
+    from ..system.reload_outcome import ReloadWaiter, ReloadWaitError
 
     # systemd stops a reload in progress (a stop or restart job came) with
     # SIGTERM, and counts a control process killed by it as the unit's failure
@@ -494,15 +494,15 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_fds(args: argparse.Namespace) -> int:
-    from .fds_report import report_fds
+    from ..system.fds_report import report_fds
 
     manifest = load_manifest(args.manifest) if args.manifest is not None else None
     return report_fds(manifest, as_json=args.json)
 
 
 def cmd_systemd(args: argparse.Namespace) -> int:
-    from .unit_paths import check_reachable, needed_paths, service_user
-    from .units import render_units, unit_name_part
+    from ..model.units import render_units, unit_name_part
+    from ..system.unit_paths import check_reachable, needed_paths, service_user
 
     manifest = load_manifest(args.manifest)
     if args.name is not None and unit_name_part(args.name) != args.name:

@@ -49,7 +49,7 @@ about whether it was activated:
    error here.  Empty names and duplicate names are valid.  What a name may
    be is judged where it is declared (`fd_name_problem`, for the manifest's
    socket names and for what `format_listen_env` sends); a passed name the
-   manifest does not declare is merely unclaimed (`trio_activate.match`).
+   manifest does not declare is merely unclaimed (`trio_activate.model.match`).
    Refusing it here would fail a service over an fd it never asked for.
 
 Malformed values are only reported once the earlier steps have decided the
@@ -74,7 +74,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, MutableMapping, Sequence
 
-from .errors import ListenEnvError
+from ..errors import ListenEnvError
 from .records import record
 
 __all__ = [

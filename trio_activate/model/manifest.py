@@ -36,8 +36,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..errors import ManifestError
 from .address import AbstractAddress, Address, InetAddress, UnixAddress, parse_address
-from .errors import ManifestError
 from .listen_env import fd_name_problem
 from .records import field, record, replace
 

@@ -1,8 +1,8 @@
 """Matching passed fds to the manifest's ``[sockets.NAME]`` tables.
 
 Layer 1: pure.  Nothing here makes a syscall or imports trio.  The adoption
-layer (`trio_activate.passed`) looks at each passed fd with a syscall
-(`trio_activate.fds.inspect_fd`) and describes it as a `PassedSocket`; this
+layer (`trio_activate.system.passed`) looks at each passed fd with a syscall
+(`trio_activate.system.fds.inspect_fd`) and describes it as a `PassedSocket`; this
 module decides, from those descriptions and the manifest alone, which
 manifest socket gets which fd, and which fds nobody claims.
 
@@ -80,8 +80,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import PurePosixPath
 from types import MappingProxyType
 
+from ..errors import AdoptionError
 from .address import AbstractAddress, Address, InetAddress, UnixAddress
-from .errors import AdoptionError
 from .listen_env import CONNECTION_NAME, STORED_NAME, UNKNOWN_NAME
 from .manifest import Manifest, SocketSpec, SocketType
 from .records import record

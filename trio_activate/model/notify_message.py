@@ -11,7 +11,7 @@ for tests and for a supervisor that receives its workers' ``READY=1``).
 
 Layer 1: pure logic.  Nothing here makes a syscall, imports trio, reads the
 clock or looks at ``os.environ`` on its own; the environment and the pid come
-in as arguments.  `~trio_activate.notifier.Notifier` (layer 2) sends.
+in as arguments.  `~trio_activate.system.notifier.Notifier` (layer 2) sends.
 
 Resource handling: none.  `parse_notify_socket` only turns text into a
 sockaddr; no socket is opened here.
@@ -51,7 +51,7 @@ manager expects a ping at least every ``WATCHDOG_USEC`` microseconds, and
 ``sd_watchdog_enabled(3)`` recommends pinging at half of that.
 ``WATCHDOG_PID``, when set, names the one process meant to ping.  Numbers
 are plain decimal digits without a leading zero, as in
-`~trio_activate.listen_env` (libsystemd also takes whitespace, signs and
+`~trio_activate.model.listen_env` (libsystemd also takes whitespace, signs and
 base prefixes; no manager sends them).  The one difference in order from
 libsystemd: ``WATCHDOG_PID`` is looked at first, so a malformed
 ``WATCHDOG_USEC`` next to another process's ``WATCHDOG_PID`` is not our
@@ -64,9 +64,9 @@ value.  An exception rather than a result object because the two outcomes
 want different handling: "no watchdog" is silent and common, "malformed" is a
 bug in whoever set the variable and deserves a warning, and the exception's
 message (variable, value, what was expected) is exactly that warning.  The
-caller (`~trio_activate.notifier.Notifier.from_environ`) logs it once and
-runs without a watchdog.  This is the split `~trio_activate.listen_env` makes
-between `~trio_activate.listen_env.NotActivated` and its error.
+caller (`~trio_activate.system.notifier.Notifier.from_environ`) logs it once and
+runs without a watchdog.  This is the split `~trio_activate.model.listen_env` makes
+between `~trio_activate.model.listen_env.NotActivated` and its error.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The private variables trio-activate sets for its own processes, by name.
 
 Layer 1: names only.  Kept apart from the activator so that the console
-script's first code (``_entry``), which must import next to nothing, can
+script's first code (``fast_start``), which must import next to nothing, can
 tell whether sockets are on their way to this process.
 """
 
@@ -20,7 +20,7 @@ __all__ = [
 
 # Set to our PID just before the re-exec; removed by whoever adopts.
 ACTIVATOR_MARKER = "TRIO_ACTIVATE_ACTIVATOR_PID"
-# Set by the fast start (`_entry`) before it re-execs: "<fd>:<pid>", the re-exec'd
+# Set by the fast start (`fast_start`) before it re-execs: "<fd>:<pid>", the re-exec'd
 # process's end of a unix seqpacket pair and the PID of the forked activator at
 # the other end, which creates the sockets meanwhile and passes them over it.
 ACTIVATOR_CHANNEL_VARIABLE = "TRIO_ACTIVATE_ACTIVATOR_CHANNEL"

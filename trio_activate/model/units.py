@@ -60,8 +60,8 @@ import math
 import socket
 from collections.abc import Sequence
 
+from ..errors import ManifestError
 from .address import InetAddress, UnixAddress
-from .errors import ManifestError
 from .manifest import Manifest, SocketSpec, SocketType
 from .records import record
 

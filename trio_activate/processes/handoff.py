@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .notifier import Notifier
-from .private_env import HANDOFF_FROM_VARIABLE, SOCKET_FILES_VARIABLE
+from ..model.private_env import HANDOFF_FROM_VARIABLE, SOCKET_FILES_VARIABLE
+from ..system.notifier import Notifier
 from .spawn import NotifyInbox, WorkerCommand, spawn_worker
 
 if TYPE_CHECKING:
-    from .acquire import SocketFile
+    from ..system.acquire import SocketFile
 
 __all__ = [
     "HANDOFF_FROM_VARIABLE",

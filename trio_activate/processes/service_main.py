@@ -1,7 +1,8 @@
 """``trio-activate serve`` after the sockets are in hand: import handlers, run the service under trio.
 
-Layer 3 (trio), called by the CLI once ``acquire_sockets`` returned, which
-is after any self-activation re-exec: trio is imported here, not before.
+Layer 4 (one service process, on trio: it may hand over to a successor),
+called by the CLI once ``acquire_sockets`` returned, which is after any
+self-activation re-exec: trio is imported here, not before.
 
 Resource handling: ``owned`` stays the caller's; it is closed by the CLI
 after ``run_service`` returns or raises.
@@ -16,19 +17,19 @@ from functools import partial
 
 import trio
 
-from . import __version__
-from .acquire import ServiceSockets
-from .address import address_from_sockname
-from .errors import HandlerError
-from .handlers import LoadedHandler, load_handlers
+from .. import __version__
+from ..errors import HandlerError
+from ..model.address import address_from_sockname
+from ..model.manifest import HandlerKind, Manifest
+from ..model.private_env import FRESH_CODE_VARIABLE, SUPERVISOR_VARIABLE
+from ..runtime.handlers import LoadedHandler, load_handlers
+from ..runtime.service import HandlerSockets, Service, serve_connection_once
+from ..runtime.serving import Listening
+from ..system.acquire import ServiceSockets
+from ..system.notifier import Notifier
+from ..system.start_signals import interruptible_start
 from .handoff import hand_over, stop_successor, take_handoff, wait_for_exit
-from .manifest import HandlerKind, Manifest
-from .notifier import Notifier
-from .private_env import FRESH_CODE_VARIABLE, SUPERVISOR_VARIABLE
-from .runtime import HandlerSockets, Service, serve_connection_once
-from .serving import Listening
 from .spawn import WorkerCommand
-from .start_signals import interruptible_start
 
 __all__ = ["run_service"]
 

@@ -29,10 +29,10 @@ from collections.abc import Mapping, Sequence
 
 import trio
 
-from .listen_env import LISTEN_VARIABLES
-from .notify_message import credentials_space, parse_notify_message, sender_pid
-from .private_env import DEV_VARIABLE, FRESH_CODE_VARIABLE, SUPERVISOR_VARIABLE, WORKER_FDS_VARIABLE
-from .records import record
+from ..model.listen_env import LISTEN_VARIABLES
+from ..model.notify_message import credentials_space, parse_notify_message, sender_pid
+from ..model.private_env import DEV_VARIABLE, FRESH_CODE_VARIABLE, SUPERVISOR_VARIABLE, WORKER_FDS_VARIABLE
+from ..model.records import record
 
 __all__ = ["NotifyInbox", "WorkerCommand", "spawn_worker", "worker_argv"]
 

@@ -1,6 +1,6 @@
 """``serve`` with workers, and ``dev``: run the supervisor over the sockets in hand.
 
-Layer 5 glue for layer 4: called by the CLI after ``acquire_sockets``
+Layer 4: the supervisor's process, called by the CLI after ``acquire_sockets``
 (after any self-activation re-exec), with the sockets it holds.
 
 Resource handling: ``owned`` stays the caller's; the supervisor only passes
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import trio
 
-from .acquire import ServiceSockets
-from .manifest import Manifest
-from .notifier import Notifier
+from ..model.manifest import Manifest
+from ..system.acquire import ServiceSockets
+from ..system.notifier import Notifier
 from .spawn import WorkerCommand, worker_argv
 from .supervisor import Supervisor
 

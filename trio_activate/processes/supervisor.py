@@ -74,7 +74,7 @@ calling ``time.sleep``), and the manager acts on it (``WatchdogSec=``:
 abort and restart), as it would for a single process.
 
 A reload's outcome also goes to whoever waits for it
-(`~trio_activate.reload_outcome`: ``trio-activate reload --wait``, systemd
+(`~trio_activate.system.reload_outcome`: ``trio-activate reload --wait``, systemd
 252's ``ExecReload=``).
 
 Resource handling: the supervisor owns nothing but its notify socket and
@@ -94,13 +94,13 @@ from functools import partial
 
 import trio
 
-from .manifest import DEFAULT_WORKER_TIMEOUT
-from .notifier import Notifier
-from .private_env import SUPERVISOR_VARIABLE
-from .records import field, record
-from .reload_outcome import announce_reload_outcome
+from ..model.manifest import DEFAULT_WORKER_TIMEOUT
+from ..model.private_env import SUPERVISOR_VARIABLE
+from ..model.records import field, record
+from ..runtime.watchdog import serve_watchdog
+from ..system.notifier import Notifier
+from ..system.reload_outcome import announce_reload_outcome
 from .spawn import NotifyInbox, WorkerCommand, spawn_worker
-from .watchdog import serve_watchdog
 
 __all__ = ["Supervisor"]
 

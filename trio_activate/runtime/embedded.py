@@ -24,12 +24,12 @@ from typing import Any
 
 import trio
 
-from .acquire import ServiceSockets, acquire_sockets
-from .errors import HandlerError
+from ..errors import HandlerError
+from ..model.manifest import Manifest, load_manifest, manifest_from_dict
+from ..system.acquire import ServiceSockets, acquire_sockets
+from ..system.notifier import Notifier
 from .handlers import load_handlers
-from .manifest import Manifest, load_manifest, manifest_from_dict
-from .notifier import Notifier
-from .runtime import HandlerSockets, Service
+from .service import HandlerSockets, Service
 from .serving import Listening
 
 __all__ = ["Activation", "activated"]

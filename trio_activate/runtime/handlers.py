@@ -18,10 +18,10 @@ import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .errors import HandlerError
-from .fresh_imports import import_project_code_from_source
-from .manifest import HandlerSpec, Manifest
-from .records import record
+from ..errors import HandlerError
+from ..model.manifest import HandlerSpec, Manifest
+from ..model.records import record
+from ..system.fresh_imports import import_project_code_from_source
 
 __all__ = ["LoadedHandler", "load_handler", "load_handlers", "prepend_python_path"]
 

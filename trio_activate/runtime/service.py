@@ -36,14 +36,14 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from . import notify_message
+from ..model import notify_message
+from ..model.manifest import HandlerKind, Manifest
+from ..model.records import record
+from ..system.notifier import Notifier
+from ..system.reload_outcome import announce_reload_outcome
+from ..system.start_signals import redeliver
 from .handlers import LoadedHandler
-from .manifest import HandlerKind, Manifest
-from .notifier import Notifier
-from .records import record
-from .reload_outcome import announce_reload_outcome
 from .serving import Listening, StreamServer, serve_with_timeouts
-from .start_signals import redeliver
 from .stopping import StopSignal, current_stop_signal
 from .watchdog import serve_watchdog
 

@@ -54,9 +54,9 @@ from typing import Any
 
 import trio
 
+from ..model.manifest import OnError, OnFull
+from ..model.records import record
 from .handlers import LoadedHandler
-from .manifest import OnError, OnFull
-from .records import record
 
 __all__ = [
     "ACCEPT_BATCH",

@@ -4,7 +4,7 @@ What this module owns
 ---------------------
 The schedule of ``WATCHDOG=1`` pings.  With ``WatchdogSec=`` in its unit, a
 service gets ``WATCHDOG_USEC`` and must ping at least that often or be
-killed; `~trio_activate.notifier.Notifier` reads the variables and knows the
+killed; `~trio_activate.system.notifier.Notifier` reads the variables and knows the
 interval (half of ``WATCHDOG_USEC``, as ``sd_watchdog_enabled(3)``
 recommends), this task keeps time.
 
@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import trio
 
-from .notifier import Notifier
+from ..system.notifier import Notifier
 
 __all__ = ["serve_watchdog"]
 

@@ -25,13 +25,13 @@ import os
 import socket
 from collections.abc import MutableMapping, Sequence
 
+from ..model.listen_env import ListenFds, take_listen_env
+from ..model.manifest import Manifest
+from ..model.private_env import ACTIVATOR_MARKER, HANDOFF_FROM_VARIABLE, SOCKET_FILES_VARIABLE
+from ..model.records import field, record
 from .activator import check_not_looping, reexec_with_new_sockets
 from .fds import own_pidfd_id
-from .listen_env import ListenFds, take_listen_env
-from .manifest import Manifest
 from .passed import PassedFds, adopt
-from .private_env import ACTIVATOR_MARKER, HANDOFF_FROM_VARIABLE, SOCKET_FILES_VARIABLE
-from .records import field, record
 
 __all__ = ["ServiceSockets", "SocketFile", "acquire_sockets"]
 

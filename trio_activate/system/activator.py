@@ -18,7 +18,7 @@ After the exec the process adopts its sockets through exactly the path it
 takes under systemd.  (This is the activator of ``self_activate()`` and of
 the rare CLI start that ``LISTEN_*`` meant for another process; the CLI's
 usual one is forked, so that its work overlaps the exec'd service's
-start-up: see ``_entry`` and ``activator_channel``.  Both end here, in
+start-up: see ``fast_start`` and ``activator_channel``.  Both end here, in
 ``settle_listen_environment`` or the exec's environment: ``LISTEN_*`` naming
 the service.)  A private variable, ``TRIO_ACTIVATE_ACTIVATOR_PID``,
 tells the re-exec'd process that it came from here: if it then finds no
@@ -40,12 +40,18 @@ from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from ._entry import reexec_argv
-from .errors import ActivationError
+from ..errors import ActivationError
+from ..model.listen_env import (
+    SD_LISTEN_FDS_START,
+    ListenFds,
+    format_listen_env,
+    read_listen_env,
+    unset_listen_env,
+)
+from ..model.manifest import Manifest, load_manifest
+from ..model.private_env import ACTIVATOR_MARKER, SOCKET_FILES_VARIABLE, WORKER_FDS_VARIABLE
+from .fast_start import reexec_argv
 from .fds import own_pidfd_id
-from .listen_env import SD_LISTEN_FDS_START, ListenFds, format_listen_env, read_listen_env, unset_listen_env
-from .manifest import Manifest, load_manifest
-from .private_env import ACTIVATOR_MARKER, SOCKET_FILES_VARIABLE, WORKER_FDS_VARIABLE
 
 if TYPE_CHECKING:
     from .create import CreatedSocket

@@ -1,6 +1,6 @@
 """The fast start's channel: the forked activator hands its sockets to the re-exec'd service.
 
-Layer 2: syscalls, no trio.  ``_entry`` forks the activator and re-execs the
+Layer 2: syscalls, no trio.  ``fast_start`` forks the activator and re-execs the
 service at once (see its docstring for why); the two meet here, over a unix
 seqpacket pair the exec'd process finds in ``TRIO_ACTIVATE_ACTIVATOR_CHANNEL``
 ("<fd>:<activator pid>").
@@ -41,11 +41,11 @@ from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import ActivationError
+from ..model.manifest import load_manifest, read_manifest_document
+from ..model.private_env import ACTIVATOR_CHANNEL_VARIABLE, ACTIVATOR_MARKER
+from ..model.records import record
 from .activator import settle_listen_environment
-from .errors import ActivationError
-from .manifest import load_manifest, read_manifest_document
-from .private_env import ACTIVATOR_CHANNEL_VARIABLE, ACTIVATOR_MARKER
-from .records import record
 
 if TYPE_CHECKING:
     from .create import CreatedSocket

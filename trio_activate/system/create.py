@@ -98,10 +98,17 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from .address import UNIX_PATH_MAX, AbstractAddress, Address, InetAddress, UnixAddress, address_from_sockname
-from .errors import CreationError
-from .manifest import Manifest, SocketSpec
-from .records import field, record
+from ..errors import CreationError
+from ..model.address import (
+    UNIX_PATH_MAX,
+    AbstractAddress,
+    Address,
+    InetAddress,
+    UnixAddress,
+    address_from_sockname,
+)
+from ..model.manifest import Manifest, SocketSpec
+from ..model.records import field, record
 
 __all__ = [
     "CreatedSocket",

@@ -1,9 +1,12 @@
-"""The ``trio-activate`` console script's first code: hold shutdown signals, start fast, import the CLI.
+"""The fast start: hold shutdown signals, and fork the activator while this process re-execs.
+
+Layer 2: syscalls, no trio.  The console script's first code
+(`trio_activate.cli.entry`) calls this before it imports anything more.
 
 Held signals: a SIGTERM or SIGINT that reaches a starting service must end
 in an orderly exit, not in death by signal.  The runtime unblocks them once
 its handlers are installed; everything before that point runs with them
-blocked, so this module blocks them before importing anything more (the
+blocked, so the entry blocks them before importing anything more (the
 package's ``__init__`` is already imported and holds only the error
 classes).  Only for the commands that serve: ``check`` or ``fds`` keep the
 default behaviour.  The interpreter's own start-up (about 20 ms) remains a
@@ -19,11 +22,12 @@ re-exec'd process then takes the sockets and the manifest's document over a
 private channel (``activator_channel``, called from the CLI), settles its
 own ``LISTEN_*`` from them, and adopts them by exactly the path it takes
 under systemd.  Errors (a bad manifest, a busy port) are reported by the
-re-exec'd process, as one line, as before.
+re-exec'd process, as one line, as before.  What the forked child runs is
+the caller's (the CLI parses the command line): this layer never calls up.
 
-This module imports only ``os``, ``sys`` and the C modules ``_signal`` and
-``_socket`` (a test holds it to that): anything more here is start-up time
-for every serve.
+This module imports only ``os``, ``sys``, the C modules ``_signal`` and
+``_socket``, and the private variables' names (a test holds it to that):
+anything more here is start-up time for every serve.
 """
 
 from __future__ import annotations
@@ -34,11 +38,11 @@ import _signal  # type: ignore[import-not-found]  # no stub: typeshed covers `si
 import os
 import sys
 
-from .private_env import ACTIVATOR_CHANNEL_VARIABLE, ACTIVATOR_MARKER, WORKER_FDS_VARIABLE
+from ..model.private_env import ACTIVATOR_CHANNEL_VARIABLE, ACTIVATOR_MARKER, WORKER_FDS_VARIABLE
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
 SERVING_COMMANDS = frozenset({"serve", "dev"})
 # Held pending until the runtime (or supervisor) installs its handlers and unblocks them;
@@ -60,16 +64,6 @@ ACTIVATOR_CRASHED = 70  # EX_SOFTWARE
 def hold_shutdown_signals() -> None:
     """Block SIGTERM, SIGINT and SIGHUP: they wait until the service can handle them."""
     _signal.pthread_sigmask(_signal.SIG_BLOCK, SHUTDOWN_AND_RELOAD_SIGNALS)
-
-
-def main() -> int:
-    if SERVING_COMMANDS.intersection(sys.argv[1:]):
-        hold_shutdown_signals()
-        if fast_start_applies(sys.argv[1:], os.environ):
-            fork_activator_and_reexec()
-    from .cli import main as cli_main
-
-    return cli_main()
 
 
 def reexec_argv() -> list[str]:
@@ -124,11 +118,12 @@ def _single_threaded() -> bool:
         return False
 
 
-def fork_activator_and_reexec() -> None:
-    """Fork the activator, then exec this command line again at once.  Returns only in the child.
+def fork_activator_and_reexec(run_activator: Callable[[int], int]) -> None:
+    """Fork the activator, then exec this command line again at once.  Never returns.
 
-    The child gets one end of a unix seqpacket pair and runs the activator
-    (``cli.run_forked_activator``), then exits without returning here.  This
+    The child gets one end of a unix seqpacket pair, calls ``run_activator``
+    with it (the CLI's ``run_forked_activator``) and exits with the status it
+    returns, without returning here.  This
     process gives the other end to its exec'd self, with the child's PID, in
     ``TRIO_ACTIVATE_ACTIVATOR_CHANNEL``.  If the exec fails, the channel
     closes with this process, which tells the child to remove what it made.
@@ -141,9 +136,7 @@ def fork_activator_and_reexec() -> None:
         own_end.close()
         status = ACTIVATOR_CRASHED
         try:
-            from .cli import run_forked_activator
-
-            status = run_forked_activator(child_end.detach())
+            status = run_activator(child_end.detach())
         finally:
             os._exit(status)  # never back into the console script: the exec'd parent serves
     child_end.close()

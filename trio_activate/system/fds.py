@@ -6,7 +6,7 @@ Resource handling: nothing here takes ownership of a passed fd or closes
 one.  `set_cloexec` and `inspect_fd` work on the number the caller owns and
 leave it open whatever happens; the only fds this module opens (a pidfd, an
 eventfd, the ``/proc/self/fd`` listing) are its own and closed before it
-returns.  The owner of passed fds is `trio_activate.passed.PassedFds`.
+returns.  The owner of passed fds is `trio_activate.system.passed.PassedFds`.
 
 Error handling: a passed fd that cannot be used is an `AdoptionError` naming
 the fd (and its ``LISTEN_FDNAMES`` name, when known) and what was found there.
@@ -24,9 +24,9 @@ import socket
 import stat
 import sys
 
-from .address import address_from_sockname
-from .errors import AdoptionError
-from .match import PassedSocket
+from ..errors import AdoptionError
+from ..model.address import address_from_sockname
+from ..model.match import PassedSocket
 
 __all__ = ["FdNotOpenError", "inspect_fd", "open_fds", "own_pidfd_id", "set_cloexec"]
 

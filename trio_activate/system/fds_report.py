@@ -21,11 +21,11 @@ import socket
 import sys
 from typing import Any
 
-from .errors import ActivationError
+from ..errors import ActivationError
+from ..model.listen_env import ListenFds, take_listen_env
+from ..model.manifest import Manifest
+from ..model.match import PassedSocket, match_passed
 from .fds import inspect_fd, own_pidfd_id
-from .listen_env import ListenFds, take_listen_env
-from .manifest import Manifest
-from .match import PassedSocket, match_passed
 
 __all__ = ["describe_passed", "report_fds"]
 

@@ -2,7 +2,7 @@
 
 What this module owns
 ---------------------
-Delivering the messages of `~trio_activate.notify_message` to the service
+Delivering the messages of `~trio_activate.model.notify_message` to the service
 manager's ``NOTIFY_SOCKET``, and the policy for when that fails: a failure to
 notify is logged as a warning on the ``"trio_activate"`` logger and reported
 by a ``False`` return, never raised.  A service must not die because its
@@ -35,7 +35,7 @@ Error handling
   ``EMFILE`` when opening, ...): a warning per failed send naming the address,
   the error and the message, and False.
 - Bad arguments (a negative timeout, a message `format_message` rejects) are
-  the caller's bug and raise `ValueError`, as in `~trio_activate.notify_message`.
+  the caller's bug and raise `ValueError`, as in `~trio_activate.model.notify_message`.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import time
 from collections.abc import Mapping, MutableMapping
 from types import TracebackType
 
-from . import notify_message
+from ..model import notify_message
 
 __all__ = ["Notifier"]
 
@@ -75,7 +75,7 @@ def _show_message(message: bytes) -> str:
 class Notifier:
     """Sends sd_notify messages to one address; see the module docstring.
 
-    `address` is a sockaddr as `~trio_activate.notify_message.parse_notify_socket`
+    `address` is a sockaddr as `~trio_activate.model.notify_message.parse_notify_socket`
     returns it: a path (`str`) or an abstract name (`bytes` starting with a
     NUL), or None for a disabled notifier.  `watchdog_interval` is the number
     of seconds between watchdog pings, or None for no watchdog.  Most callers

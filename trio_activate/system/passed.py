@@ -46,12 +46,12 @@ from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Protocol
 
+from ..errors import AdoptionError
+from ..model.listen_env import ListenFds
+from ..model.manifest import Manifest
+from ..model.match import Match, PassedSocket, match_passed
+from ..model.records import field, record
 from . import fds
-from .errors import AdoptionError
-from .listen_env import ListenFds
-from .manifest import Manifest
-from .match import Match, PassedSocket, match_passed
-from .records import field, record
 
 __all__ = ["DEFAULT_STEPS", "AdoptSteps", "Adopted", "PassedFds", "adopt"]
 

@@ -39,7 +39,7 @@ import select
 import socket
 import time
 
-from . import notify_message
+from ..model import notify_message
 
 __all__ = ["ReloadWaitError", "ReloadWaiter", "announce_reload_outcome", "outcome_address"]
 

@@ -1,7 +1,7 @@
 """Signals while a service imports its handlers: a stop stops the start.
 
 Layer 2: no trio.  From the console script's first line
-(`trio_activate._entry.hold_shutdown_signals`) SIGTERM, SIGINT and SIGHUP
+(`trio_activate.system.fast_start.hold_shutdown_signals`) SIGTERM, SIGINT and SIGHUP
 are blocked: one that arrives during start-up waits, and the runtime
 handles it once it listens.  That is right for the interpreter's and
 trio's own imports, which are short.  Importing the handlers runs the
@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-from .errors import StartInterrupted
+from ..errors import StartInterrupted
 
 __all__ = ["StartInterrupted", "interruptible_start", "redeliver"]
 

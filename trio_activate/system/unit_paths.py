@@ -41,10 +41,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import ManifestError
-from .manifest import Manifest
-from .records import record
-from .units import NeededPath, hidden_by
+from ..errors import ManifestError
+from ..model.manifest import Manifest
+from ..model.records import record
+from ..model.units import NeededPath, hidden_by
 
 __all__ = ["ServiceUser", "check_reachable", "needed_paths", "service_user"]
 

@@ -1,0 +1,9 @@
+"""Layer 5, the command line: the console script's first code (`entry`) and the subcommands (`commands`).
+
+May import: every layer below.  Nothing below imports it: the fast start
+(`trio_activate.system.fast_start`) gets the forked activator's code from
+`entry` as a function, so the start-up path calls down, never up.
+
+Who closes what: ``serve`` and ``dev`` own the ``ServiceSockets`` they
+acquire and close it once the service or supervisor returned.
+"""

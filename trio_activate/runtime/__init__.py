@@ -1,0 +1,16 @@
+"""Layer 3, Trio: serving the sockets, running the handlers, readiness, the watchdog and shutdown.
+
+Owns: the accept loops and datagram readers (`serving`), importing and
+checking the handlers (`handlers`), one service's task tree, its signals,
+readiness and drain (`service`), what a handler can learn of the stop
+(`stopping`, public), watchdog pings (`watchdog`) and the embedded
+``activated()`` API (`embedded`, public).
+
+May import: `trio_activate.system`, `trio_activate.model`,
+`trio_activate.errors`, trio.
+
+Who closes what: the caller that acquired the sockets keeps them
+(``ServiceSockets``); this layer wraps them in trio sockets without taking
+ownership, and closes only the connections it accepted, each in the task
+that serves it, cancellation included.
+"""
