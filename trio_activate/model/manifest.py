@@ -90,13 +90,6 @@ class SocketType(enum.Enum):
     def kernel_type(self) -> socket.SocketKind:
         return _KERNEL_TYPES[self]
 
-    @classmethod
-    def from_kernel_type(cls, kind: int) -> SocketType | None:
-        for value, kernel in _KERNEL_TYPES.items():
-            if kernel == kind:
-                return value
-        return None
-
 
 _KERNEL_TYPES = {
     SocketType.STREAM: socket.SOCK_STREAM,
@@ -223,12 +216,6 @@ class Manifest:
     @property
     def source(self) -> str:
         return self.path.name if self.path is not None else "<manifest>"
-
-    def socket(self, name: str) -> SocketSpec:
-        for spec in self.sockets:
-            if spec.name == name:
-                return spec
-        raise KeyError(name)
 
     def socket_names(self) -> tuple[str, ...]:
         return tuple(spec.name for spec in self.sockets)

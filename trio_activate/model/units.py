@@ -189,7 +189,7 @@ def _socket_unit(manifest: Manifest, spec: SocketSpec, service_name: str) -> Uni
     if spec.accept:
         # systemd accepts; each connection starts an instance of SOCKET-UNIT@.service.
         lines.append("Accept=yes")
-        handler = next((h for h in manifest.handlers if spec.name in h.sockets), None)
+        handler = manifest.handler_for(spec.name)
         if handler is not None and handler.max_connections is not None:
             lines.append(f"MaxConnections={handler.max_connections}")
     else:

@@ -149,7 +149,9 @@ class CreatedSocket:
     """``(st_dev, st_ino)`` of ``created_path`` right after ``bind()``."""
 
 
-def create_socket(spec: SocketSpec, address: Address, *, folder: Path) -> CreatedSocket:
+def create_socket(
+    spec: SocketSpec, address: Address, *, folder: Path, source: str | None = None
+) -> CreatedSocket:
     """Create, bind and (for stream and seqpacket) listen one socket of ``spec``.
 
     ``address`` is one of ``spec.listen``; a relative unix path is resolved
@@ -159,9 +161,17 @@ def create_socket(spec: SocketSpec, address: Address, *, folder: Path) -> Create
     created.  On error nothing is left behind.
 
     Error handling: ``CreationError``, one line naming ``sockets.NAME.KEY``
-    and the address.
+    and the address, after ``source`` (the manifest's file name) when given.
     """
-    return _create(spec, address, folder=folder, source=None)
+    listen_key = "listen" if len(spec.listen) == 1 else f"listen[{spec.listen.index(address)}]"
+    if isinstance(address, InetAddress):
+        shown = str(address) if address.host is not None else f"{address} ([::]:{address.port})"
+        return _create_inet(spec, address, _Where(source, spec, listen_key, shown))
+    if isinstance(address, UnixAddress):
+        resolved = address.resolved(str(folder))
+        shown = str(address) if resolved == address else f"{address} ({resolved.path})"
+        return _create_unix_path(spec, resolved, _Where(source, spec, listen_key, shown))
+    return _create_abstract(spec, address, _Where(source, spec, listen_key, str(address)))
 
 
 def create_sockets(manifest: Manifest) -> list[CreatedSocket]:
@@ -177,7 +187,7 @@ def create_sockets(manifest: Manifest) -> list[CreatedSocket]:
     try:
         for spec in manifest.sockets:
             for address in spec.listen:
-                created.append(_create(spec, address, folder=manifest.folder, source=source))
+                created.append(create_socket(spec, address, folder=manifest.folder, source=source))
     except BaseException:
         _discard(created)
         raise
@@ -223,21 +233,6 @@ class _Where:
                 f"{prefix}sockets.{self.spec.name}.{self.listen_key}: {self.shown}: {problem}"
             )
         return CreationError(f"{prefix}sockets.{self.spec.name}.{key}: {problem}")
-
-
-def _create(spec: SocketSpec, address: Address, *, folder: Path, source: str | None) -> CreatedSocket:
-    if len(spec.listen) == 1 or address not in spec.listen:
-        listen_key = "listen"
-    else:
-        listen_key = f"listen[{spec.listen.index(address)}]"
-    if isinstance(address, InetAddress):
-        shown = str(address) if address.host is not None else f"{address} ([::]:{address.port})"
-        return _create_inet(spec, address, _Where(source, spec, listen_key, shown))
-    if isinstance(address, UnixAddress):
-        resolved = address.resolved(str(folder))
-        shown = str(address) if resolved == address else f"{address} ({resolved.path})"
-        return _create_unix_path(spec, resolved, _Where(source, spec, listen_key, shown))
-    return _create_abstract(spec, address, _Where(source, spec, listen_key, str(address)))
 
 
 def _new_socket(family: int, kind: int) -> socket.socket:
