@@ -433,21 +433,21 @@ class _Parser:
         if table is None:
             return ServiceSpec(self.service_name("service.name", default_name, from_file_name=True))
         name = table.get("name", table.string, None)
-        grace = table.get("grace-period", self.grace_period(table), DEFAULT_GRACE_PERIOD)
+        grace = table.get("grace-period", self.duration(table), DEFAULT_GRACE_PERIOD)
         python_path: tuple[str, ...] = table.get("python-path", table.string_list, (".",))
         accept_handler = table.get("accept-handler", table.string, None)
         workers = table.get("workers", self.positive_int(table), 1)
-        start_timeout = table.get("start-timeout", self.grace_period(table), DEFAULT_START_TIMEOUT)
+        start_timeout = table.get("start-timeout", self.duration(table), DEFAULT_START_TIMEOUT)
         if start_timeout == 0:
             raise table.error("start-timeout", "0 leaves a worker no time to start (expected a number > 0)")
-        watchdog = table.get("watchdog", self.grace_period(table), None)
+        watchdog = table.get("watchdog", self.duration(table), None)
         if watchdog is not None and not watchdog >= WATCHDOG_MIN:
             raise table.error(
                 "watchdog",
                 f"{watchdog:g} is too short: the service pings at half of it "
                 f"(expected at least {WATCHDOG_MIN:g})",
             )
-        worker_timeout = table.get("worker-timeout", self.grace_period(table), DEFAULT_WORKER_TIMEOUT)
+        worker_timeout = table.get("worker-timeout", self.duration(table), DEFAULT_WORKER_TIMEOUT)
         if worker_timeout == 0:
             raise table.error(
                 "worker-timeout", "0 would kill every worker at once (expected a number of seconds > 0)"
@@ -487,7 +487,12 @@ class _Parser:
             f"{origin} is not a usable service name (letters, digits, '_', '.', '-'; at most 200)",
         )
 
-    def grace_period(self, table: _Table) -> Callable[[str, Any], float]:
+    def duration(self, table: _Table) -> Callable[[str, Any], float]:
+        """Any duration key's check (grace-period, start-timeout, watchdog, ...): finite seconds >= 0.
+
+        Each key's own lower bound, if any, is checked where the key is read.
+        """
+
         def check(key: str, value: Any) -> float:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise table.error(key, f"expected a number of seconds, got {_type_name(value)}")
@@ -662,7 +667,7 @@ class _Parser:
 
     def positive_duration(self, table: _Table) -> Callable[[str, Any], float]:
         def check(key: str, value: Any) -> float:
-            seconds = self.grace_period(table)(key, value)
+            seconds = self.duration(table)(key, value)
             if seconds == 0:
                 raise table.error(
                     key, "0 is not a timeout (expected a number of seconds > 0; leave it out for none)"

@@ -7,7 +7,7 @@ Shape of the task tree::
     service nursery          signal watcher, watchdog
     └── handlers nursery
         ├── StreamServer.run  (one per stream handler: accept loops + a task per connection)
-        └── instant scope      datagram and listener handlers, each called once
+        └── lifelong scope    datagram and listener handlers: one call each, for the whole service
 
 Lifecycle: ``serve()`` starts every handler and waits until each stream
 server's accept loops run, then reports ``READY=1`` and logs "ready".  On
@@ -99,7 +99,7 @@ class Service:
         self.stop_signal = StopSignal()
         self._stopping = False
         self._servers: list[StreamServer] = []
-        self._instant_scope = trio.CancelScope()
+        self._lifelong_scope = trio.CancelScope()
         self._handlers_scope: trio.CancelScope | None = None
         self._watchdog_scope = trio.CancelScope()
         # A reload in progress; shutdown() cancels it (its successor is stopped).
@@ -172,37 +172,40 @@ class Service:
         return self.exit_status
 
     async def _start_handlers(self, nursery: trio.Nursery) -> None:
-        instant: list[HandlerSockets] = []
+        # Datagram and listener handlers are each one call that lasts as long as
+        # the service: they have no connections to drain, so they share one scope
+        # that shutdown cancels at once.
+        lifelong: list[HandlerSockets] = []
         for item in self.handlers:
             if item.handler.spec.kind is HandlerKind.STREAM:
                 server = StreamServer(item.handler, item.sockets, on_failure=self.fail)
                 self._servers.append(server)
                 await nursery.start(server.run)
             else:
-                instant.append(item)
-        if instant:
-            await nursery.start(self._run_instant_handlers, instant)
+                lifelong.append(item)
+        if lifelong:
+            await nursery.start(self._run_lifelong_handlers, lifelong)
 
-    async def _run_instant_handlers(
+    async def _run_lifelong_handlers(
         self, handlers: Sequence[HandlerSockets], *, task_status: trio.TaskStatus[None]
     ) -> None:
-        with self._instant_scope:
+        with self._lifelong_scope:
             async with trio.open_nursery() as nursery:
                 for item in handlers:
                     if item.handler.spec.kind is HandlerKind.DATAGRAM:
                         for listening in item.sockets:
                             sock = trio.socket.from_stdlib_socket(listening.sock)
-                            nursery.start_soon(self._run_instant, item.handler, sock, listening.name)
+                            nursery.start_soon(self._run_lifelong, item.handler, sock, listening.name)
                     else:
                         listeners = [
                             trio.SocketListener(trio.socket.from_stdlib_socket(listening.sock))
                             for listening in item.sockets
                         ]
                         names = ",".join(sorted({listening.name for listening in item.sockets}))
-                        nursery.start_soon(self._run_instant, item.handler, listeners, names)
+                        nursery.start_soon(self._run_lifelong, item.handler, listeners, names)
                 task_status.started()
 
-    async def _run_instant(self, handler: LoadedHandler, argument: object, names: str) -> None:
+    async def _run_lifelong(self, handler: LoadedHandler, argument: object, names: str) -> None:
         try:
             await handler.function(argument)
         except Exception:
@@ -230,7 +233,7 @@ class Service:
                 {"STOPPING": "1", "STATUS": f"Stopping: draining {in_flight} connection(s)"}
             )
         )
-        self._instant_scope.cancel()
+        self._lifelong_scope.cancel()
         deadline = trio.current_time() + grace if math.isfinite(grace) else math.inf
         for server in self._servers:
             server.stop_accepting()
