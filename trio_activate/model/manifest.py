@@ -18,6 +18,11 @@ Cross-table rules (a handler naming a missing socket, a socket claimed twice,
 duplicate addresses) run after every table parsed, so the first structural
 error a user sees is the first one in the file.
 
+The socket options (backlog, reuse-port, mode, ...) are one table,
+``SOCKET_OPTIONS``: their keys, value types, the sockets each applies to and
+their systemd directives.  Reading, the applies check, writing back and the
+unit writer (``units``) all walk it.
+
 The result is a tree of frozen records (``records.record``).  ``dump_manifest`` writes it back
 with ``tomli-w``, every default made explicit, so ``check`` shows the user
 exactly what the runtime will do, and parse -> dump -> parse is the identity.
@@ -45,12 +50,14 @@ __all__ = [
     "DEFAULT_BACKLOG",
     "DEFAULT_GRACE_PERIOD",
     "DEFAULT_MODE",
+    "SOCKET_OPTIONS",
     "HandlerKind",
     "HandlerSpec",
     "Manifest",
     "OnError",
     "OnFull",
     "ServiceSpec",
+    "SocketOption",
     "SocketSpec",
     "SocketType",
     "dump_manifest",
@@ -124,7 +131,12 @@ class ServiceSpec:
 
 @record
 class SocketSpec:
-    """One ``[sockets.NAME]`` table: one fd name, one or more addresses."""
+    """One ``[sockets.NAME]`` table: one fd name, one or more addresses.
+
+    The fields after ``type`` are the socket options, one per line of
+    `SOCKET_OPTIONS` (the key with ``_`` for ``-``); their defaults are the
+    options' defaults.
+    """
 
     name: str
     listen: tuple[Address, ...]
@@ -314,6 +326,10 @@ class _Table:
             raise self.parser.error(where, f"missing key {key!r} ({hint})")
         return check(key, self.data[key])
 
+    def option(self, option: SocketOption) -> Any:
+        """A socket option's value: checked as its type says, or its default."""
+        return self.get(option.key, lambda key, value: option.type.check(self, key, value), option.default)
+
     def subtable(self, key: str) -> _Table | None:
         self.taken.add(key)
         if key not in self.data:
@@ -346,6 +362,33 @@ class _Table:
         if not isinstance(value, bool):
             raise self.error(key, f"expected true or false, got {_type_name(value)}")
         return value
+
+    def backlog(self, key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"expected an integer, got {_type_name(value)}")
+        if not 1 <= value <= 2**31 - 1:
+            raise self.error(key, f"{value} is out of range 1-{2**31 - 1}")
+        return value
+
+    def mode(self, key: str, value: Any) -> int:
+        if isinstance(value, bool):
+            raise self.error(key, 'expected an octal mode such as 0o660 or "0660", got a boolean')
+        if isinstance(value, int):
+            if not 0 <= value <= 0o7777:
+                raise self.error(key, f"{value:#o} is out of range 0o0-0o7777")
+            return value
+        if isinstance(value, str):
+            if not _OCTAL_MODE.fullmatch(value):
+                raise self.error(key, f'{value!r} is not an octal mode (expected e.g. "0660")')
+            return int(value.removeprefix("0o"), 8)
+        raise self.error(key, f'expected an octal mode such as 0o660 or "0660", got {_type_name(value)}')
+
+    def user_or_group(self, key: str, value: Any) -> str:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return str(value)
+        if isinstance(value, str) and value and ":" not in value and not value.isspace():
+            return value
+        raise self.error(key, f"{value!r}: expected a user or group name, or a numeric id")
 
     def strings(self, key: str, value: Any) -> tuple[str, ...]:
         """A string or a non-empty list of strings."""
@@ -390,6 +433,123 @@ def _type_name(value: object) -> str:
         dict: "a table",
     }
     return names.get(type(value), type(value).__name__)
+
+
+# --- socket options: one table ---------------------------------------------
+#
+# Every key of a [sockets.NAME] table after listen and type is one line of
+# SOCKET_OPTIONS, and each place that knows the options walks it: the parser
+# reads and checks the key, refuses it on sockets it does not apply to, and
+# manifest_to_dict and units.py write it back (to TOML and to the .socket
+# unit) where it applies.  So an option added there is read, checked,
+# written back and put in the unit alike; only applying it (system/create.py)
+# is code of its own, as every option is a different syscall.  Its value
+# lives in the SocketSpec field of the same name, whose default is the
+# option's.
+
+
+@record
+class OptionType:
+    """How an option's value is checked when read, written back to TOML and written in a unit."""
+
+    check: Callable[[_Table, str, Any], Any]
+    """A `_Table` check: the value as TOML has it, or a ManifestError naming the key."""
+    toml: Callable[[Any], Any]
+    unit: Callable[[Any], str]
+
+
+@record
+class Scope:
+    """The sockets an option applies to."""
+
+    says: str
+    """What the error on other sockets says after "applies to"."""
+    test: Callable[[SocketSpec], bool]
+
+
+@record
+class SocketOption:
+    """One key of ``[sockets.NAME]``: its type, where it applies, its ``.socket`` unit directive."""
+
+    key: str
+    type: OptionType
+    scope: Scope
+    directive: str | None
+    """The systemd.socket(5) setting; None where the unit writer says it in its own way."""
+    false_anywhere: bool = False
+    """Where it does not apply, ``false`` passes (it asks for nothing); else the key itself is refused."""
+
+    @property
+    def field(self) -> str:
+        """The `SocketSpec` field holding the value."""
+        return self.key.replace("-", "_")
+
+    @property
+    def default(self) -> Any:
+        """`SocketSpec`'s default: the field declares it, for specs made in code as well."""
+        return getattr(SocketSpec, self.field)
+
+    def value_in(self, spec: SocketSpec) -> Any:
+        """The value ``spec`` has, or None where the option does not apply or is unset.
+
+        What is not None is written back to TOML and (with a directive) in
+        the unit: every applicable value, defaults included, so that both
+        show exactly what the runtime does.
+        """
+        return getattr(spec, self.field) if self.scope.test(spec) else None
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def _octal(mode: int) -> str:
+    # TOML writers have no octal integers: the string form round-trips, and
+    # SocketMode= takes the same digits.
+    return f"{mode:04o}"
+
+
+BOOLEAN = OptionType(_Table.boolean, _as_is, _yes)
+# systemd's BindIPv6Only= names its choices; "both" is dual-stack.
+IPV6_ONLY = OptionType(_Table.boolean, _as_is, lambda only: "ipv6-only" if only else "both")
+BACKLOG = OptionType(_Table.backlog, _as_is, str)
+MODE = OptionType(_Table.mode, _octal, _octal)
+USER_OR_GROUP = OptionType(_Table.user_or_group, _as_is, str)
+
+CONNECTION_SOCKETS = Scope("stream and seqpacket sockets only", lambda s: s.type is not SocketType.DATAGRAM)
+# Accept=yes passes each connection to a process of its own, which a stream handler serves.
+STREAM_SOCKETS = Scope(
+    "stream sockets only (trio-activate serves stream connections)", lambda s: s.type is SocketType.STREAM
+)
+IP_ADDRESSES = Scope(
+    "IP addresses only, and listen has none", lambda s: any(isinstance(a, InetAddress) for a in s.listen)
+)
+IPV6_ADDRESSES = Scope(
+    "IPv6 addresses only, and listen has none",
+    lambda s: any(isinstance(a, InetAddress) and a.family == socket.AF_INET6 for a in s.listen),
+)
+UNIX_FILES = Scope(
+    "unix socket files only, and listen has none",
+    lambda s: any(isinstance(a, UnixAddress) for a in s.listen),
+)
+
+# In this order the options are read, checked, written back and put in the unit.
+SOCKET_OPTIONS: tuple[SocketOption, ...] = (
+    SocketOption("backlog", BACKLOG, CONNECTION_SOCKETS, "Backlog"),
+    # No directive: Accept= decides which service the unit starts (Accept=yes or Service=).
+    SocketOption("accept", BOOLEAN, STREAM_SOCKETS, None, false_anywhere=True),
+    SocketOption("reuse-port", BOOLEAN, IP_ADDRESSES, "ReusePort", false_anywhere=True),
+    SocketOption("free-bind", BOOLEAN, IP_ADDRESSES, "FreeBind", false_anywhere=True),
+    SocketOption("ipv6-only", IPV6_ONLY, IPV6_ADDRESSES, "BindIPv6Only", false_anywhere=True),
+    SocketOption("mode", MODE, UNIX_FILES, "SocketMode"),
+    SocketOption("owner", USER_OR_GROUP, UNIX_FILES, "SocketUser"),
+    SocketOption("group", USER_OR_GROUP, UNIX_FILES, "SocketGroup"),
+    SocketOption("remove-on-stop", BOOLEAN, UNIX_FILES, "RemoveOnStop"),
+)
 
 
 class _Parser:
@@ -452,8 +612,8 @@ class _Parser:
             raise table.error(
                 "worker-timeout", "0 would kill every worker at once (expected a number of seconds > 0)"
             )
-        user = table.get("user", self.user_or_group(table), None)
-        group = table.get("group", self.user_or_group(table), None)
+        user = table.get("user", table.user_or_group, None)
+        group = table.get("group", table.user_or_group, None)
         if group is not None and user is None:
             raise table.error(
                 "group", "applies with user only (without user, DynamicUser= allocates the group)"
@@ -525,18 +685,7 @@ class _Parser:
         except ValueError:
             raise table.error("type", f"{type_text!r}: expected one of stream, datagram, seqpacket") from None
         spec = SocketSpec(
-            name=name,
-            listen=listen,
-            type=sock_type,
-            backlog=table.get("backlog", self.backlog(table), DEFAULT_BACKLOG),
-            reuse_port=table.get("reuse-port", table.boolean, False),
-            ipv6_only=table.get("ipv6-only", table.boolean, False),
-            free_bind=table.get("free-bind", table.boolean, False),
-            mode=table.get("mode", self.mode(table), DEFAULT_MODE),
-            owner=table.get("owner", self.user_or_group(table), None),
-            group=table.get("group", self.user_or_group(table), None),
-            remove_on_stop=table.get("remove-on-stop", table.boolean, False),
-            accept=table.get("accept", table.boolean, False),
+            name, listen, sock_type, **{option.field: table.option(option) for option in SOCKET_OPTIONS}
         )
         table.finish()
         self.check_socket_options(table, spec)
@@ -548,42 +697,6 @@ class _Parser:
         except ValueError as exc:
             key = "listen" if count == 1 else f"listen[{index}]"
             raise table.error(key, str(exc)) from None
-
-    def backlog(self, table: _Table) -> Callable[[str, Any], int]:
-        def check(key: str, value: Any) -> int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise table.error(key, f"expected an integer, got {_type_name(value)}")
-            if not 1 <= value <= 2**31 - 1:
-                raise table.error(key, f"{value} is out of range 1-{2**31 - 1}")
-            return value
-
-        return check
-
-    def mode(self, table: _Table) -> Callable[[str, Any], int]:
-        def check(key: str, value: Any) -> int:
-            if isinstance(value, bool):
-                raise table.error(key, 'expected an octal mode such as 0o660 or "0660", got a boolean')
-            if isinstance(value, int):
-                if not 0 <= value <= 0o7777:
-                    raise table.error(key, f"{value:#o} is out of range 0o0-0o7777")
-                return value
-            if isinstance(value, str):
-                if not _OCTAL_MODE.fullmatch(value):
-                    raise table.error(key, f'{value!r} is not an octal mode (expected e.g. "0660")')
-                return int(value.removeprefix("0o"), 8)
-            raise table.error(key, f'expected an octal mode such as 0o660 or "0660", got {_type_name(value)}')
-
-        return check
-
-    def user_or_group(self, table: _Table) -> Callable[[str, Any], str]:
-        def check(key: str, value: Any) -> str:
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                return str(value)
-            if isinstance(value, str) and value and ":" not in value and not value.isspace():
-                return value
-            raise table.error(key, f"{value!r}: expected a user or group name, or a numeric id")
-
-        return check
 
     def unit_lines(self, table: _Table) -> Callable[[str, Any], tuple[str, ...]]:
         def check(key: str, value: Any) -> tuple[str, ...]:
@@ -600,27 +713,18 @@ class _Parser:
     def check_socket_options(self, table: _Table, spec: SocketSpec) -> None:
         """Options that cannot apply to the socket's addresses or type are errors, not ignored."""
         inet = [a for a in spec.listen if isinstance(a, InetAddress)]
-        unix_paths = [a for a in spec.listen if isinstance(a, UnixAddress)]
         if spec.type is SocketType.SEQPACKET and inet:
             raise table.error(
                 "type",
                 f"seqpacket sockets are unix-only (as systemd's ListenSequentialPacket=), "
                 f"but listen has {inet[0]}",
             )
-        if spec.type is SocketType.DATAGRAM and "backlog" in table.data:
-            raise table.error("backlog", "applies to stream and seqpacket sockets only")
-        if spec.accept and spec.type is not SocketType.STREAM:
-            raise table.error(
-                "accept", "applies to stream sockets only (trio-activate serves stream connections)"
-            )
-        if spec.ipv6_only and not any(a.family == socket.AF_INET6 for a in inet):
-            raise table.error("ipv6-only", "applies to IPv6 addresses only, and listen has none")
-        for key in ("reuse-port", "free-bind"):
-            if table.data.get(key) and not inet:
-                raise table.error(key, "applies to IP addresses only, and listen has none")
-        for key in ("mode", "owner", "group", "remove-on-stop"):
-            if key in table.data and not unix_paths:
-                raise table.error(key, "applies to unix socket files only, and listen has none")
+        for option in SOCKET_OPTIONS:
+            if option.key not in table.data or option.scope.test(spec):
+                continue
+            if option.false_anywhere and getattr(spec, option.field) is False:
+                continue  # false asks for nothing, whatever the socket
+            raise table.error(option.key, f"applies to {option.scope.says}")
 
     # [handlers.NAME]
 
@@ -853,24 +957,10 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
     for spec in manifest.sockets:
         listen = [str(a) for a in spec.listen]
         table: dict[str, Any] = {"listen": listen[0] if len(listen) == 1 else listen, "type": spec.type.value}
-        if spec.type is not SocketType.DATAGRAM:
-            table["backlog"] = spec.backlog
-        if spec.type is SocketType.STREAM:
-            table["accept"] = spec.accept
-        inet = [a for a in spec.listen if isinstance(a, InetAddress)]
-        if inet:
-            table["reuse-port"] = spec.reuse_port
-            table["free-bind"] = spec.free_bind
-            if any(a.family == socket.AF_INET6 for a in inet):
-                table["ipv6-only"] = spec.ipv6_only
-        if any(isinstance(a, UnixAddress) for a in spec.listen):
-            # TOML writers have no octal integers: the string form round-trips.
-            table["mode"] = f"{spec.mode:04o}"
-            if spec.owner is not None:
-                table["owner"] = spec.owner
-            if spec.group is not None:
-                table["group"] = spec.group
-            table["remove-on-stop"] = spec.remove_on_stop
+        for option in SOCKET_OPTIONS:
+            value = option.value_in(spec)
+            if value is not None:
+                table[option.key] = option.type.toml(value)
         sockets[spec.name] = table
     handlers: dict[str, Any] = {}
     for handler in manifest.handlers:

@@ -11,11 +11,10 @@ with ``FileDescriptorName=NAME`` (a name applies to a whole socket unit,
 hence one unit per name) and one ``Listen*=`` line per address, and the
 service lists them all in ``Sockets=``.
 
-Mapping (manifest -> systemd.socket(5)): ``backlog`` -> ``Backlog=``,
-``reuse-port`` -> ``ReusePort=``, ``ipv6-only`` -> ``BindIPv6Only=ipv6-only``
-(else ``both``), ``free-bind`` -> ``FreeBind=``, ``mode`` -> ``SocketMode=``,
-``owner``/``group`` -> ``SocketUser=``/``SocketGroup=``, ``remove-on-stop`` ->
-``RemoveOnStop=``.
+Each socket option becomes the systemd.socket(5) directive its line of
+``manifest.SOCKET_OPTIONS`` names (``backlog`` -> ``Backlog=``, ``ipv6-only``
+-> ``BindIPv6Only=ipv6-only`` or ``both``, ...), where the option applies;
+``accept`` decides between ``Accept=yes`` and ``Service=``.
 
 What systemd cannot express is an error naming the key: a relative unix
 path (a unit has no "manifest folder") and port 0 (a unit must name its
@@ -62,7 +61,7 @@ from collections.abc import Sequence
 
 from ..errors import ManifestError
 from .address import InetAddress, UnixAddress
-from .manifest import Manifest, SocketSpec, SocketType
+from .manifest import SOCKET_OPTIONS, Manifest, SocketSpec, SocketType
 from .records import record
 
 __all__ = ["NOTIFY_RELOAD_VERSION", "NeededPath", "Unit", "hidden_by", "render_units"]
@@ -194,21 +193,10 @@ def _socket_unit(manifest: Manifest, spec: SocketSpec, service_name: str) -> Uni
             lines.append(f"MaxConnections={handler.max_connections}")
     else:
         lines.append(f"Service={service_name}.service")
-    if spec.type is not SocketType.DATAGRAM:
-        lines.append(f"Backlog={spec.backlog}")
-    inet = [a for a in spec.listen if isinstance(a, InetAddress)]
-    if inet:
-        lines.append(f"ReusePort={_yes(spec.reuse_port)}")
-        lines.append(f"FreeBind={_yes(spec.free_bind)}")
-        if any(a.family.name == "AF_INET6" for a in inet):
-            lines.append(f"BindIPv6Only={'ipv6-only' if spec.ipv6_only else 'both'}")
-    if any(isinstance(a, UnixAddress) for a in spec.listen):
-        lines.append(f"SocketMode={spec.mode:04o}")
-        if spec.owner is not None:
-            lines.append(f"SocketUser={spec.owner}")
-        if spec.group is not None:
-            lines.append(f"SocketGroup={spec.group}")
-        lines.append(f"RemoveOnStop={_yes(spec.remove_on_stop)}")
+    for option in SOCKET_OPTIONS:
+        value = option.value_in(spec)
+        if option.directive is not None and value is not None:
+            lines.append(f"{option.directive}={option.type.unit(value)}")
     lines += ["", "[Install]", "WantedBy=sockets.target", ""]
     return Unit(f"{service_name}-{unit_name_part(spec.name)}.socket", "\n".join(lines))
 
@@ -450,10 +438,6 @@ def unit_name_part(name: str) -> str:
         else:
             out.extend(f"\\x{byte:02x}" for byte in char.encode())
     return "".join(out)
-
-
-def _yes(value: bool) -> str:
-    return "yes" if value else "no"
 
 
 def _quote(path: str) -> str:
