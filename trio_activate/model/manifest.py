@@ -14,9 +14,10 @@ unknown key, reported with a did-you-mean.  Every error is raised once, as a
 
     service.toml: sockets.echo.listen: '127.0.0.1:70000': port 70000 is out of range 0-65535
 
-Cross-table rules (a handler naming a missing socket, a socket claimed twice,
-duplicate addresses) run after every table parsed, so the first structural
-error a user sees is the first one in the file.
+The sockets are read before the handlers, so each handler table is read
+whole in one pass, sockets included (a socket it names must be declared, and
+served by no earlier handler); the rules across tables (``accept-handler``,
+``accept`` sockets, duplicate addresses) run once every table is read.
 
 The socket options (backlog, reuse-port, mode, ...) are one table,
 ``SOCKET_OPTIONS``: their keys, value types, the sockets each applies to and
@@ -44,7 +45,7 @@ from typing import Any, TypeVar
 from ..errors import ManifestError
 from .address import AbstractAddress, Address, InetAddress, UnixAddress, parse_address
 from .listen_env import fd_name_problem
-from .records import field, record, replace
+from .records import field, record
 
 __all__ = [
     "DEFAULT_BACKLOG",
@@ -557,8 +558,6 @@ class _Parser:
         self.where = where
         self.path = path
         self.warnings: list[str] = []
-        self.explicit_kinds: dict[str, HandlerKind | None] = {}
-        self.handler_tables: dict[str, _Table] = {}
 
     def error(self, key_path: str, message: str) -> ManifestError:
         return ManifestError(f"{self.where}: {key_path}: {message}")
@@ -574,13 +573,7 @@ class _Parser:
         if sockets_table is None or not sockets_table.data:
             raise self.error("sockets", "the manifest declares no socket (add a [sockets.NAME] table)")
         sockets = tuple(self.socket(sockets_table, name) for name in sockets_table.data)
-        handlers = (
-            tuple(self.handler(handlers_table, name) for name in handlers_table.data)
-            if handlers_table is not None
-            else ()
-        )
-        self.check_handlers(sockets, handlers)
-        handlers = self.resolve_kinds(sockets, handlers)
+        handlers = self.handlers(handlers_table, sockets)
         self.check_accept_handler(service, handlers)
         self.check_accept_sockets(service, sockets, handlers)
         self.check_duplicate_addresses(sockets)
@@ -728,18 +721,42 @@ class _Parser:
 
     # [handlers.NAME]
 
-    def handler(self, handlers: _Table, name: str) -> HandlerSpec:
+    def handlers(
+        self, handlers_table: _Table | None, sockets: tuple[SocketSpec, ...]
+    ) -> tuple[HandlerSpec, ...]:
+        """Every ``[handlers.NAME]`` table, each read whole in one pass, in file order."""
+        handlers: list[HandlerSpec] = []
+        if handlers_table is not None:
+            for name in handlers_table.data:
+                handlers.append(self.handler(handlers_table, name, sockets, handlers))
+        for spec in sockets:
+            if not any(spec.name in handler.sockets for handler in handlers):
+                self.warnings.append(
+                    f"{self.where}: sockets.{spec.name}: no handler serves this socket "
+                    "(fine if an embedding program takes it)"
+                )
+        return tuple(handlers)
+
+    def handler(
+        self, handlers: _Table, name: str, sockets: tuple[SocketSpec, ...], earlier: list[HandlerSpec]
+    ) -> HandlerSpec:
+        """One handler: its keys, then the sockets it names, then its kind and what fits that kind.
+
+        Every socket is parsed by now (``[sockets]`` is read before
+        ``[handlers]``), so the table is checked against them here, whole;
+        ``earlier``: the handlers before it, which may have claimed a socket.
+        """
         table = handlers.subtable(name)
         assert table is not None
-        sockets = table.require("socket", table.strings, "the name of a [sockets.NAME] table")
+        served = table.require("socket", table.strings, "the name of a [sockets.NAME] table")
         call = table.require("call", table.string, 'e.g. call = "myapp.echo:handle"')
         module, sep, function = call.partition(":")
         if not sep or not _IDENTIFIER_PATH.fullmatch(module) or not _IDENTIFIER_PATH.fullmatch(function):
             raise table.error("call", f'{call!r}: expected "module:function", e.g. "myapp.echo:handle"')
         kind_text = table.get("kind", table.string, None)
-        kind = None
+        explicit_kind = None
         if kind_text is not None:
-            kind = self.enum_value(table, "kind", HandlerKind, kind_text)
+            explicit_kind = self.enum_value(table, "kind", HandlerKind, kind_text)
         on_error_text = table.get("on-error", table.string, None)
         on_error = OnError.LOG
         if on_error_text is not None:
@@ -754,14 +771,13 @@ class _Parser:
             if max_connections is None:
                 raise table.error("on-full", "applies only with max-connections, which is not set")
         table.finish()
-        # The kind is resolved against the sockets' types once every socket is known.
-        self.explicit_kinds[name] = kind
-        self.handler_tables[name] = table
+        types = self.served_types(table, name, served, sockets, earlier)
+        kind = self.handler_kind(table, explicit_kind, types)
         return HandlerSpec(
             name,
-            sockets,
+            served,
             call,
-            HandlerKind.STREAM,
+            kind,
             max_connections,
             on_error,
             idle_timeout,
@@ -799,53 +815,69 @@ class _Parser:
 
         return check
 
-    def resolve_kinds(
-        self, sockets: tuple[SocketSpec, ...], handlers: tuple[HandlerSpec, ...]
-    ) -> tuple[HandlerSpec, ...]:
-        """Give each handler its kind, and check that it fits its sockets' types."""
+    def served_types(
+        self,
+        table: _Table,
+        name: str,
+        served: tuple[str, ...],
+        sockets: tuple[SocketSpec, ...],
+        earlier: list[HandlerSpec],
+    ) -> dict[str, SocketType]:
+        """The type of each socket the handler names, each declared and served by no other handler."""
         types = {spec.name: spec.type for spec in sockets}
-        resolved = []
-        for handler in handlers:
-            table = self.handler_tables[handler.name]
-            served = {types[name] for name in handler.sockets}
-            kind = self.explicit_kinds[handler.name]
-            if kind is None:
-                if served == {SocketType.DATAGRAM}:
-                    kind = HandlerKind.DATAGRAM
-                elif SocketType.DATAGRAM in served:
-                    raise table.error(
-                        "socket", "mixes datagram and connection sockets; give each kind its own handler"
-                    )
-                else:
-                    kind = HandlerKind.STREAM
-            fits = {
-                HandlerKind.STREAM: {SocketType.STREAM, SocketType.SEQPACKET},
-                HandlerKind.DATAGRAM: {SocketType.DATAGRAM},
-                HandlerKind.LISTENER: {SocketType.STREAM},
-            }[kind]
-            for name in handler.sockets:
-                if types[name] not in fits:
-                    raise table.error(
-                        "kind",
-                        f"a {kind.value} handler cannot serve sockets.{name}, a {types[name].value} socket",
-                    )
-            if kind is not HandlerKind.STREAM:
-                for key in ("max-connections", "on-error", "idle-timeout", "max-lifetime", "on-full"):
-                    if key in table.data:
-                        raise table.error(
-                            key, f"applies to stream handlers only, and this one is {kind.value}"
-                        )
-            seqpacket = [name for name in handler.sockets if types[name] is SocketType.SEQPACKET]
-            if "idle-timeout" in table.data and seqpacket:
-                # A seqpacket connection is handed over as the Trio socket
-                # itself, whose receives the runtime does not see.
+        claimed = {sock_name: handler.name for handler in earlier for sock_name in handler.sockets}
+        for index, sock_name in enumerate(served):
+            key = "socket" if len(served) == 1 else f"socket[{index}]"
+            if sock_name not in types:
+                close = _close_matches(sock_name, list(types), n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"declared: {', '.join(types)}"
+                raise table.error(key, f"no socket named {sock_name!r} ({hint})")
+            if sock_name in claimed:
                 raise table.error(
-                    "idle-timeout",
-                    f"applies to stream sockets only, and sockets.{seqpacket[0]} is seqpacket "
-                    "(its connections come as the Trio socket; max-lifetime applies to them)",
+                    key, f"socket {sock_name!r} is already served by handlers.{claimed[sock_name]}"
                 )
-            resolved.append(replace(handler, kind=kind))
-        return tuple(resolved)
+            claimed[sock_name] = name
+        return {sock_name: types[sock_name] for sock_name in served}
+
+    def handler_kind(
+        self, table: _Table, explicit: HandlerKind | None, types: dict[str, SocketType]
+    ) -> HandlerKind:
+        """The handler's kind (the table's, else its sockets' types give it), checked against its sockets."""
+        kind = explicit
+        if kind is None:
+            if set(types.values()) == {SocketType.DATAGRAM}:
+                kind = HandlerKind.DATAGRAM
+            elif SocketType.DATAGRAM in types.values():
+                raise table.error(
+                    "socket", "mixes datagram and connection sockets; give each kind its own handler"
+                )
+            else:
+                kind = HandlerKind.STREAM
+        fits = {
+            HandlerKind.STREAM: {SocketType.STREAM, SocketType.SEQPACKET},
+            HandlerKind.DATAGRAM: {SocketType.DATAGRAM},
+            HandlerKind.LISTENER: {SocketType.STREAM},
+        }[kind]
+        for sock_name, sock_type in types.items():
+            if sock_type not in fits:
+                raise table.error(
+                    "kind",
+                    f"a {kind.value} handler cannot serve sockets.{sock_name}, a {sock_type.value} socket",
+                )
+        if kind is not HandlerKind.STREAM:
+            for key in ("max-connections", "on-error", "idle-timeout", "max-lifetime", "on-full"):
+                if key in table.data:
+                    raise table.error(key, f"applies to stream handlers only, and this one is {kind.value}")
+        seqpacket = [sock_name for sock_name, sock_type in types.items() if sock_type is SocketType.SEQPACKET]
+        if "idle-timeout" in table.data and seqpacket:
+            # A seqpacket connection is handed over as the Trio socket
+            # itself, whose receives the runtime does not see.
+            raise table.error(
+                "idle-timeout",
+                f"applies to stream sockets only, and sockets.{seqpacket[0]} is seqpacket "
+                "(its connections come as the Trio socket; max-lifetime applies to them)",
+            )
+        return kind
 
     def check_accept_handler(self, service: ServiceSpec, handlers: tuple[HandlerSpec, ...]) -> None:
         if service.accept_handler is None:
@@ -884,26 +916,6 @@ class _Parser:
             )
 
     # Cross-table rules
-
-    def check_handlers(self, sockets: tuple[SocketSpec, ...], handlers: tuple[HandlerSpec, ...]) -> None:
-        known = [spec.name for spec in sockets]
-        claimed: dict[str, str] = {}
-        for handler in handlers:
-            for index, name in enumerate(handler.sockets):
-                key = f"handlers.{handler.name}.socket" + ("" if len(handler.sockets) == 1 else f"[{index}]")
-                if name not in known:
-                    close = _close_matches(name, known, n=1)
-                    hint = f"did you mean {close[0]!r}?" if close else f"declared: {', '.join(known)}"
-                    raise self.error(key, f"no socket named {name!r} ({hint})")
-                if name in claimed:
-                    raise self.error(key, f"socket {name!r} is already served by handlers.{claimed[name]}")
-                claimed[name] = handler.name
-        for name in known:
-            if name not in claimed:
-                self.warnings.append(
-                    f"{self.where}: sockets.{name}: no handler serves this socket "
-                    "(fine if an embedding program takes it)"
-                )
 
     def check_duplicate_addresses(self, sockets: tuple[SocketSpec, ...]) -> None:
         seen: dict[tuple[object, ...], str] = {}
