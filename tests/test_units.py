@@ -189,6 +189,14 @@ def test_socket_names_are_escaped_for_unit_names_and_specifiers() -> None:
     assert unit_name_part(".hidden") == "\\x2ehidden"
 
 
+def test_socket_user_and_group_are_escaped_for_specifiers() -> None:
+    """A '%' in an owner or group name is literal: systemd expands specifiers in SocketUser=/SocketGroup=."""
+    units = units_of('[sockets.s]\nlisten = "/run/s.sock"\nowner = "a%i"\ngroup = "b%%"\n')
+    socket_unit = directives(units["service-s.socket"])
+    assert "SocketUser=a%%i" in socket_unit
+    assert "SocketGroup=b%%%%" in socket_unit
+
+
 @pytest.mark.parametrize(
     ("listen", "message"),
     [

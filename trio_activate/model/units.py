@@ -196,7 +196,9 @@ def _socket_unit(manifest: Manifest, spec: SocketSpec, service_name: str) -> Uni
     for option in SOCKET_OPTIONS:
         value = option.value_in(spec)
         if option.directive is not None and value is not None:
-            lines.append(f"{option.directive}={option.type.unit(value)}")
+            # Values are numbers, booleans and modes, and user and group names, which may hold
+            # a '%' that systemd would read as a specifier (SocketUser= expands them).
+            lines.append(f"{option.directive}={_escape_specifiers(option.type.unit(value))}")
     lines += ["", "[Install]", "WantedBy=sockets.target", ""]
     return Unit(f"{service_name}-{unit_name_part(spec.name)}.socket", "\n".join(lines))
 
