@@ -464,3 +464,24 @@ def test_a_reload_that_cannot_start_its_successor_is_one_line_and_keeps_serving(
         for client in clients:
             client.close()
         stop_group(process)
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["/run/systemd/notify", b"\0trio/notify", b"\0caf\xc3\xa9", b"\0n\xff"],
+    ids=["path", "abstract", "abstract-utf8", "abstract-undecodable"],
+)
+def test_the_successor_sends_to_the_managers_address_its_predecessor_sent_to(address: str | bytes) -> None:
+    """The manager's NOTIFY_SOCKET goes to the successor in a variable and comes back byte for byte,
+    an abstract name that is not UTF-8 included (the predecessor's environment may hold any bytes)."""
+    from trio_activate.processes.handoff import _successor_environment, take_handoff
+    from trio_activate.system.notifier import Notifier
+
+    manager = Notifier(address, watchdog_interval=1.5)
+    environ = _successor_environment(manager, ())
+    taken = take_handoff(environ)
+    assert taken is not None
+    predecessor, successor_manager = taken
+    assert predecessor == os.getpid()
+    assert (successor_manager.address, successor_manager.watchdog_interval) == (address, 1.5)
+    assert environ == {}  # taken: no child inherits the private variables

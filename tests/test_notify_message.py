@@ -19,6 +19,7 @@ from trio_activate.model.notify_message import (
     NOTIFY_VARIABLES,
     extend_timeout,
     format_message,
+    format_notify_socket,
     mainpid,
     parse_notify_message,
     parse_notify_socket,
@@ -109,6 +110,7 @@ def test_format_message_is_at_most_4096_bytes() -> None:
         pytest.param(stopping(), b"STOPPING=1", id="stopping"),
         pytest.param(status("3 workers"), b"STATUS=3 workers", id="status"),
         pytest.param(mainpid(PID), b"MAINPID=4242", id="mainpid"),
+        pytest.param(mainpid(PID, ready=True), b"MAINPID=4242\nREADY=1", id="mainpid-ready"),
         pytest.param(watchdog(), b"WATCHDOG=1", id="watchdog"),
         pytest.param(extend_timeout(5_000_000), b"EXTEND_TIMEOUT_USEC=5000000", id="extend-timeout"),
     ],
@@ -327,6 +329,32 @@ def test_notify_socket_name_is_at_most_107_bytes(longest: str) -> None:
     assert parse_notify_socket(longest) in (longest, b"\0" + os.fsencode(longest[1:]))
     with pytest.raises(ValueError, match="108 bytes long; a unix socket address holds at most 107"):
         parse_notify_socket(longest + "x")
+
+
+def test_format_notify_socket_spells_the_sockaddr_as_notify_socket_does() -> None:
+    """The inverse of parse_notify_socket: a path stays a path, b"\\0name" is "@name"."""
+    assert format_notify_socket("/run/systemd/notify") == "/run/systemd/notify"
+    assert format_notify_socket(b"\0trio/notify") == "@trio/notify"
+    assert format_notify_socket(b"/run/n\xff") == "/run/n" + os.fsdecode(b"\xff")
+
+
+notify_socket_values = st.builds(
+    lambda at, name: ("@" if at else "/") + name,
+    st.booleans(),
+    st.text(st.characters(exclude_characters="\0"), min_size=1, max_size=60),
+)
+
+
+@given(value=notify_socket_values | st.binary(min_size=1, max_size=60).map(lambda b: "@" + os.fsdecode(b)))
+def test_property_notify_socket_round_trips_through_its_sockaddr(value: str) -> None:
+    """Every value parse_notify_socket accepts comes back from format_notify_socket, and reads the same:
+    what the single-process reload relies on to pass the manager's address to its successor."""
+    try:
+        address = parse_notify_socket(value)
+    except ValueError:
+        return  # a NUL, a lone "/", a name over 107 bytes: refused, nothing to round-trip
+    assert parse_notify_socket(format_notify_socket(address)) == address
+    assert format_notify_socket(address) == value
 
 
 # --- watchdog_interval ------------------------------------------------------

@@ -14,7 +14,7 @@ clock or looks at ``os.environ`` on its own; the environment and the pid come
 in as arguments.  `~trio_activate.system.notifier.Notifier` (layer 2) sends.
 
 Resource handling: none.  `parse_notify_socket` only turns text into a
-sockaddr; no socket is opened here.
+sockaddr (and `format_notify_socket` back); no socket is opened here.
 
 Theory of operation
 -------------------
@@ -84,6 +84,7 @@ __all__ = [
     "NOTIFY_VARIABLES",
     "extend_timeout",
     "format_message",
+    "format_notify_socket",
     "mainpid",
     "parse_notify_message",
     "parse_notify_socket",
@@ -222,14 +223,21 @@ def status(text: str) -> bytes:
     return _with_status({}, text)
 
 
-def mainpid(pid: int) -> bytes:
+def mainpid(pid: int, *, ready: bool = False) -> bytes:
     """``MAINPID=`` `pid`: the service's main process is `pid`.
+
+    With `ready`, ``READY=1`` follows in the same datagram: a process that
+    hands its service over to `pid` ends the reload with it, and one datagram
+    means the manager never sees the reload end under the old main PID.
 
     Error handling: `ValueError` when `pid` is not 1 to 2**31-1.
     """
     if not 1 <= pid <= _INT_MAX:
         raise ValueError(f"MAINPID={pid}: expected a process id from 1 to {_INT_MAX}")
-    return format_message({"MAINPID": str(pid)})
+    fields = {"MAINPID": str(pid)}
+    if ready:
+        fields["READY"] = "1"
+    return format_message(fields)
 
 
 def watchdog() -> bytes:
@@ -342,6 +350,21 @@ def parse_notify_socket(value: str) -> str | bytes:
             f"holds at most {UNIX_PATH_MAX}"
         )
     return b"\0" + encoded if value.startswith("@") else value
+
+
+def format_notify_socket(address: str | bytes) -> str:
+    """The ``NOTIFY_SOCKET`` value for a sockaddr, the inverse of `parse_notify_socket`.
+
+    ``b"\\0name"`` becomes ``"@name"`` and a path stays a path, decoded as
+    `os.fsdecode` decodes it, so the bytes of an undecodable name come back
+    from `parse_notify_socket` unchanged.  For messages, and for passing the
+    manager's address on to another process in a variable.
+    """
+    if isinstance(address, bytes):
+        if address.startswith(b"\0"):
+            return "@" + os.fsdecode(address[1:])
+        return os.fsdecode(address)
+    return address
 
 
 def _parse_decimal(variable: str, value: str, *, highest: int, expected: str) -> int:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ..model.notify_message import format_notify_socket, parse_notify_socket
 from ..model.private_env import HANDOFF_FROM_VARIABLE, SOCKET_FILES_VARIABLE
 from ..system.notifier import Notifier
 from .spawn import NotifyInbox, WorkerCommand, spawn_worker
@@ -124,8 +125,8 @@ def _successor_environment(manager: Notifier, socket_files: Sequence[SocketFile]
 
     extra = {HANDOFF_FROM_VARIABLE: str(os.getpid())}
     if manager.enabled and manager.address is not None:
-        address = manager.address
-        text = "@" + address[1:].decode() if isinstance(address, bytes) else address
+        # As NOTIFY_SOCKET spells it, read back by take_handoff with the same codec.
+        text = format_notify_socket(manager.address)
         extra[MANAGER_NOTIFY_VARIABLE] = json.dumps({"address": text, "watchdog": manager.watchdog_interval})
     if socket_files:
         extra[SOCKET_FILES_VARIABLE] = json.dumps([[f.socket_name, f.path, *f.file_id] for f in socket_files])
@@ -184,8 +185,9 @@ def take_handoff(environ: dict[str, str] | os._Environ[str]) -> tuple[int, Notif
             settings = json.loads(manager_text)
             address: str = settings["address"]
             watchdog = settings.get("watchdog")
-            sockaddr: str | bytes = b"\0" + address[1:].encode() if address.startswith("@") else address
-            manager = Notifier(sockaddr, watchdog_interval=float(watchdog) if watchdog else None)
+            manager = Notifier(
+                parse_notify_socket(address), watchdog_interval=float(watchdog) if watchdog else None
+            )
         except (ValueError, KeyError, TypeError):
             log.warning(
                 "ignoring malformed %s: no notifications to the service manager", MANAGER_NOTIFY_VARIABLE

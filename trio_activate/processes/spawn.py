@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 import trio
 
 from ..model.listen_env import LISTEN_VARIABLES
-from ..model.notify_message import credentials_space, parse_notify_message, sender_pid
+from ..model.notify_message import credentials_space, parse_notify_message, parse_notify_socket, sender_pid
 from ..model.private_env import DEV_VARIABLE, FRESH_CODE_VARIABLE, SUPERVISOR_VARIABLE, WORKER_FDS_VARIABLE
 from ..model.records import record
 
@@ -75,13 +75,14 @@ class NotifyInbox:
             plain.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             import secrets  # here, not at the top: start-up time (benchmarks/, scenario 3)
 
-            name = f"trio-activate/{os.getpid()}/{secrets.token_hex(8)}"
-            plain.bind(b"\0" + name.encode())
+            address = f"@trio-activate/{os.getpid()}/{secrets.token_hex(8)}"
+            # Bound where the workers' Notifier sends: the same codec reads their NOTIFY_SOCKET.
+            plain.bind(parse_notify_socket(address))
             self._sock = trio.socket.from_stdlib_socket(plain)
         except BaseException:
             plain.close()
             raise
-        self.address = "@" + name
+        self.address = address
         return self
 
     def __exit__(self, *exc_info: object) -> None:

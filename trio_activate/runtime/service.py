@@ -302,7 +302,7 @@ class Service:
             # on every new connection is the successor's.
             self._begin_shutdown()
             log.info("handed over to process %d", successor)
-            manager.send(notify_message.format_message({"MAINPID": str(successor), "READY": "1"}))
+            manager.send(notify_message.mainpid(successor, ready=True))
             announce_reload_outcome(True, f"handed over to process {successor}")
             self.handed_over = True
             self._reload_scope = None  # done: the stop that follows abandons nothing

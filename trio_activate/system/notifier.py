@@ -57,15 +57,6 @@ logger = logging.getLogger("trio_activate")
 _SHOWN_MESSAGE_BYTES = 80
 
 
-def _show_address(address: str | bytes) -> str:
-    """The address as ``NOTIFY_SOCKET`` spells it: a path, or ``@name``."""
-    if isinstance(address, bytes):
-        if address.startswith(b"\0"):
-            return "@" + os.fsdecode(address[1:])
-        return os.fsdecode(address)
-    return address
-
-
 def _show_message(message: bytes) -> str:
     if len(message) <= _SHOWN_MESSAGE_BYTES:
         return repr(message)
@@ -178,7 +169,7 @@ class Notifier:
         """
         if self._address is None:
             return False
-        where = f"NOTIFY_SOCKET={_show_address(self._address)!r}"
+        where = f"NOTIFY_SOCKET={notify_message.format_notify_socket(self._address)!r}"
         if self._closed:
             logger.warning("cannot send %s to %s: the notifier is closed", _show_message(message), where)
             return False
@@ -248,6 +239,6 @@ class Notifier:
             return "<Notifier disabled>"
         state = "closed" if self._closed else "open" if self._sock is not None else "not yet opened"
         return (
-            f"<Notifier NOTIFY_SOCKET={_show_address(self._address)!r} "
+            f"<Notifier NOTIFY_SOCKET={notify_message.format_notify_socket(self._address)!r} "
             f"watchdog_interval={self._watchdog_interval} {state}>"
         )
