@@ -25,6 +25,7 @@ from .. import __version__
 from ..errors import ActivationError, StartInterrupted
 from ..model.manifest import Manifest, dump_manifest, load_manifest
 from ..model.private_env import ACTIVATOR_CHANNEL_VARIABLE, DEV_VARIABLE, HANDOFF_FROM_VARIABLE
+from ..model.text import is_decimal
 from ..system.activator import settle_worker_environment
 from ..system.fast_start import hold_shutdown_signals
 
@@ -403,7 +404,7 @@ def run_forked_activator(channel_fd: int) -> int:
 
 def cmd_reload(args: argparse.Namespace) -> int:
     target: str = args.target
-    if target.isascii() and target.isdigit():
+    if is_decimal(target):
         if not _is_pid(target):
             print(f"trio-activate: {target[:40]!r} is not a PID", file=sys.stderr)
             return EXIT_ERROR
@@ -474,7 +475,7 @@ def _is_pid(text: str) -> bool:
     ``kill(0, ...)`` would signal our own process group (the shell's job,
     the script that ran us), and a number beyond ``pid_t`` cannot be passed.
     """
-    return text.isascii() and text.isdigit() and len(text) <= 10 and 1 <= int(text) <= PID_T_MAX
+    return is_decimal(text) and len(text) <= 10 and 1 <= int(text) <= PID_T_MAX
 
 
 def _positive_float(text: str) -> float:
@@ -488,7 +489,7 @@ def _positive_float(text: str) -> float:
 
 
 def _positive_int(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+    if not is_decimal(text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
     return int(text)
 
@@ -556,7 +557,7 @@ def _installed_systemd_version() -> int | None:
     except (OSError, subprocess.SubprocessError):
         return None
     words = out.split()
-    if len(words) >= 2 and words[0] == "systemd" and words[1].isdigit():
+    if len(words) >= 2 and words[0] == "systemd" and is_decimal(words[1]):
         return int(words[1])
     return None
 

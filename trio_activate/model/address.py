@@ -27,6 +27,7 @@ import socket
 from pathlib import PurePosixPath
 
 from .records import record
+from .text import is_decimal
 
 __all__ = [
     "AbstractAddress",
@@ -121,7 +122,7 @@ def parse_address(text: str) -> Address:
         return _parse_abstract(text)
     if text.startswith(("/", "./", "../")):
         return _parse_unix_path(text)
-    if text.isascii() and text.isdigit():
+    if is_decimal(text):
         return InetAddress(None, _parse_port(text, text))
     if text.startswith("["):
         return _parse_bracketed_ipv6(text)
@@ -152,7 +153,7 @@ def _parse_bracketed_ipv6(text: str) -> InetAddress:
 
 
 def _parse_port(port: str, text: str) -> int:
-    if not (port.isascii() and port.isdigit()):
+    if not is_decimal(port):
         raise ValueError(f"{text!r}: port {port!r} is not a number")
     number = int(port)
     if number > 65535:

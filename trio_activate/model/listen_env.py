@@ -71,11 +71,11 @@ them, as ``sd_listen_fds(unset_environment=1)`` does.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, MutableMapping, Sequence
 
 from ..errors import ListenEnvError
 from .records import record
+from .text import parse_decimal, show_value
 
 __all__ = [
     "CONNECTION_NAME",
@@ -123,12 +123,6 @@ _UINT64_MAX = 2**64 - 1
 # million sockets is not a case worth a 16 GB tuple.)
 _FD_NUMBER_LIMIT = 2**20
 _MAX_FDS = _FD_NUMBER_LIMIT - SD_LISTEN_FDS_START
-_SHOWN_VALUE_CHARS = 80
-
-# Only ASCII digits: str.isdigit() would also accept e.g. Arabic-Indic digits,
-# and int() would accept "_" separators and surrounding whitespace.
-_DIGITS = re.compile(r"[0-9]+")
-_BASE_PREFIX = re.compile(r"[+-]?0[xXoObB]")
 
 
 @record
@@ -157,26 +151,6 @@ class NotActivated:
     reason: str
 
 
-def _show(value: str) -> str:
-    """`repr` of an environment value, cut short so a message stays one line."""
-    if len(value) <= _SHOWN_VALUE_CHARS:
-        return repr(value)
-    return f"{value[:_SHOWN_VALUE_CHARS]!r}... ({len(value)} characters)"
-
-
-def _number_hint(value: str) -> str:
-    """Why `value` is not plain digits, when a common mistake explains it."""
-    if value == "":
-        return "; the value is empty"
-    if any(ch.isspace() for ch in value):
-        return "; whitespace is not allowed"
-    if _BASE_PREFIX.match(value):
-        return "; a base prefix (0x, 0o, 0b) is not allowed"
-    if value[0] in "+-":
-        return "; a sign is not allowed"
-    return ""
-
-
 def _parse_decimal(
     variable: str,
     value: str,
@@ -186,24 +160,13 @@ def _parse_decimal(
     expected: str,
     why_highest: str = "",
 ) -> int:
-    """Parse `value` as plain decimal digits in ``lowest .. highest``."""
-    if not _DIGITS.fullmatch(value):
-        raise ListenEnvError(f"{variable}={_show(value)}: expected {expected}{_number_hint(value)}")
-    if len(value) > 1 and value[0] == "0":
-        raise ListenEnvError(
-            f"{variable}={_show(value)}: expected {expected}; a leading 0 is not "
-            "allowed (libsystemd would read it as octal)"
+    """`~trio_activate.model.text.parse_decimal`, its error a `ListenEnvError`."""
+    try:
+        return parse_decimal(
+            variable, value, lowest=lowest, highest=highest, expected=expected, why_highest=why_highest
         )
-    # Compare lengths before int(): a value of thousands of digits would make
-    # int() raise ValueError (sys.get_int_max_str_digits) instead of our error.
-    if len(value) > len(str(highest)) or int(value) > highest:
-        raise ListenEnvError(
-            f"{variable}={_show(value)}: expected {expected}; the value is larger than {highest}{why_highest}"
-        )
-    number = int(value)
-    if number < lowest:
-        raise ListenEnvError(f"{variable}={_show(value)}: expected {expected}")
-    return number
+    except ValueError as exc:
+        raise ListenEnvError(str(exc)) from None
 
 
 def fd_name_problem(name: str) -> str | None:
@@ -245,7 +208,9 @@ def _read_names(value: str, count: int) -> tuple[str, ...]:
     # are compared with the manifest's, which are checked where declared.
     names = value.split(":")
     if len(names) != count:
-        raise ListenEnvError(f"LISTEN_FDNAMES={_show(value)} names {len(names)} fds but LISTEN_FDS={count}")
+        raise ListenEnvError(
+            f"LISTEN_FDNAMES={show_value(value)} names {len(names)} fds but LISTEN_FDS={count}"
+        )
     return tuple(names)
 
 
@@ -373,7 +338,7 @@ def format_listen_env(names: Sequence[str], *, pid: int, pidfd_id: int | None) -
     for index, name in enumerate(names):
         problem = fd_name_problem(name)
         if problem is not None:
-            raise ValueError(f"fd name {index} {_show(name)} {problem}")
+            raise ValueError(f"fd name {index} {show_value(name)} {problem}")
     if not 1 <= pid <= _INT_MAX:
         raise ValueError(f"pid {pid} is not a valid process id (1 to {_INT_MAX})")
     if pidfd_id is not None and not 0 <= pidfd_id <= _UINT64_MAX:

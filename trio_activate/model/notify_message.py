@@ -50,9 +50,9 @@ address for VMs, which trio-activate does not send to).
 manager expects a ping at least every ``WATCHDOG_USEC`` microseconds, and
 ``sd_watchdog_enabled(3)`` recommends pinging at half of that.
 ``WATCHDOG_PID``, when set, names the one process meant to ping.  Numbers
-are plain decimal digits without a leading zero, as in
-`~trio_activate.model.listen_env` (libsystemd also takes whitespace, signs and
-base prefixes; no manager sends them).  The one difference in order from
+are plain decimal digits without a leading zero, read by the same
+`~trio_activate.model.text.parse_decimal` as ``LISTEN_*`` (libsystemd also
+takes whitespace, signs and base prefixes; no manager sends them).  The one difference in order from
 libsystemd: ``WATCHDOG_PID`` is looked at first, so a malformed
 ``WATCHDOG_USEC`` next to another process's ``WATCHDOG_PID`` is not our
 business (libsystemd would fail on it; both end with "no watchdog", we just
@@ -78,6 +78,7 @@ import struct
 from collections.abc import Mapping
 
 from .address import UNIX_PATH_MAX
+from .text import parse_decimal, show_value
 
 __all__ = [
     "NOTIFY_MESSAGE_MAX",
@@ -104,23 +105,14 @@ NOTIFY_MESSAGE_MAX = 4096
 """systemd's ``NOTIFY_BUFFER_MAX`` (``PIPE_BUF``): a longer datagram is dropped."""
 
 _KEY = re.compile(r"[A-Z0-9_]+")
-_DIGITS = re.compile(r"[0-9]+")
 # systemd splits a message on NEWLINE ("\n\r") and drops it whole on a NUL.
 _LINE_BREAKS = re.compile(r"[\n\r]")
 _FORBIDDEN_IN_VALUE = re.compile(r"[\n\r\0]")
 _ELLIPSIS = "\N{HORIZONTAL ELLIPSIS}"
-_SHOWN_VALUE_CHARS = 80
 _INT_MAX = 2**31 - 1  # pid_t on Linux
 _UINT64_MAX = 2**64 - 1
 # USEC_INFINITY: libsystemd's timestamp_is_set() refuses it for WATCHDOG_USEC.
 _USEC_INFINITY = _UINT64_MAX
-
-
-def _show(value: str) -> str:
-    """`repr` of a value, cut short so a message stays one line."""
-    if len(value) <= _SHOWN_VALUE_CHARS:
-        return repr(value)
-    return f"{value[:_SHOWN_VALUE_CHARS]!r}... ({len(value)} characters)"
 
 
 # --- building messages ------------------------------------------------------
@@ -140,18 +132,20 @@ def format_message(fields: Mapping[str, str]) -> bytes:
     lines: list[bytes] = []
     for key, value in fields.items():
         if not _KEY.fullmatch(key):
-            raise ValueError(f"notify key {_show(key)}: expected upper-case ASCII letters, digits and '_'")
+            raise ValueError(
+                f"notify key {show_value(key)}: expected upper-case ASCII letters, digits and '_'"
+            )
         bad = _FORBIDDEN_IN_VALUE.search(value)
         if bad is not None:
             raise ValueError(
-                f"notify field {key}={_show(value)}: contains {bad.group()!r} at position "
+                f"notify field {key}={show_value(value)}: contains {bad.group()!r} at position "
                 f"{bad.start()}; a value cannot contain a newline, carriage return or NUL"
             )
         try:
             encoded = value.encode("utf-8")
         except UnicodeEncodeError as error:
             raise ValueError(
-                f"notify field {key}={_show(value)}: cannot be encoded as UTF-8 ({error.reason} "
+                f"notify field {key}={show_value(value)}: cannot be encoded as UTF-8 ({error.reason} "
                 f"at position {error.start})"
             ) from None
         lines.append(key.encode("ascii") + b"=" + encoded)
@@ -327,7 +321,7 @@ def parse_notify_socket(value: str) -> str | bytes:
     for an empty value, a relative path, a lone ``"/"`` or ``"@"``, a NUL, a
     name longer than 107 bytes, and the ``vsock:`` forms.
     """
-    shown = f"NOTIFY_SOCKET={_show(value)}"
+    shown = f"NOTIFY_SOCKET={show_value(value)}"
     expected = 'expected an absolute path or "@name" (abstract namespace)'
     if value.startswith("/"):
         name = value
@@ -367,17 +361,6 @@ def format_notify_socket(address: str | bytes) -> str:
     return address
 
 
-def _parse_decimal(variable: str, value: str, *, highest: int, expected: str) -> int:
-    """`value` as plain decimal digits (no leading zero) from 1 to `highest`."""
-    problem = f"{variable}={_show(value)}: expected {expected}"
-    if not _DIGITS.fullmatch(value) or value[0] == "0":
-        raise ValueError(problem)
-    # Compare lengths first: int() of thousands of digits raises its own error.
-    if len(value) > len(str(highest)) or int(value) > highest:
-        raise ValueError(f"{problem}; the value is larger than {highest}")
-    return int(value)
-
-
 def watchdog_interval(environ: Mapping[str, str], *, pid: int) -> float | None:
     """Seconds between ``WATCHDOG=1`` pings for the process `pid`, or None.
 
@@ -396,17 +379,19 @@ def watchdog_interval(environ: Mapping[str, str], *, pid: int) -> float | None:
         return None
     pid_value = environ.get("WATCHDOG_PID")
     if pid_value is not None:
-        watchdog_pid = _parse_decimal(
+        watchdog_pid = parse_decimal(
             "WATCHDOG_PID",
             pid_value,
+            lowest=1,
             highest=_INT_MAX,
             expected=f"a process id, a decimal integer from 1 to {_INT_MAX}",
         )
         if watchdog_pid != pid:
             return None
-    usec = _parse_decimal(
+    usec = parse_decimal(
         "WATCHDOG_USEC",
         usec_value,
+        lowest=1,
         highest=_USEC_INFINITY - 1,
         expected="a positive decimal integer of microseconds",
     )

@@ -37,6 +37,7 @@ import trio
 
 from ..model.notify_message import format_notify_socket, parse_notify_socket
 from ..model.private_env import HANDOFF_FROM_VARIABLE, SOCKET_FILES_VARIABLE
+from ..model.text import is_decimal
 from ..system.notifier import Notifier
 from .spawn import NotifyInbox, WorkerCommand, spawn_worker
 
@@ -175,7 +176,7 @@ def take_handoff(environ: dict[str, str] | os._Environ[str]) -> tuple[int, Notif
     """
     predecessor = environ.pop(HANDOFF_FROM_VARIABLE, None)
     manager_text = environ.pop(MANAGER_NOTIFY_VARIABLE, None)
-    if predecessor is None or not predecessor.isdigit():
+    if predecessor is None or not is_decimal(predecessor):
         return None
     manager = Notifier(None)
     if manager_text:

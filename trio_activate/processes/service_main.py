@@ -22,6 +22,7 @@ from ..errors import HandlerError
 from ..model.address import address_from_sockname
 from ..model.manifest import HandlerKind, Manifest
 from ..model.private_env import FRESH_CODE_VARIABLE, SUPERVISOR_VARIABLE
+from ..model.text import is_decimal
 from ..runtime.handlers import LoadedHandler, load_handlers
 from ..runtime.service import HandlerSockets, Service, serve_connection_once
 from ..runtime.serving import Listening
@@ -113,7 +114,7 @@ def _watch_supervisor(text: str | None) -> tuple[int, int | None] | None:
     if that is no longer the supervisor, it died before, and its PID may name
     another process by now.
     """
-    if text is None or not text.isdigit():
+    if text is None or not is_decimal(text):
         return None
     pid = int(text)
     try:

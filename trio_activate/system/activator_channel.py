@@ -45,6 +45,7 @@ from ..errors import ActivationError
 from ..model.manifest import load_manifest, read_manifest_document
 from ..model.private_env import ACTIVATOR_CHANNEL_VARIABLE, ACTIVATOR_MARKER
 from ..model.records import record
+from ..model.text import is_decimal
 from .activator import settle_listen_environment
 
 if TYPE_CHECKING:
@@ -191,7 +192,7 @@ def receive_from_forked_activator(environ: MutableMapping[str, str]) -> Handover
 
 def _parse_channel(text: str) -> tuple[int, int]:
     fd_text, _, pid_text = text.partition(":")
-    if not (fd_text.isascii() and fd_text.isdigit() and pid_text.isascii() and pid_text.isdigit()) or (
+    if not (is_decimal(fd_text) and is_decimal(pid_text)) or (
         int(pid_text) == 0  # waitpid(0) would wait for any child
     ):
         raise ActivationError(f"{ACTIVATOR_CHANNEL_VARIABLE}={text[:80]!r}: expected <fd>:<pid>")

@@ -109,6 +109,7 @@ from ..model.address import (
 )
 from ..model.manifest import Manifest, SocketSpec
 from ..model.records import field, record
+from ..model.text import is_decimal
 
 __all__ = [
     "CreatedSocket",
@@ -411,7 +412,7 @@ def _resolve_ids(spec: SocketSpec, where: _Where) -> tuple[int, int]:
     """``(uid, gid)`` for chown, ``-1`` meaning unchanged.  Resolved before any file is made."""
     uid = gid = -1
     if spec.owner is not None:
-        if spec.owner.isascii() and spec.owner.isdigit():
+        if is_decimal(spec.owner):
             uid = _numeric_id(spec.owner, "owner", where)
             # A uid without a passwd entry: only the owner changes.
             with contextlib.suppress(KeyError):
@@ -423,7 +424,7 @@ def _resolve_ids(spec: SocketSpec, where: _Where) -> tuple[int, int]:
                 raise where.error(f"{spec.owner!r}: no such user", key="owner") from None
             uid, gid = entry.pw_uid, entry.pw_gid
     if spec.group is not None:
-        if spec.group.isascii() and spec.group.isdigit():
+        if is_decimal(spec.group):
             gid = _numeric_id(spec.group, "group", where)
         else:
             try:

@@ -44,6 +44,7 @@ from pathlib import Path
 from ..errors import ManifestError
 from ..model.manifest import Manifest
 from ..model.records import record
+from ..model.text import is_decimal
 from ..model.units import NeededPath, hidden_by
 
 __all__ = ["ServiceUser", "check_reachable", "needed_paths", "service_user"]
@@ -123,9 +124,9 @@ def service_user(manifest: Manifest) -> ServiceUser:
     if service.user is None:
         return ServiceUser("the service's DynamicUser")
     try:
-        entry = pwd.getpwuid(int(service.user)) if service.user.isdigit() else pwd.getpwnam(service.user)
+        entry = pwd.getpwuid(int(service.user)) if is_decimal(service.user) else pwd.getpwnam(service.user)
     except KeyError:
-        if not service.user.isdigit():
+        if not is_decimal(service.user):
             raise ManifestError(
                 f"{manifest.source}: service.user: no user {service.user!r} on this machine "
                 "(systemd would fail to start the unit); create it, or leave user unset for DynamicUser="
@@ -137,11 +138,11 @@ def service_user(manifest: Manifest) -> ServiceUser:
         try:
             gid = (
                 grp.getgrgid(int(service.group)).gr_gid
-                if service.group.isdigit()
+                if is_decimal(service.group)
                 else grp.getgrnam(service.group).gr_gid
             )
         except KeyError:
-            if not service.group.isdigit():
+            if not is_decimal(service.group):
                 raise ManifestError(
                     f"{manifest.source}: service.group: no group {service.group!r} on this machine "
                     "(systemd would fail to start the unit)"
