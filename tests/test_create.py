@@ -599,7 +599,7 @@ def test_a_live_listener_with_a_full_backlog_counts_as_live(
         (lambda p: p.write_text("precious"), "a regular file"),
         (lambda p: p.mkdir(), "a folder"),
         (lambda p: p.symlink_to(p.parent / "elsewhere"), "a symbolic link"),
-        (lambda p: os.mkfifo(p), "a fifo"),
+        (lambda p: os.mkfifo(p), "a pipe (FIFO)"),
     ],
 )
 def test_a_non_socket_file_is_never_removed(

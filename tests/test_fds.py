@@ -186,6 +186,18 @@ def test_inspect_pipe_says_what_it_is() -> None:
         os.close(write_end)
 
 
+def test_inspect_folder_says_what_it_is_in_the_words_socket_creation_uses(tmp_path: Path) -> None:
+    """One wording for a file that is no socket, passed as an fd or found where a socket file goes."""
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(
+            AdoptionError, match=rf"^fd {fd} \('web'\) is a folder \({tmp_path}\), not a socket"
+        ):
+            inspect_fd(fd, "web")
+    finally:
+        os.close(fd)
+
+
 def test_inspect_anonymous_inode_says_what_it_is() -> None:
     fd = os.eventfd(0)
     try:

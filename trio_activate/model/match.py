@@ -76,6 +76,7 @@ from __future__ import annotations
 import ipaddress
 import posixpath
 import socket
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import PurePosixPath
 from types import MappingProxyType
@@ -86,7 +87,7 @@ from .listen_env import CONNECTION_NAME, STORED_NAME, UNKNOWN_NAME
 from .manifest import Manifest, SocketSpec, SocketType
 from .records import record
 
-__all__ = ["Match", "PassedSocket", "describe_family", "describe_type", "match_passed"]
+__all__ = ["Match", "PassedSocket", "describe_family", "describe_file_kind", "describe_type", "match_passed"]
 
 
 @record
@@ -147,6 +148,28 @@ def describe_family(family: int) -> str:
 def describe_type(kind: int) -> str:
     """``"stream"``, ``"datagram"``, ``"seqpacket"``, ``"raw"`` or ``"type N"``."""
     return _TYPE_WORDS.get(kind, f"type {kind}")
+
+
+def describe_file_kind(mode: int) -> str:
+    """What a file that is not a socket is, from its ``st_mode``: ``"a regular file"``, ``"a folder"``...
+
+    For messages about a path where a socket file was to go and about a
+    passed fd that is no socket: one wording for both.  Pure: the `stat`
+    tests only look at the bits of `mode`.
+    """
+    kinds = (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+    )
+    for test, kind in kinds:
+        if test(mode):
+            return kind
+    # eventfd, epoll, timerfd, pidfd...: anonymous inodes carry no file type.
+    return "not a file of any kind (an anonymous inode)"
 
 
 def _a(word: str) -> str:

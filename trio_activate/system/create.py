@@ -108,6 +108,7 @@ from ..model.address import (
     address_from_sockname,
 )
 from ..model.manifest import Manifest, SocketSpec
+from ..model.match import describe_file_kind
 from ..model.records import field, record
 from ..model.text import is_decimal
 
@@ -451,7 +452,7 @@ def _clear_stale_socket(path: str, kind: int, spec: SocketSpec, where: _Where) -
         raise where.error(f"cannot inspect the path: {_problem(exc)}") from None
     if not stat.S_ISSOCK(st.st_mode):
         raise where.error(
-            f"{_file_kind(st.st_mode)} is already there, not a socket "
+            f"{describe_file_kind(st.st_mode)} is already there, not a socket "
             "(only a stale socket file is replaced; remove it yourself if it is not needed)"
         )
     live = _probe(path, kind, where)
@@ -500,18 +501,6 @@ def _probe(path: str, kind: int, where: _Where) -> bool | None:
     finally:
         probe.close()
     return True
-
-
-def _file_kind(mode: int) -> str:
-    if stat.S_ISREG(mode):
-        return "a regular file"
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    if stat.S_ISFIFO(mode):
-        return "a fifo"
-    return "a device or other special file"
 
 
 def _unix_bind_problem(exc: OSError, path: str) -> str:

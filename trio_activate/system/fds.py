@@ -26,7 +26,7 @@ import sys
 
 from ..errors import AdoptionError
 from ..model.address import address_from_sockname
-from ..model.match import PassedSocket
+from ..model.match import PassedSocket, describe_file_kind
 
 __all__ = ["FdNotOpenError", "inspect_fd", "open_fds", "own_pidfd_id", "set_cloexec"]
 
@@ -103,22 +103,6 @@ def set_cloexec(fd: int, *, name: str | None = None) -> None:
         raise AdoptionError(f"{_what(fd, name)}: cannot set FD_CLOEXEC: {exc.strerror or exc}") from None
 
 
-def _file_kind(mode: int) -> str:
-    kinds = (
-        (stat.S_ISREG, "a regular file"),
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a pipe (FIFO)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISLNK, "a symbolic link"),
-    )
-    for test, kind in kinds:
-        if test(mode):
-            return kind
-    # eventfd, epoll, timerfd, pidfd...: anonymous inodes carry no file type.
-    return "not a file of any kind (an anonymous inode)"
-
-
 def _fd_target(fd: int) -> str:
     """What ``/proc/self/fd/N`` points at, for messages; empty when unknown."""
     try:
@@ -147,7 +131,7 @@ def inspect_fd(fd: int, name: str) -> PassedSocket:
         raise AdoptionError(f"{_what(fd, name)}: cannot fstat: {exc.strerror or exc}") from None
     if not stat.S_ISSOCK(mode):
         raise AdoptionError(
-            f"{_what(fd, name)} is {_file_kind(mode)}{_fd_target(fd)}, not a socket: "
+            f"{_what(fd, name)} is {describe_file_kind(mode)}{_fd_target(fd)}, not a socket: "
             "only sockets can be passed"
         )
     try:
