@@ -7,13 +7,21 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from trio_activate.errors import AdoptionError
 from trio_activate.model.address import AbstractAddress, InetAddress, UnixAddress
-from trio_activate.system.fds import FdNotOpenError, inspect_fd, open_fds, own_pidfd_id, set_cloexec
+from trio_activate.system.fds import (
+    FdNotOpenError,
+    close_all,
+    inspect_fd,
+    open_fds,
+    own_pidfd_id,
+    set_cloexec,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -235,3 +243,28 @@ def test_inspect_tells_a_connection_from_a_socket_that_does_not_listen() -> None
             assert inspect_fd(client.fileno(), "c").connected
             assert not inspect_fd(idle.fileno(), "i").connected
             assert not inspect_fd(listener.fileno(), "l").connected
+
+
+def test_close_all_closes_every_one_after_a_failure_then_raises_the_first() -> None:
+    closed: list[int] = []
+
+    def close(number: int) -> None:
+        closed.append(number)
+        if number in (1, 3):
+            raise OSError(number, f"close {number} failed")
+
+    with pytest.raises(OSError, match="close 1 failed"):
+        close_all(partial(close, number) for number in range(5))
+    assert closed == [0, 1, 2, 3, 4]
+
+
+def test_close_all_closes_the_rest_before_an_interrupt_propagates() -> None:
+    first, second = socket.socketpair()
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        close_all([first.close, interrupted, second.close])
+    assert (first.fileno(), second.fileno()) == (-1, -1)
+    close_all([])  # nothing to close: returns

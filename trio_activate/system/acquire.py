@@ -30,7 +30,7 @@ from ..model.manifest import Manifest
 from ..model.private_env import ACTIVATOR_MARKER, HANDOFF_FROM_VARIABLE, SOCKET_FILES_VARIABLE
 from ..model.records import field, record
 from .activator import check_not_looping, reexec_with_new_sockets
-from .fds import own_pidfd_id
+from .fds import close_all, own_pidfd_id
 from .passed import PassedFds, adopt
 
 __all__ = ["ServiceSockets", "SocketFile", "acquire_sockets"]
@@ -135,8 +135,7 @@ class ServiceSockets:
         if self.connection is not None:
             held.append(self.connection)
         self.sockets, self.extra, self.connection = {}, {}, None
-        for sock in held:
-            sock.close()
+        close_all(sock.close for sock in held)
 
 
 def acquire_sockets(
@@ -182,10 +181,7 @@ def acquire_sockets(
                 extra[name] = taken
         adopted = adopt(manifest, passed)
     except BaseException:
-        passed.close()
-        for group in extra.values():
-            for sock in group:
-                sock.close()
+        close_all([passed.close, *(sock.close for group in extra.values() for sock in group)])
         raise
     sockets = ServiceSockets(
         sockets=adopted.sockets,

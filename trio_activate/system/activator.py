@@ -37,6 +37,7 @@ import fcntl
 import os
 import sys
 from collections.abc import MutableMapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -51,7 +52,7 @@ from ..model.listen_env import (
 from ..model.manifest import Manifest, load_manifest
 from ..model.private_env import ACTIVATOR_MARKER, SOCKET_FILES_VARIABLE, WORKER_FDS_VARIABLE
 from .fast_start import reexec_argv
-from .fds import own_pidfd_id
+from .fds import close_all, own_pidfd_id
 
 if TYPE_CHECKING:
     from .create import CreatedSocket
@@ -90,8 +91,7 @@ def place_fds(sources: Sequence[int]) -> None:
         for index, fd in enumerate(lifted):
             os.dup2(fd, SD_LISTEN_FDS_START + index, inheritable=True)
     finally:
-        for fd in lifted:
-            os.close(fd)
+        close_all(partial(os.close, fd) for fd in lifted)
 
 
 def exec_with_sockets(
@@ -127,14 +127,11 @@ def exec_with_sockets(
     except BaseException:
         for item in created:
             remove_socket_file(item)  # while the sources still pin the files
-        for fd in sources:
-            os.close(fd)
+        close_all(partial(os.close, fd) for fd in sources)
         raise
-    for fd in sources:
-        # A source may itself sit in the placed range, now holding a placed
-        # socket: closing that number would undo the placement.
-        if fd not in placed:
-            os.close(fd)
+    # A source may itself sit in the placed range, now holding a placed
+    # socket: closing that number would undo the placement.
+    close_all(partial(os.close, fd) for fd in sources if fd not in placed)
     # Set for the exec'd program only: if the exec fails, this process must not
     # claim fds that are closed below (a later adoption would take whatever
     # reused the numbers).
@@ -154,8 +151,7 @@ def exec_with_sockets(
     except OSError as exc:
         for item in created:
             remove_socket_file(item)
-        for fd in placed:
-            os.close(fd)
+        close_all(partial(os.close, fd) for fd in placed)
         raise ActivationError(f"cannot re-exec {argv[0]}: {exc.strerror or exc}") from None
 
 
@@ -196,9 +192,7 @@ def settle_listen_environment(
     """
     placed = range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(sources))
     place_fds(sources)
-    for fd in sources:
-        if fd not in placed:
-            os.close(fd)
+    close_all(partial(os.close, fd) for fd in sources if fd not in placed)
     unset_listen_env(environ)
     environ.update(format_listen_env(names, pid=os.getpid(), pidfd_id=own_pidfd_id()))
 

@@ -38,6 +38,7 @@ import os
 import socket
 import struct
 from collections.abc import MutableMapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,7 @@ from ..model.private_env import ACTIVATOR_CHANNEL_VARIABLE, ACTIVATOR_MARKER
 from ..model.records import record
 from ..model.text import is_decimal
 from .activator import settle_listen_environment
+from .fds import close_all
 
 if TYPE_CHECKING:
     from .create import CreatedSocket
@@ -104,8 +106,7 @@ def hand_sockets_to_service(channel_fd: int, manifest_path: Path) -> int:
             if not taken:
                 for item in created:
                     remove_socket_file(item)  # while the socket still pins the file
-            for item in created:
-                item.sock.close()
+            close_all(item.sock.close for item in created)
     return 0 if taken else 1
 
 
@@ -176,8 +177,7 @@ def receive_from_forked_activator(environ: MutableMapping[str, str]) -> Handover
             try:
                 channel.sendall(ACKNOWLEDGED)
             except OSError as exc:
-                for fd in fds:
-                    os.close(fd)
+                close_all(partial(os.close, fd) for fd in fds)
                 raise ActivationError(
                     f"the activator (pid {activator_pid}) went away before the hand-over: "
                     f"{exc.strerror or exc}"
@@ -224,8 +224,7 @@ def _receive(channel: socket.socket, text: str) -> tuple[list[str], Handover, li
                     "the rest were cut off (is the open file limit too low?)"
                 )
     except BaseException:
-        for fd in fds:
-            os.close(fd)
+        close_all(partial(os.close, fd) for fd in fds)
         raise
     return names, handover, fds
 

@@ -96,6 +96,7 @@ import socket
 import stat
 import threading
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 from ..errors import CreationError
@@ -111,6 +112,7 @@ from ..model.manifest import Manifest, SocketSpec
 from ..model.match import describe_file_kind
 from ..model.records import field, record
 from ..model.text import is_decimal
+from .fds import close_all
 
 __all__ = [
     "CreatedSocket",
@@ -558,6 +560,9 @@ def remove_socket_file_if_same(path: str, file_id: tuple[int, int]) -> None:
 
 def _discard(created: list[CreatedSocket]) -> None:
     """Close every socket and remove every file in ``created`` (cleanup after a failure)."""
-    for item in reversed(created):
+
+    def discard(item: CreatedSocket) -> None:
         remove_socket_file(item)  # before close(): see remove_socket_file
         item.sock.close()
+
+    close_all(partial(discard, item) for item in reversed(created))

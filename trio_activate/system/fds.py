@@ -23,12 +23,34 @@ import os
 import socket
 import stat
 import sys
+from collections.abc import Callable, Iterable
 
 from ..errors import AdoptionError
 from ..model.address import address_from_sockname
 from ..model.match import PassedSocket, describe_file_kind
 
-__all__ = ["FdNotOpenError", "inspect_fd", "open_fds", "own_pidfd_id", "set_cloexec"]
+__all__ = ["FdNotOpenError", "close_all", "inspect_fd", "open_fds", "own_pidfd_id", "set_cloexec"]
+
+
+def close_all(closes: Iterable[Callable[[], object]]) -> None:
+    """Call every one of `closes`, even after one fails; then raise the first error.
+
+    The one way the package closes several fds or sockets it owns: a close
+    that fails must not leave the ones after it open (each would leak for
+    the life of the process), and the first error is the one to report (a
+    later EBADF is most often a consequence of it).  The later errors are
+    dropped.  `BaseException` included: a KeyboardInterrupt in the middle
+    still closes the rest before it propagates.
+    """
+    first_error: BaseException | None = None
+    for close in closes:
+        try:
+            close()
+        except BaseException as exc:
+            if first_error is None:
+                first_error = exc
+    if first_error is not None:
+        raise first_error
 
 
 class FdNotOpenError(AdoptionError):

@@ -43,6 +43,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from types import TracebackType
 from typing import Protocol
 
@@ -151,21 +152,13 @@ class PassedFds:
         owned, which is a bug worth hearing about.
         """
         self._closed = True
-        first_error: BaseException | None = None
         # Forget every number first: close() frees the number even when it
         # reports an error, so a retry could close whatever reused it.  (One
         # swap, not a `del` per fd: taking the first key of a dict whose
         # front was deleted walks over every deleted slot, quadratic in the
         # number of fds.)
         owned, self._owned = self._owned, {}
-        for fd in owned:
-            try:
-                self.steps.close_fd(fd)
-            except BaseException as exc:
-                if first_error is None:
-                    first_error = exc
-        if first_error is not None:
-            raise first_error
+        fds.close_all(partial(self.steps.close_fd, fd) for fd in owned)
 
     def __enter__(self) -> PassedFds:
         return self
@@ -262,18 +255,10 @@ class Adopted:
 
     def close(self) -> None:
         """Close every socket still here; raise the first error after trying all."""
-        first_error: BaseException | None = None
         held = list(self._all())
         self.sockets = {}
         self.connection = None
-        for sock in held:
-            try:
-                sock.close()
-            except BaseException as exc:
-                if first_error is None:
-                    first_error = exc
-        if first_error is not None:
-            raise first_error
+        fds.close_all(sock.close for sock in held)
 
     def __enter__(self) -> Adopted:
         return self
