@@ -139,6 +139,69 @@ def test_dev_reloads_on_the_manifest_and_watch_paths_but_not_on_other_files(tmp_
         assert ask(loopback(port), "x").version == "v2"
 
 
+def test_dev_ignores_editor_lock_files_and_node_modules_but_reloads_on_code_and_the_manifest(
+    tmp_path: Path,
+) -> None:
+    """watchfiles' PythonFilter decides: an Emacs lock file (.#app.py) and a package under node_modules/
+    end in .py but are not the project's code; app.py and the manifest are."""
+    port = free_port()
+    write_handler(tmp_path, "v1")
+    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    lock = tmp_path / ".#app.py"
+    vendored = tmp_path / "node_modules" / "x.py"
+    vendored.parent.mkdir()
+    with running("--log-level", "debug", "dev", manifest, cwd=tmp_path) as dev:
+        dev.wait_for(r"ready: generation 1, 1 worker")
+
+        def reloaded_by(generation: int, since: int) -> list[str]:
+            dev.wait_for(rf"reloaded: generation {generation} serving", since=since)
+            return [line.split("]", 1)[1] for line in dev.lines[since:] if "info: changed:" in line]
+
+        # The ignored files change first: the reload that app.py causes comes after the watcher saw them.
+        since = dev.mark()
+        lock.write_text("user@host.1234:1700000000")
+        vendored.write_text("X = 1\n")
+        write_handler(tmp_path, "v2")
+        assert reloaded_by(2, since) == [f": info: changed: {tmp_path / 'app.py'}"]
+        assert ask(loopback(port), "x").version == "v2"
+
+        since = dev.mark()
+        lock.write_text("user@host.1234:1700000001")
+        vendored.write_text("X = 2\n")
+        manifest.write_text(manifest.read_text().replace("grace-period = 5.0", "grace-period = 4.0"))
+        assert reloaded_by(3, since) == [f": info: changed: {manifest}"]
+        dev.wait_for(r"generation 2 stopped$", since=since)
+        assert dev.count(r"reloaded: generation \d+ serving") == 2
+
+
+def test_the_code_change_filter_is_pythons_plus_the_watched_files(tmp_path: Path) -> None:
+    """Every path dev can see, without waiting for a watcher: what reloads and what does not."""
+    from watchfiles import Change
+
+    from trio_activate.processes.supervise_main import CodeChangeFilter
+
+    settings = tmp_path / "settings.json"
+    settings.write_text("{}")
+    manifest = tmp_path / "service.toml"
+    manifest.write_text("")
+    reloads = CodeChangeFilter([tmp_path, settings, manifest])
+    for name in ["app.py", "pkg/mod.py", "types.pyi", "pyproject.toml", "service.toml", "settings.json"]:
+        assert reloads(Change.modified, str(tmp_path / name)), name
+    for name in [
+        ".#app.py",
+        "app.py~",
+        ".app.py.swp",
+        "node_modules/x.py",
+        "__pycache__/app.cpython-311.pyc",
+        ".venv/lib/x.py",
+        ".git/x.py",
+        ".mypy_cache/x.toml",
+        "service.log",
+        "other.json",
+    ]:
+        assert not reloads(Change.modified, str(tmp_path / name)), name
+
+
 def test_a_first_worker_that_fails_waits_for_a_change(tmp_path: Path) -> None:
     """dev never gives up: a broken start waits for the fix instead of exiting."""
     port = free_port()

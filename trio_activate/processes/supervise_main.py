@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -20,6 +21,9 @@ from ..system.acquire import ServiceSockets
 from ..system.notifier import Notifier
 from .spawn import WorkerCommand, worker_argv
 from .supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from watchfiles import Change
 
 __all__ = ["run_supervisor"]
 
@@ -89,22 +93,26 @@ async def _reload_on_changes(supervisor: Supervisor, paths: list[Path], stop: tr
 
 
 class CodeChangeFilter:
-    """Which changes reload: Python sources in watched folders, and any watched file itself.
+    """Which changes reload: Python code as watchfiles' `PythonFilter` sees it, and any watched file itself.
 
     A folder (the manifest's, a ``python-path`` entry) also holds logs,
-    editor swap files and bytecode caches; reloading on those would loop (a
-    worker's own log line would trigger the next reload).
+    editor swap and lock files (``.#app.py``), bytecode caches and other
+    people's code (``node_modules/``, ``.venv/``); reloading on those would
+    loop (a worker's own log line would trigger the next reload) or restart
+    for nothing.  Knowing them all is the library's business, kept up to date
+    there.  ``.pyi`` and ``.toml`` files reload too (type stubs,
+    ``pyproject.toml``, a manifest beside the code), as they did before the
+    library's filter decided.  A file named explicitly (the manifest, a
+    ``--watch`` file) reloads whatever its name.
     """
 
-    SOURCE_SUFFIXES = (".py", ".pyi", ".toml")
-    IGNORED_PARTS = frozenset({"__pycache__", ".git", ".hg", ".mypy_cache", ".ruff_cache", ".venv", ".tox"})
+    EXTRA_EXTENSIONS = (".pyi", ".toml")
 
     def __init__(self, watched: Sequence[Path]) -> None:
-        self.files = {str(p) for p in watched if p.is_file()}
+        from watchfiles import PythonFilter  # as awatch: only dev pays for importing watchfiles
 
-    def __call__(self, change: object, path: str) -> bool:
-        if path in self.files:
-            return True
-        if self.IGNORED_PARTS.intersection(Path(path).parts):
-            return False
-        return path.endswith(self.SOURCE_SUFFIXES)
+        self.files = {str(p) for p in watched if p.is_file()}
+        self.code = PythonFilter(extra_extensions=self.EXTRA_EXTENSIONS)
+
+    def __call__(self, change: Change, path: str) -> bool:
+        return path in self.files or self.code(change, path)
