@@ -39,7 +39,7 @@ from test_supervisor import _blocks, wait_until
 
 from trio_activate.errors import ActivationError
 from trio_activate.model.private_env import ACTIVATOR_CHANNEL_VARIABLE
-from trio_activate.system.activator_channel import hand_sockets_to_service, receive_from_forked_activator
+from trio_activate.system.activator_channel import deliver_sockets_to_service, receive_from_forked_activator
 from trio_activate.system.fast_start import fast_start_applies, serving_command
 from trio_activate.system.fds import open_fds
 
@@ -540,12 +540,14 @@ def test_usage_error_is_printed_exactly_once(tmp_path: Path, reaper: Reaper) -> 
 
 
 def start_activator(manifest: Path) -> tuple[socket.socket, threading.Thread, list[int]]:
-    """`hand_sockets_to_service` in a thread on one end of a real pair; the test holds the other."""
+    """`deliver_sockets_to_service` in a thread on one end of a real pair; the test holds the other."""
     service_end, activator_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     service_end.settimeout(TIMEOUT)
     statuses: list[int] = []
     channel_fd = activator_end.detach()
-    thread = threading.Thread(target=lambda: statuses.append(hand_sockets_to_service(channel_fd, manifest)))
+    thread = threading.Thread(
+        target=lambda: statuses.append(deliver_sockets_to_service(channel_fd, manifest))
+    )
     thread.start()
     return service_end, thread, statuses
 
@@ -722,7 +724,7 @@ class HandOver:
 
 @pytest.fixture
 def hand_over(short_dir: Path) -> Iterator[HandOver]:
-    """Captured from `hand_sockets_to_service`, which is then told no (it cleans up); the fds are ours."""
+    """Captured from `deliver_sockets_to_service`, which is then told no (it cleans up); the fds are ours."""
     manifest, _ = unix_echo_manifest(short_dir)
     service_end, thread, statuses = start_activator(manifest)
     with service_end:

@@ -295,19 +295,19 @@ def _load_and_acquire(path: Path, *, warn: bool) -> tuple[Manifest, ServiceSocke
     """
     from ..system.acquire import acquire_sockets
 
-    handover = None
+    delivery = None
     if ACTIVATOR_CHANNEL_VARIABLE in os.environ:
         import trio  # noqa: F401
 
         from ..system.activator_channel import receive_from_forked_activator
 
-        handover = receive_from_forked_activator(os.environ)
-    manifest = load_manifest(path, document=handover.document if handover else None)
+        delivery = receive_from_forked_activator(os.environ)
+    manifest = load_manifest(path, document=delivery.document if delivery else None)
     if warn:
         for warning in manifest.warnings:
             log.warning("%s", warning)
-    files = handover.files if handover else None
-    return manifest, acquire_sockets(manifest, reexec=True, handed_files=files)
+    files = delivery.files if delivery else None
+    return manifest, acquire_sockets(manifest, reexec=True, delivered_files=files)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -385,7 +385,7 @@ def run_forked_activator(channel_fd: int) -> int:
     parent parses the same command line and reports any usage error, and
     reports the activator's errors, which come over the channel.
     """
-    from ..system.activator_channel import hand_sockets_to_service
+    from ..system.activator_channel import deliver_sockets_to_service
 
     quiet = open(os.devnull, "w")  # noqa: SIM115 - for the life of this short process
     saved = sys.stdout, sys.stderr
@@ -399,7 +399,7 @@ def run_forked_activator(channel_fd: int) -> int:
     # What it logs (a port chosen by the kernel, a cleanup that failed) is the service's
     # to say: the service is our parent, re-exec'd under the same PID.
     _configure_logging(args.log_level, speaking_for=os.getppid())
-    return hand_sockets_to_service(channel_fd, args.manifest)
+    return deliver_sockets_to_service(channel_fd, args.manifest)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:

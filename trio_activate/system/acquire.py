@@ -5,7 +5,7 @@ from, for ``serve`` and for the embedded ``activated()``:
 
 - ``LISTEN_*`` names this process: adopt the fds (``passed.adopt``).  When
   the internal activator passed them (it re-exec'd this very process, or,
-  on the CLI's fast start, handed them over and the caller settled
+  on the CLI's fast start, delivered them and the caller settled
   ``LISTEN_*``: ``activator_channel``), the unix socket files it created
   are ours too, and ``remove-on-stop`` removes them at close; under systemd
   they are systemd's, never touched.
@@ -144,7 +144,7 @@ def acquire_sockets(
     reexec: bool,
     environ: MutableMapping[str, str] | None = None,
     extra_names: Sequence[str] = (),
-    handed_files: Sequence[tuple[str, str, tuple[int, int]]] | None = None,
+    delivered_files: Sequence[tuple[str, str, tuple[int, int]]] | None = None,
 ) -> ServiceSockets:
     """The service's sockets; see the module docstring.
 
@@ -152,7 +152,7 @@ def acquire_sockets(
     not declare) are taken before adoption, which would close them as
     unclaimed, and kept in ``ServiceSockets.extra``.
 
-    ``handed_files``: the unix socket files the fast start's activator made,
+    ``delivered_files``: the unix socket files the fast start's activator made,
     which came with its sockets (``activator_channel``) rather than in
     ``TRIO_ACTIVATE_SOCKET_FILES``.
     """
@@ -189,8 +189,8 @@ def acquire_sockets(
         connection=adopted.connection,
         extra=extra,
         files=_parse_socket_files(files_text)
-        if handed_files is None
-        else [SocketFile(name, path, file_id) for name, path, file_id in handed_files],
+        if delivered_files is None
+        else [SocketFile(name, path, file_id) for name, path, file_id in delivered_files],
         remove_on_stop=_remove_on_stop(manifest),
     )
     adopted.sockets, adopted.connection = {}, None

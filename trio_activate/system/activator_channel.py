@@ -1,4 +1,4 @@
-"""The fast start's channel: the forked activator hands its sockets to the re-exec'd service.
+"""The fast start's channel: the forked activator delivers its sockets to the re-exec'd service.
 
 Layer 2: syscalls, no trio.  ``fast_start`` forks the activator and re-execs the
 service at once (see its docstring for why); the two meet here, over a unix
@@ -53,7 +53,7 @@ from .fds import close_all
 if TYPE_CHECKING:
     from .create import CreatedSocket
 
-__all__ = ["hand_sockets_to_service", "receive_from_forked_activator"]
+__all__ = ["deliver_sockets_to_service", "receive_from_forked_activator"]
 
 # SCM_MAX_FD: the kernel's limit on fds in one SCM_RIGHTS message.
 FDS_PER_MESSAGE = 253
@@ -70,7 +70,7 @@ SocketFileRecord = tuple[str, str, tuple[int, int]]
 
 
 @record
-class Handover:
+class Delivery:
     """What the service gets besides the fds, which are in place when it has this."""
 
     files: list[SocketFileRecord]
@@ -82,7 +82,7 @@ class Handover:
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-def hand_sockets_to_service(channel_fd: int, manifest_path: Path) -> int:
+def deliver_sockets_to_service(channel_fd: int, manifest_path: Path) -> int:
     """The forked activator: create the manifest's sockets and pass them over ``channel_fd``.
 
     Returns the activator's exit status: 0 when the service took the
@@ -142,7 +142,7 @@ def _send_quietly(channel: socket.socket, message: bytes) -> None:
         channel.sendall(message)
 
 
-def receive_from_forked_activator(environ: MutableMapping[str, str]) -> Handover | None:
+def receive_from_forked_activator(environ: MutableMapping[str, str]) -> Delivery | None:
     """In the re-exec'd service: take the forked activator's sockets; None if there is none.
 
     Afterwards the fds sit at 3.. and ``environ`` holds ``LISTEN_*`` naming
@@ -173,7 +173,7 @@ def receive_from_forked_activator(environ: MutableMapping[str, str]) -> Handover
                     f"{ACTIVATOR_CHANNEL_VARIABLE}={text}: fd {channel_fd} is not the channel this "
                     f"process made before its re-exec (it was made by {maker or 'nobody'})"
                 )
-            names, handover, fds = _receive(channel, text)
+            names, delivery, fds = _receive(channel, text)
             try:
                 channel.sendall(ACKNOWLEDGED)
             except OSError as exc:
@@ -187,7 +187,7 @@ def receive_from_forked_activator(environ: MutableMapping[str, str]) -> Handover
     # The channel is closed: its number may be one of 3.., which the sockets take now.
     settle_listen_environment(fds, names, environ)
     environ[ACTIVATOR_MARKER] = str(os.getpid())
-    return handover
+    return delivery
 
 
 def _parse_channel(text: str) -> tuple[int, int]:
@@ -199,7 +199,7 @@ def _parse_channel(text: str) -> tuple[int, int]:
     return int(fd_text), int(pid_text)
 
 
-def _receive(channel: socket.socket, text: str) -> tuple[list[str], Handover, list[int]]:
+def _receive(channel: socket.socket, text: str) -> tuple[list[str], Delivery, list[int]]:
     """The header, the document and every fd; on any error, no fd is left open."""
     exited = f"the activator ({ACTIVATOR_CHANNEL_VARIABLE}={text}) exited without the sockets"
     header = channel.recv(HEADER_LIMIT)
@@ -209,7 +209,7 @@ def _receive(channel: socket.socket, text: str) -> tuple[list[str], Handover, li
     message = channel.recv(HEADER_LIMIT)
     if not message:
         raise ActivationError(exited)
-    handover = Handover(files, _unmarshalled(message, text))
+    delivery = Delivery(files, _unmarshalled(message, text))
     fds: list[int] = []
     try:
         while len(fds) < len(names):
@@ -226,7 +226,7 @@ def _receive(channel: socket.socket, text: str) -> tuple[list[str], Handover, li
     except BaseException:
         close_all(partial(os.close, fd) for fd in fds)
         raise
-    return names, handover, fds
+    return names, delivery, fds
 
 
 def _unmarshalled(message: bytes, text: str) -> dict[str, Any] | None:
