@@ -1,33 +1,19 @@
-"""Shared test helpers: real peers (systemd's tools) and fd leak checks."""
+"""Fixtures shared by the test modules; plain helpers live in the `helpers` package."""
 
 from __future__ import annotations
 
 import gc
 import logging
-import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import Reaper, subreaper
+from helpers.systemd import booted
+from helpers.systemd_machine import SystemdMachine
 
 from trio_activate.system.fds import open_fds
-
-
-def require_peer(binary: str) -> str:
-    """Path of a real interop peer, e.g. systemd-socket-activate.
-
-    Skipped with a reason when it is missing, except where the environment
-    promises the peers (CI sets REQUIRE_INTEROP_PEERS=1 after
-    installing them): there a missing peer is a failure, never a skip.
-    """
-    path = shutil.which(binary)
-    if path is None:
-        if os.environ.get("REQUIRE_INTEROP_PEERS"):
-            pytest.fail(f"{binary} is required (REQUIRE_INTEROP_PEERS is set) but not on PATH")
-        pytest.skip(f"{binary} not installed (Debian package: systemd)")
-    return path
 
 
 @pytest.fixture
@@ -54,3 +40,23 @@ def short_dir() -> Iterator[Path]:
     """A folder with a short path: a unix socket path must fit in 108 bytes, tmp_path may not."""
     with tempfile.TemporaryDirectory(prefix="ta-", dir="/tmp") as name:
         yield Path(name)
+
+
+@pytest.fixture
+def reaper() -> Iterator[Reaper]:
+    """The test process is a child subreaper while the test runs: a process orphaned by a service
+    that exited becomes the test's child, where it can be found and reaped (`Reaper.wait_exit`)."""
+    with subreaper() as watcher:
+        yield watcher
+
+
+@pytest.fixture
+def machine(tmp_path: Path) -> Iterator[SystemdMachine]:
+    """A systemd manager booted for the test: Debian 12's own, 252."""
+    yield from booted(252, tmp_path / "machine")
+
+
+@pytest.fixture(params=[252, 254], ids=["systemd-252", "systemd-254"])
+def each_machine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SystemdMachine]:
+    """252 (Type=notify) and 254 (Type=notify-reload, from bookworm-backports): the reload paths."""
+    yield from booted(request.param, tmp_path / "machine")

@@ -7,28 +7,23 @@ connects to it from outside to see what the re-exec'd process holds.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import TIMEOUT, Process, one_line_error, serve_cmd, started
 
 from trio_activate.errors import ActivationError
 from trio_activate.model.private_env import ACTIVATOR_MARKER
 from trio_activate.system.activator import check_not_looping
 from trio_activate.system.fds import own_pidfd_id
-
-TIMEOUT = 10.0
 
 # A handler that answers each connection with what the serving process
 # holds: its PID, the private and LISTEN_* variables it still has, its fds,
@@ -116,47 +111,12 @@ call = "trio_activate.examples:echo"
     return manifest, sock_path
 
 
-def serve_cmd(manifest: Path) -> list[str]:
-    return [sys.executable, "-m", "trio_activate", "serve", str(manifest)]
-
-
-@contextmanager
-def running(
-    cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None, *, session: bool = False
-) -> Iterator[subprocess.Popen[str]]:
-    """Start `cmd`; whatever happens, it does not outlive the test.
-
-    ``session``: in a session of its own, and nothing of that session (the
-    processes it started) outlives the test either.
-    """
-    proc = subprocess.Popen(
-        cmd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=cwd,
-        start_new_session=session,
-    )
-    try:
-        yield proc
-    finally:
-        if session:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        elif proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=TIMEOUT)
-
-
-def ask(proc: subprocess.Popen[str], path: Path) -> dict[str, Any]:
+def ask(proc: Process, path: Path) -> dict[str, Any]:
     """Connect to the unix socket at `path` (retrying until it is there) and read the reply to EOF."""
     deadline = time.monotonic() + TIMEOUT
     while True:
         if proc.poll() is not None:
-            _, err = proc.communicate()
-            pytest.fail(f"the server exited with {proc.returncode} before answering: {err}")
+            pytest.fail(f"the server exited with {proc.wait()} before answering: {proc.log}")
         client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         client.settimeout(TIMEOUT)
         try:
@@ -173,21 +133,6 @@ def ask(proc: subprocess.Popen[str], path: Path) -> dict[str, Any]:
                 chunks.append(data)
         result: dict[str, Any] = json.loads(b"".join(chunks))
         return result
-
-
-def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
-    """SIGTERM, then the exit status and stderr."""
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=TIMEOUT)
-    return proc.returncode, err
-
-
-def one_line_error(err: str) -> str:
-    """`err` is exactly one ``trio-activate: ...`` line; return it."""
-    assert err.count("\n") == 1, err
-    assert err.startswith("trio-activate: "), err
-    assert "Traceback" not in err
-    return err.rstrip("\n")
 
 
 # --- place_fds: the shuffle hazard ------------------------------------------
@@ -268,9 +213,9 @@ def test_self_activated_serve_keeps_its_pid_and_adopts_fd_3(short_dir: Path) -> 
     """Rule: `serve` without LISTEN_* creates its socket, execs in place (same PID) and
     adopts fd 3 as under systemd; the handler sees no LISTEN_* or private variable left."""
     manifest, sock_path = reporter_manifest(short_dir)
-    with running(serve_cmd(manifest)) as proc:
+    with started(serve_cmd(manifest)) as proc:
         report = ask(proc, sock_path)
-        status, err = stop(proc)
+        status, err = proc.stop(), proc.log
     assert report["pid"] == proc.pid
     assert report["env"] == {}
     assert report["fd3"]["sockname"] == str(sock_path)
@@ -288,9 +233,9 @@ def test_a_subprocess_of_a_handler_inherits_no_listening_fd_and_no_listen_variab
     """Rule: after adoption the fds are FD_CLOEXEC and LISTEN_*/TRIO_ACTIVATE_* are
     unset, so a subprocess spawned with close_fds=False gets neither."""
     manifest, sock_path = reporter_manifest(short_dir)
-    with running(serve_cmd(manifest)) as proc:
+    with started(serve_cmd(manifest)) as proc:
         report = ask(proc, sock_path)
-        status, err = stop(proc)
+        status, err = proc.stop(), proc.log
     assert status == 0, err
     child = report["child"]
     assert child["pid"] != proc.pid
@@ -317,9 +262,9 @@ def test_serve_with_variables_for_another_process_self_activates(
     """Rule: LISTEN_PID (or the activator's marker) naming another process is "not for
     us", not an error and not a loop: serve self-activates, and nothing stale reaches handlers."""
     manifest, sock_path = reporter_manifest(short_dir)
-    with running(serve_cmd(manifest), env={**os.environ, **stale}) as proc:
+    with started(serve_cmd(manifest), env={**os.environ, **stale}) as proc:
         report = ask(proc, sock_path)
-        status, err = stop(proc)
+        status, err = proc.stop(), proc.log
     assert report["pid"] == proc.pid
     assert report["env"] == {}
     assert report["fd3"]["sockname"] == str(sock_path)
@@ -479,8 +424,9 @@ def test_self_activate_in_a_script_re_execs_in_place_with_fds_from_3_in_manifest
         )
     )
     cmd = [sys.executable, str(script), str(manifest), "extra-argument"]
-    with running(cmd, cwd=short_dir) as proc:
-        out, err = proc.communicate(timeout=TIMEOUT)
+    with started(cmd, cwd=short_dir) as proc:
+        proc.wait()
+        out, err = proc.out, proc.log
     assert proc.returncode == 0, err
     # The script ran twice, before and after the re-exec, both times as the same process.
     assert [line for line in err.splitlines() if line.startswith("pid ")] == [f"pid {proc.pid}"] * 2
@@ -662,11 +608,11 @@ def test_serve_stops_cleanly_even_when_the_socket_file_was_replaced(short_dir: P
     """Rule: remove-on-stop removes only the file the activator made: a file put at the
     path since (here after unlinking ours) is left alone."""
     manifest, sock_path = reporter_manifest(short_dir)
-    with running(serve_cmd(manifest)) as proc:
+    with started(serve_cmd(manifest)) as proc:
         ask(proc, sock_path)
         sock_path.unlink()
         sock_path.write_text("somebody else's")
-        status, err = stop(proc)
+        status, err = proc.stop(), proc.log
     assert status == 0, err
     assert sock_path.read_text() == "somebody else's"
 
@@ -678,9 +624,9 @@ def test_pid_is_unchanged_across_the_exec_even_under_the_console_script(short_di
     if not script.exists():
         pytest.skip(f"no console script at {script}")
     manifest, sock_path = reporter_manifest(short_dir)
-    with running([str(script), "serve", str(manifest)]) as proc:
+    with started([str(script), "serve", str(manifest)]) as proc:
         report = ask(proc, sock_path)
-        status, err = stop(proc)
+        status, err = proc.stop(), proc.log
     assert report["pid"] == proc.pid
     assert status == 0, err
     assert "created by the internal activator" in err

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 from trio_activate import __version__
 from trio_activate.cli.commands import main
 from trio_activate.model.manifest import load_manifest, parse_manifest
 
 CONFIG = Path(__file__).parent.parent / "config"
-
-
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """The installed console entry point, as a user runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "trio_activate", *args], capture_output=True, text=True, cwd=cwd, timeout=30
-    )
 
 
 def test_version_prints_the_package_version() -> None:

@@ -27,6 +27,7 @@ from trio_activate.model.address import AbstractAddress, Address, InetAddress, U
 from trio_activate.model.manifest import Manifest, SocketSpec, SocketType, parse_manifest
 from trio_activate.system import create
 from trio_activate.system.create import CreatedSocket, create_socket, create_sockets, remove_socket_file
+from trio_activate.system.fds import open_fds
 
 STREAM, DATAGRAM, SEQPACKET = SocketType.STREAM, SocketType.DATAGRAM, SocketType.SEQPACKET
 
@@ -60,10 +61,6 @@ def make(
     created = create_socket(spec_for(address, type, **options), address, folder=folder or Path("/"))
     held.append(created)
     return created
-
-
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
 
 
 def abstract_name() -> str:

@@ -2,8 +2,8 @@
 
 Runs the real command line against handler modules written into
 ``tmp_path`` (the manifest's ``python-path``), with the process and client
-helpers of ``test_supervisor.py``: every test's process group is killed when
-it ends.
+helpers of `helpers`: every test's process group is killed when it ends,
+and each service binds port 0 and tells its port in its log.
 """
 
 from __future__ import annotations
@@ -16,25 +16,24 @@ import sys
 import time
 from pathlib import Path
 
-from test_supervisor import (
+from helpers import (
     RELOADS,
     ClientLoop,
+    app_manifest,
     ask,
-    free_port,
     is_gone,
     loopback,
     running,
     write_handler,
-    write_manifest,
 )
 
 
 def test_twenty_reloads_on_file_changes_fail_no_connection(tmp_path: Path) -> None:
     """Each change is served by its new code, and not one connection of the steady stream fails."""
-    port = free_port()
     write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    manifest = app_manifest(tmp_path)
     with running("dev", manifest, cwd=tmp_path) as dev:
+        port = dev.port()
         dev.wait_for(r"ready: generation 1, 1 worker")
         with ClientLoop(loopback(port)) as loop:
             loop.wait_for(version="v1")
@@ -50,10 +49,10 @@ def test_twenty_reloads_on_file_changes_fail_no_connection(tmp_path: Path) -> No
 
 
 def test_a_syntax_error_keeps_the_old_worker_serving_and_shows_the_error(tmp_path: Path) -> None:
-    port = free_port()
     app = write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    manifest = app_manifest(tmp_path)
     with running("dev", manifest, cwd=tmp_path) as dev:
+        port = dev.port()
         dev.wait_for(r"ready: generation 1, 1 worker")
         with ClientLoop(loopback(port)) as loop:
             first = loop.wait_for()
@@ -74,9 +73,8 @@ def test_a_syntax_error_keeps_the_old_worker_serving_and_shows_the_error(tmp_pat
 
 def test_a_rewrite_within_the_same_second_at_the_same_size_is_served(tmp_path: Path) -> None:
     """dev never runs stale bytecode, even where a cached .pyc still looks valid for the new source."""
-    port = free_port()
     app = write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    manifest = app_manifest(tmp_path)
     # The trap: a .pyc of v1, which records the source's mtime (whole seconds) and size.
     pyc = Path(importlib.util.cache_from_source(str(app)))
     subprocess.run(
@@ -87,6 +85,7 @@ def test_a_rewrite_within_the_same_second_at_the_same_size_is_served(tmp_path: P
     assert pyc.exists()
     before = app.stat()
     with running("--log-level", "debug", "dev", manifest, cwd=tmp_path) as dev:
+        port = dev.port()
         dev.wait_for(r"ready: generation 1, 1 worker")
         assert ask(loopback(port), "a").version == "v1"
         since = dev.mark()
@@ -109,12 +108,12 @@ def test_a_rewrite_within_the_same_second_at_the_same_size_is_served(tmp_path: P
 
 
 def test_dev_reloads_on_the_manifest_and_watch_paths_but_not_on_other_files(tmp_path: Path) -> None:
-    port = free_port()
     write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    manifest = app_manifest(tmp_path)
     extra = tmp_path / "settings.json"
     extra.write_text("{}")
     with running("--log-level", "debug", "dev", manifest, "--watch", extra, cwd=tmp_path) as dev:
+        port = dev.port()
         dev.wait_for(r"ready: generation 1, 1 worker")
         since = dev.mark()
         manifest.write_text(manifest.read_text().replace("grace-period = 5.0", "grace-period = 4.0"))
@@ -144,13 +143,13 @@ def test_dev_ignores_editor_lock_files_and_node_modules_but_reloads_on_code_and_
 ) -> None:
     """watchfiles' PythonFilter decides: an Emacs lock file (.#app.py) and a package under node_modules/
     end in .py but are not the project's code; app.py and the manifest are."""
-    port = free_port()
     write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    manifest = app_manifest(tmp_path)
     lock = tmp_path / ".#app.py"
     vendored = tmp_path / "node_modules" / "x.py"
     vendored.parent.mkdir()
     with running("--log-level", "debug", "dev", manifest, cwd=tmp_path) as dev:
+        port = dev.port()
         dev.wait_for(r"ready: generation 1, 1 worker")
 
         def reloaded_by(generation: int, since: int) -> list[str]:
@@ -204,10 +203,10 @@ def test_the_code_change_filter_is_pythons_plus_the_watched_files(tmp_path: Path
 
 def test_a_first_worker_that_fails_waits_for_a_change(tmp_path: Path) -> None:
     """dev never gives up: a broken start waits for the fix instead of exiting."""
-    port = free_port()
     write_handler(tmp_path, "v1", preamble='raise RuntimeError("half-written")\n')
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    manifest = app_manifest(tmp_path)
     with running("dev", manifest, cwd=tmp_path) as dev:
+        port = dev.port()
         dev.wait_for(r"before it was ready; waiting for a change to try again")
         assert dev.process.poll() is None
         write_handler(tmp_path, "v1")
@@ -222,7 +221,7 @@ def test_ctrl_c_stops_everything_and_removes_the_socket_files(tmp_path: Path, sh
     """SIGINT to the terminal's process group (supervisor and worker): both stop, the socket file goes."""
     path = short_dir / "app.sock"
     write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, str(path))
+    manifest = app_manifest(tmp_path, str(path))
     with running("--log-level", "debug", "dev", manifest, cwd=tmp_path) as dev:
         dev.wait_for(r"ready: generation 1, 1 worker")
         (worker,) = dev.workers_of(1)

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from conftest import require_peer
+from helpers import require_peer
 
 from trio_activate import activated
 from trio_activate.errors import HandlerError

@@ -2,52 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
-from conftest import require_peer
+from helpers import TRIO_ACTIVATE, clean_env, require_peer, retry, started, tcp_exchange, unix_exchange
 
 import trio_activate
 
 CONFIG = Path(__file__).parent.parent / "config"
-
-
-def retry(action: Callable[[], bytes], timeout: float = 15.0) -> bytes:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return action()
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-def tcp_exchange(host: str, port: int, data: bytes) -> bytes:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as client:
-        client.settimeout(5)
-        client.connect((host, port))
-        client.sendall(data)
-        client.shutdown(socket.SHUT_WR)
-        return b"".join(iter(lambda: client.recv(4096), b""))
-
-
-def unix_exchange(address: str, data: bytes, kind: int = socket.SOCK_STREAM) -> bytes:
-    with socket.socket(socket.AF_UNIX, kind) as client:
-        client.settimeout(5)
-        client.connect(address)
-        client.sendall(data)
-        return client.recv(4096)
 
 
 def udp_exchange(port: int, data: bytes) -> bytes:
@@ -83,39 +49,25 @@ def test_every_example_has_a_client_here() -> None:
     assert sorted(EXAMPLES) == sorted(p.name for p in CONFIG.glob("*.toml"))
 
 
-@contextlib.contextmanager
-def running(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "TRIO_ACTIVATE_"))}
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=10)
-        if process.stderr is not None:
-            process.stderr.close()
-
-
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_example_serves_self_activated_and_stops_cleanly(name: str) -> None:
-    with running([sys.executable, "-m", "trio_activate", "serve", str(CONFIG / name)]) as process:
+    with started([*TRIO_ACTIVATE, "serve", str(CONFIG / name)], env=clean_env()) as process:
         for exchange, expected in EXAMPLES[name]:
             answer = retry(exchange)
             assert expected(answer), answer
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=15) == 0
+        assert process.wait() == 0
     assert not Path("/tmp/trio-activate-echo.sock").exists(), "remove-on-stop removes the file we made"
 
 
 def test_echo_example_serves_under_systemd_socket_activate() -> None:
     activate = require_peer("systemd-socket-activate")
-    argv = [activate, "-l", "127.0.0.1:7000", "--fdname=echo", sys.executable, "-m", "trio_activate"]
-    with running([*argv, "serve", str(CONFIG / "echo.toml")]) as process:
+    argv = [activate, "-l", "127.0.0.1:7000", "--fdname=echo", *TRIO_ACTIVATE]
+    with started([*argv, "serve", str(CONFIG / "echo.toml")], env=clean_env()) as process:
         (exchange, expected), *_ = EXAMPLES["echo.toml"]
         assert expected(retry(exchange))
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=15) == 0
+        assert process.wait() == 0
 
 
 async def test_echo_example_serves_embedded() -> None:

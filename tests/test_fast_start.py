@@ -15,7 +15,6 @@ process's own fds).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import marshal
 import os
@@ -33,9 +32,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_activator import TIMEOUT, one_line_error, running, serve_cmd, stop
-from test_examples import retry, tcp_exchange, unix_exchange
-from test_supervisor import _blocks, wait_until
+from helpers import (
+    TIMEOUT,
+    Process,
+    Reaper,
+    blocks,
+    clean_env,
+    one_line_error,
+    processes_with_parent,
+    retry,
+    serve_cmd,
+    started,
+    tcp_exchange,
+    unix_exchange,
+    wait_until,
+    write_manifest,
+)
 
 from trio_activate.errors import ActivationError
 from trio_activate.model.private_env import ACTIVATOR_CHANNEL_VARIABLE
@@ -43,25 +55,11 @@ from trio_activate.system.activator_channel import deliver_sockets_to_service, r
 from trio_activate.system.fast_start import fast_start_applies, serving_command
 from trio_activate.system.fds import open_fds
 
-PR_SET_CHILD_SUBREAPER = 36
 SEQPACKET_TYPE = 5  # SOCK_SEQPACKET in /proc/net/unix's Type column
 TCP_LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's st column
 
 
 # --- helpers -----------------------------------------------------------------
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without anything that passes sockets, so `serve` takes the fast start."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "TRIO_ACTIVATE_"))}
-    env.update(extra)
-    return env
-
-
-def write_manifest(folder: Path, text: str) -> Path:
-    path = folder / "service.toml"
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 def tcp_echo_manifest(folder: Path) -> Path:
@@ -94,22 +92,6 @@ def unix_echo_manifest(folder: Path, *, remove_on_stop: bool = True) -> tuple[Pa
         """,
     )
     return manifest, sock_path
-
-
-def processes_with_parent(pid: int) -> list[int]:
-    """Every process whose parent is `pid`, zombies included (an unreaped child is one)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = (entry / "stat").read_text()
-        except OSError:
-            continue  # exited meanwhile
-        ppid = text.rpartition(")")[2].split()[1]
-        if int(ppid) == pid:
-            found.append(int(entry.name))
-    return sorted(found)
 
 
 def initial_environ(pid: int) -> dict[str, str]:
@@ -158,19 +140,18 @@ def unix_socket_types(pid: int) -> dict[int, int]:
     return found
 
 
-def answer(proc: subprocess.Popen[str], exchange: Callable[[], bytes]) -> bytes:
+def answer(proc: Process, exchange: Callable[[], bytes]) -> bytes:
     """`exchange`'s reply, retried until the service answers; a service that exited fails at once."""
 
     def attempt() -> bytes:
         if proc.poll() is not None:
-            _, err = proc.communicate(timeout=TIMEOUT)
-            pytest.fail(f"the service exited with {proc.returncode} before answering: {err}")
+            pytest.fail(f"the service exited with {proc.wait()} before answering: {proc.log}")
         return exchange()
 
     return retry(attempt, timeout=TIMEOUT)
 
 
-def serving_port(proc: subprocess.Popen[str]) -> int:
+def serving_port(proc: Process) -> int:
     """The port of the one TCP listener that the process `proc` started holds, once it holds it.
 
     Found in the service's own fds: a listener there proves the PID the test
@@ -181,8 +162,7 @@ def serving_port(proc: subprocess.Popen[str]) -> int:
     def found() -> bool:
         nonlocal ports
         if proc.poll() is not None:
-            _, err = proc.communicate(timeout=TIMEOUT)
-            pytest.fail(f"the service exited with {proc.returncode}: {err}")
+            pytest.fail(f"the service exited with {proc.wait()}: {proc.log}")
         try:
             ports = listening_tcp_ports(proc.pid)
         except OSError:
@@ -209,46 +189,6 @@ def fd_links() -> dict[int, str]:
         with contextlib.suppress(OSError):  # closed meanwhile
             links[fd] = os.readlink(f"/proc/self/fd/{fd}")
     return links
-
-
-class Reaper:
-    """The test process as a child subreaper: what a service leaves behind becomes its child."""
-
-    def __init__(self) -> None:
-        self.before = set(processes_with_parent(os.getpid()))
-        self.reaped: set[int] = set()
-
-    def orphans(self) -> list[int]:
-        """Processes that became this process's children (live or zombie) since the test began."""
-        return [pid for pid in processes_with_parent(os.getpid()) if pid not in self.before | self.reaped]
-
-    def wait_exit(self, pid: int, timeout: float = TIMEOUT) -> int:
-        """Reap the orphan `pid`; its exit code (negative: the signal that killed it)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                self.reaped.add(pid)
-                return os.waitstatus_to_exitcode(status)
-            if time.monotonic() > deadline:
-                pytest.fail(f"orphan {pid} still runs after {timeout}s")
-            time.sleep(0.02)
-
-
-@pytest.fixture
-def reaper() -> Iterator[Reaper]:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        pytest.fail(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
-    watcher = Reaper()
-    try:
-        yield watcher
-    finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-        for pid in watcher.orphans():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
 
 
 def assert_no_orphans(reaper: Reaper) -> None:
@@ -343,7 +283,7 @@ def test_fast_started_serve_answers_as_the_started_pid_and_leaves_no_activator(
     serves the socket from fd 3; the activator has exited and been reaped (no child, no
     zombie); the channel was closed (no seqpacket socket left in the service)."""
     manifest = tcp_echo_manifest(tmp_path)
-    with running(serve_cmd(manifest), env=clean_env()) as proc:
+    with started(serve_cmd(manifest), env=clean_env()) as proc:
         port = serving_port(proc)
         assert answer(proc, lambda: tcp_exchange("127.0.0.1", port, b"ping\n")) == b"ping\n"
         channel_fd, activator = channel_of(proc.pid)
@@ -352,7 +292,7 @@ def test_fast_started_serve_answers_as_the_started_pid_and_leaves_no_activator(
         activator_left = Path(f"/proc/{activator}").exists()
         listeners = listening_tcp_ports(proc.pid)
         unix_types = unix_socket_types(proc.pid)
-        status, err = stop(proc)
+        status, err = proc.stop(), proc.log
     assert activator != proc.pid
     assert channel_fd >= 3
     assert children == []
@@ -376,11 +316,11 @@ def test_passing_variables_for_another_process_self_activate_without_the_fast_st
     the ordinary path re-execs with the sockets, and the service still serves them."""
     manifest = tcp_echo_manifest(tmp_path)
     env = clean_env(LISTEN_PID="1", LISTEN_FDS="1")
-    with running(serve_cmd(manifest), env=env) as proc:
+    with started(serve_cmd(manifest), env=env) as proc:
         port = serving_port(proc)
         assert answer(proc, lambda: tcp_exchange("127.0.0.1", port, b"ping\n")) == b"ping\n"
         exec_env = initial_environ(proc.pid)
-        status, err = stop(proc)
+        status, err = proc.stop(), proc.log
     assert ACTIVATOR_CHANNEL_VARIABLE not in exec_env
     assert exec_env.get("LISTEN_PID") == str(proc.pid)  # what the ordinary activator set
     assert status == 0, err
@@ -392,15 +332,13 @@ def test_dev_takes_the_fast_start_too(tmp_path: Path, reaper: Reaper) -> None:
     """Rule: `dev` self-activates by the fast start as `serve` does: the PID the test started
     holds the socket and supervises a worker; the activator is not among its children."""
     manifest = tcp_echo_manifest(tmp_path)
-    with running(
-        [sys.executable, "-m", "trio_activate", "dev", str(manifest)], clean_env(), session=True
-    ) as proc:
+    with started([sys.executable, "-m", "trio_activate", "dev", str(manifest)], env=clean_env()) as proc:
         port = serving_port(proc)
         assert answer(proc, lambda: tcp_exchange("127.0.0.1", port, b"ping\n")) == b"ping\n"
         _, activator = channel_of(proc.pid)
         activator_left = Path(f"/proc/{activator}").exists()
         children = processes_with_parent(proc.pid)
-        status, err = stop(proc)
+        status, err = proc.stop(), proc.log
     assert not activator_left, f"activator {activator} was not reaped"
     assert activator not in children
     assert len(children) == 1  # the worker
@@ -416,12 +354,12 @@ def test_unix_socket_file_lives_while_serving_and_remove_on_stop_decides_after(
     serving; on SIGTERM (exit 0) the service removes it if remove-on-stop says so, and
     the activator never removes a file it handed over."""
     manifest, sock_path = unix_echo_manifest(short_dir, remove_on_stop=remove_on_stop)
-    with running(serve_cmd(manifest), env=clean_env()) as proc:
+    with started(serve_cmd(manifest), env=clean_env()) as proc:
         assert answer(proc, lambda: unix_exchange(str(sock_path), b"hello")) == b"hello"
         channel_of(proc.pid)  # the fast start made it
         assert stat.S_ISSOCK(sock_path.lstat().st_mode)
         assert unix_socket_types(proc.pid)[3] == socket.SOCK_STREAM
-        status, err = stop(proc)
+        status, err = proc.stop(), proc.log
     assert status == 0, err
     assert sock_path.exists() is not remove_on_stop
     assert_no_orphans(reaper)
@@ -807,9 +745,9 @@ def test_a_signal_during_the_start_ends_in_an_orderly_exit_with_nothing_left(
     the process dies by it, before anything was created."""
     manifest, sock_path = unix_echo_manifest(short_dir, remove_on_stop=True)
     signum = signal.SIGINT if when.startswith("group-") else signal.SIGTERM
-    with running(serve_cmd(manifest), clean_env(), session=True) as proc:
+    with started(serve_cmd(manifest), env=clean_env()) as proc:
         if when.endswith("once-held"):
-            wait_until(lambda: _blocks(proc.pid, signum), what=f"{signum.name} held")
+            wait_until(lambda: blocks(proc.pid, signum), what=f"{signum.name} held")
         elif when.endswith("activator-alive"):
             # Tight polling: the activator lives for some tens of ms.  Should it be gone
             # already (a fast machine), the signal still comes during the start.
@@ -821,7 +759,8 @@ def test_a_signal_during_the_start_ends_in_an_orderly_exit_with_nothing_left(
             os.killpg(proc.pid, signum)
         else:
             proc.send_signal(signum)
-        _, err = proc.communicate(timeout=TIMEOUT)
+        proc.wait()
+        err = proc.log
     if when == "at-once":
         assert proc.returncode in (0, -signal.SIGTERM), err
     else:

@@ -6,11 +6,11 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
 import pytest
+from helpers import has_ipv6
 
 from trio_activate.errors import AdoptionError
 from trio_activate.model.address import AbstractAddress, InetAddress, UnixAddress
@@ -23,12 +23,7 @@ from trio_activate.system.fds import (
     set_cloexec,
 )
 
-
-@pytest.fixture(autouse=True)
-def no_fd_leaks() -> Iterator[None]:
-    before = open_fds()
-    yield
-    assert open_fds() == before
+pytestmark = pytest.mark.usefixtures("no_fd_leaks")
 
 
 def closed_fd_number() -> int:
@@ -36,15 +31,6 @@ def closed_fd_number() -> int:
     fd = os.open(os.devnull, os.O_RDONLY)
     os.close(fd)
     return fd
-
-
-def has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 def test_own_pidfd_id_is_the_inode_of_a_pidfd_for_this_process() -> None:

@@ -15,22 +15,24 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require_peer
-
-TIMEOUT = 10.0
-TRIO_ACTIVATE = [sys.executable, "-m", "trio_activate"]
+from helpers import (
+    TIMEOUT,
+    TRIO_ACTIVATE,
+    Process,
+    echo_manifest,
+    free_port,
+    require_peer,
+    started,
+    wait_until,
+    write_manifest,
+)
 
 
 @pytest.fixture
@@ -38,61 +40,7 @@ def peer() -> str:
     return require_peer("systemd-socket-activate")
 
 
-def free_port(family: socket.AddressFamily = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> int:
-    """A port the kernel just had free on loopback (bound, then released)."""
-    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
-    with socket.socket(family, kind) as probe:
-        try:
-            probe.bind((host, 0))
-        except OSError as exc:
-            pytest.skip(f"cannot bind {host}: {exc}")
-        port: int = probe.getsockname()[1]
-    return port
-
-
-@dataclass
-class Started:
-    proc: subprocess.Popen[bytes]
-    stdout: Path
-    stderr: Path
-
-    def wait(self) -> int:
-        return self.proc.wait(timeout=TIMEOUT)
-
-    def terminate_and_wait(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.wait()
-
-    def out(self) -> str:
-        return self.stdout.read_text()
-
-    def err(self) -> str:
-        return self.stderr.read_text()
-
-
-@contextmanager
-def started(cmd: list[str], folder: Path, env: dict[str, str] | None = None) -> Iterator[Started]:
-    """Run `cmd` in a new session, output to files in `folder`.
-
-    On the way out, if the leader was never reaped, its whole process group is
-    killed (also ``--accept`` children) before it is reaped.
-    """
-    stdout, stderr = folder / "stdout.txt", folder / "stderr.txt"
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, start_new_session=True
-        )
-    try:
-        yield Started(proc, stdout, stderr)
-    finally:
-        if proc.returncode is None:
-            # Not reaped yet: the group id cannot have been reused.
-            with suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=TIMEOUT)
-
-
-def connect(run: Started, family: socket.AddressFamily, address: Any) -> socket.socket:
+def connect(run: Process, family: socket.AddressFamily, address: Any) -> socket.socket:
     """Connect to what the peer listens on, retrying until it is bound (bounded)."""
     deadline = time.monotonic() + TIMEOUT
     while True:
@@ -102,21 +50,13 @@ def connect(run: Started, family: socket.AddressFamily, address: Any) -> socket.
             client.connect(address)
         except (ConnectionRefusedError, FileNotFoundError):
             client.close()
-            if run.proc.poll() is not None:
-                pytest.fail(f"exited with {run.proc.returncode} before listening: {run.err()}")
+            if run.poll() is not None:
+                pytest.fail(f"exited with {run.returncode} before listening: {run.log}")
             if time.monotonic() > deadline:
-                pytest.fail(f"nothing listened at {address} within {TIMEOUT}s: {run.err()}")
+                pytest.fail(f"nothing listened at {address} within {TIMEOUT}s: {run.log}")
             time.sleep(0.02)
             continue
         return client
-
-
-def wait_for_log(run: Started, text: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while text not in run.err():
-        if run.proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"{text!r} never appeared on stderr: {run.err()}")
-        time.sleep(0.02)
 
 
 def echo_once(client: socket.socket, payload: bytes) -> bytes:
@@ -130,26 +70,6 @@ def echo_once(client: socket.socket, payload: bytes) -> bytes:
     return received
 
 
-def write_manifest(folder: Path, text: str) -> Path:
-    path = folder / "service.toml"
-    path.write_text(text)
-    return path
-
-
-def echo_manifest(folder: Path, listen: str, name: str = "echo") -> Path:
-    return write_manifest(
-        folder,
-        f"""
-[sockets.{name}]
-listen = "{listen}"
-
-[handlers.{name}]
-socket = "{name}"
-call = "trio_activate.examples:echo"
-""",
-    )
-
-
 # --- fds --json under systemd-socket-activate --------------------------------
 
 
@@ -158,16 +78,17 @@ def run_fds_json(
 ) -> tuple[int, dict[str, Any], str]:
     """`systemd-socket-activate -l LISTEN --fdname=http trio-activate fds --json EXTRA...`."""
     cmd = [peer, "-l", listen, "--fdname=http", *TRIO_ACTIVATE, "fds", "--json", *extra]
-    with started(cmd, folder) as run:
+    with started(cmd) as run:
         with connect(run, family, address):
             status = run.wait()
-        out, err = run.out(), run.err()
+        out, err = run.out, run.log
     assert out.count("\n") == 1, out  # one JSON object on one line
     report: dict[str, Any] = json.loads(out)
     return status, report, err
 
 
 def test_fds_json_reports_an_ipv4_listener_named_http(peer: str, short_dir: Path) -> None:
+    # free_port: systemd-socket-activate -l refuses port 0 ("Failed to parse socket address").
     port = free_port()
     status, report, err = run_fds_json(
         peer, short_dir, f"127.0.0.1:{port}", socket.AF_INET, ("127.0.0.1", port)
@@ -190,6 +111,7 @@ def test_fds_json_reports_an_ipv4_listener_named_http(peer: str, short_dir: Path
 
 
 def test_fds_json_reports_an_ipv6_listener(peer: str, short_dir: Path) -> None:
+    # free_port: systemd-socket-activate -l refuses port 0 ("Failed to parse socket address").
     port = free_port(socket.AF_INET6)
     status, report, err = run_fds_json(peer, short_dir, f"[::1]:{port}", socket.AF_INET6, ("::1", port))
     assert status == 0, err
@@ -216,6 +138,7 @@ def test_fds_json_reports_a_unix_socket_file(peer: str, short_dir: Path) -> None
 
 
 def test_fds_json_with_a_matching_manifest_names_the_manifest_socket(peer: str, short_dir: Path) -> None:
+    # free_port: systemd-socket-activate -l refuses port 0 ("Failed to parse socket address").
     port = free_port()
     manifest = echo_manifest(short_dir, f"127.0.0.1:{port}", name="http")
     status, report, err = run_fds_json(
@@ -229,6 +152,7 @@ def test_fds_json_with_a_matching_manifest_names_the_manifest_socket(peer: str, 
 def test_fds_json_with_a_manifest_that_does_not_match_exits_2_after_the_report(
     peer: str, short_dir: Path
 ) -> None:
+    # free_port: systemd-socket-activate -l refuses port 0 ("Failed to parse socket address").
     port = free_port()
     manifest = echo_manifest(short_dir, f"127.0.0.1:{port}", name="web")
     status, report, err = run_fds_json(
@@ -277,24 +201,26 @@ def test_fds_json_with_listen_fds_0_is_one_line_and_exits_2() -> None:
 
 
 def test_serve_adopts_a_named_tcp_listener_and_stops_on_sigterm(peer: str, short_dir: Path) -> None:
+    # free_port: systemd-socket-activate -l refuses port 0 ("Failed to parse socket address").
     port = free_port()
     manifest = echo_manifest(short_dir, f"127.0.0.1:{port}")
     cmd = [peer, "-l", f"127.0.0.1:{port}", "--fdname=echo", *TRIO_ACTIVATE, "serve", str(manifest)]
-    with started(cmd, short_dir) as run:
+    with started(cmd) as run:
         with connect(run, socket.AF_INET, ("127.0.0.1", port)) as client:
             assert echo_once(client, b"hello through systemd\n") == b"hello through systemd\n"
         with connect(run, socket.AF_INET, ("127.0.0.1", port)) as client:
             assert echo_once(client, b"again") == b"again"
-        status = run.terminate_and_wait()
-        err = run.err()
+        status = run.stop()
+        err = run.log
     assert status == 0, err
     # Adopted as passed by a manager, in place: the PID the peer had is the server's.
-    assert f"pid {run.proc.pid}, 1 socket passed in LISTEN_FDS" in err
+    assert f"pid {run.pid}, 1 socket passed in LISTEN_FDS" in err
 
 
 def test_serve_adopts_a_datagram_socket_and_answers_the_datagram_that_started_it(
     peer: str, short_dir: Path
 ) -> None:
+    # free_port: systemd-socket-activate -l refuses port 0 ("Failed to parse socket address").
     port = free_port(kind=socket.SOCK_DGRAM)
     manifest = write_manifest(
         short_dir,
@@ -318,16 +244,16 @@ call = "trio_activate.examples:udp_echo"
         "serve",
         str(manifest),
     ]
-    with started(cmd, short_dir) as run:
-        wait_for_log(run, f"Listening on 127.0.0.1:{port}")
+    with started(cmd) as run:
+        run.wait_for_text(f"Listening on 127.0.0.1:{port}")
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
             client.settimeout(TIMEOUT)
             # One datagram only: it wakes the peer, which execs; it waits in the
             # socket's queue until the adopted socket reads it.
             client.sendto(b"ping", ("127.0.0.1", port))
             data, sender = client.recvfrom(65536)
-        status = run.terminate_and_wait()
-        err = run.err()
+        status = run.stop()
+        err = run.log
     assert (data, sender) == (b"ping", ("127.0.0.1", port))
     assert status == 0, err
     assert "socket passed in LISTEN_FDS" in err
@@ -338,20 +264,19 @@ def test_serve_under_accept_serves_each_connection_in_a_fresh_process_that_exits
     peer: str, short_dir: Path, fdname: list[str]
 ) -> None:
     """With --fdname, systemd-socket-activate names the connection: still an Accept=yes connection."""
+    # free_port: systemd-socket-activate -l refuses port 0 ("Failed to parse socket address").
     port = free_port()
     manifest = echo_manifest(short_dir, f"127.0.0.1:{port}")
     cmd = [peer, "--accept", "-l", f"127.0.0.1:{port}", *fdname, *TRIO_ACTIVATE, "serve", str(manifest)]
-    with started(cmd, short_dir) as run:
+    with started(cmd) as run:
         for payload in (b"first connection\n", b"second connection\n"):
             with connect(run, socket.AF_INET, ("127.0.0.1", port)) as client:
                 assert echo_once(client, payload) == payload
                 client.shutdown(socket.SHUT_WR)
                 assert client.recv(1) == b""  # the handler returned and closed its end
         # The peer reports each child's exit; wait for both (bounded).
-        deadline = time.monotonic() + TIMEOUT
-        while len(re.findall(r"Child \d+ died", run.err())) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        err = run.err()
+        wait_until(lambda: len(re.findall(r"Child \d+ died", run.log)) >= 2, what="both children died")
+        err = run.log
     spawned = re.findall(r"as PID (\d+)\.", err)
     died = re.findall(r"Child (\d+) died with code (\d+)", err)
     assert len(set(spawned)) == 2, err  # one fresh process per connection

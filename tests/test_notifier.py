@@ -22,8 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_peer
+from helpers import require_peer
 
+from trio_activate.system.fds import open_fds
 from trio_activate.system.notifier import Notifier
 
 OTHER_PID = 1  # init: never the test process
@@ -55,19 +56,6 @@ def received(sock: socket.socket) -> list[bytes]:
             datagrams.append(sock.recv(65536, socket.MSG_DONTWAIT))
         except BlockingIOError:
             return datagrams
-
-
-def open_fds() -> set[int]:
-    """The fds open in this process.  /proc/self/fd also lists the fd that
-    reading it opened (and closed again): only numbers still open count."""
-    fds = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            fcntl.fcntl(int(name), fcntl.F_GETFD)
-        except OSError:
-            continue
-        fds.add(int(name))
-    return fds
 
 
 # --- sending ----------------------------------------------------------------

@@ -15,17 +15,16 @@ import gc
 import json
 import logging
 import os
-import select
 import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import free_port, has_ipv6, retry, started, wait_until
 
 from trio_activate.errors import AdoptionError
 from trio_activate.model.listen_env import ListenFds
@@ -75,15 +74,6 @@ def listen_fds(pairs: Sequence[tuple[int, str]], *, names_given: bool = True) ->
 
 def is_open(fd: int) -> bool:
     return fd in open_fds()
-
-
-def has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 class Connection:
@@ -584,68 +574,32 @@ with adopt(load_manifest(sys.argv[1]), listen) as adopted:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def connect_when_listening(port: int) -> socket.socket:
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            return socket.create_connection(("127.0.0.1", port))
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-
-
-def read_line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
-    """One line of the service's stdout, without waiting forever for a service that failed."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    data = b""
-    deadline = time.monotonic() + timeout
-    while not data.endswith(b"\n"):
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        chunk = os.read(fd, 4096) if ready else b""
-        if not chunk:
-            raise AssertionError(f"the service printed no report (so far: {data!r})")
-        data += chunk
-    return data
-
-
 def run_socket_activate(args: list[str], manifest: Path, port: int) -> tuple[dict[str, Any], bytes]:
     """Run the service under systemd-socket-activate; its report, and what it sent a client."""
     assert _SOCKET_ACTIVATE is not None
     command = [_SOCKET_ACTIVATE, *args, sys.executable, "-c", _SERVICE, str(manifest)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        # systemd-socket-activate starts the service on the first connection.
-        with connect_when_listening(port) as client:
-            try:
-                report = read_line(proc, timeout=20)
-            except AssertionError:
-                proc.terminate()
-                raise AssertionError(proc.communicate(timeout=10)[1].decode()) from None
-            client.settimeout(10)
-            try:
-                received = client.recv(100)
-            except ConnectionResetError:  # the service closed the listener with us in its backlog
-                received = b""
-    finally:
-        # With --accept, systemd-socket-activate keeps serving: stop it.
-        if proc.poll() is None:
-            proc.terminate()
-        proc.communicate(timeout=10)
+    # systemd-socket-activate starts the service on the first connection.
+    with (
+        started(command) as proc,
+        retry(lambda: socket.create_connection(("127.0.0.1", port))) as client,
+    ):
+        wait_until(lambda: "\n" in proc.out or proc.poll() is not None, timeout=20, what="a report")
+        if "\n" not in proc.out:
+            raise AssertionError(f"the service printed no report (so far: {proc.out!r}):\n{proc.log}")
+        report = proc.out.splitlines()[0]
+        client.settimeout(10)
+        try:
+            received = client.recv(100)
+        except ConnectionResetError:  # the service closed the listener with us in its backlog
+            received = b""
+    # (With --accept, systemd-socket-activate keeps serving: leaving `started` stops it.)
     parsed: dict[str, Any] = json.loads(report)
     return parsed, received
 
 
 @_needs_socket_activate
 def test_adopts_what_systemd_socket_activate_passes_under_one_name(tmp_path: Path) -> None:
+    # free_port: systemd-socket-activate -l refuses port 0 ("Failed to parse socket address").
     port = free_port()
     manifest = tmp_path / "service.toml"
     manifest.write_text(f'[sockets.web]\nlisten = ["127.0.0.1:{port}", "./web.sock"]\n')
@@ -660,6 +614,7 @@ def test_adopts_what_systemd_socket_activate_passes_under_one_name(tmp_path: Pat
 
 @_needs_socket_activate
 def test_adopts_the_connection_systemd_socket_activate_accept_passes(tmp_path: Path) -> None:
+    # free_port: systemd-socket-activate -l refuses port 0 ("Failed to parse socket address").
     port = free_port()
     manifest = tmp_path / "service.toml"
     manifest.write_text(f'[sockets.web]\nlisten = "127.0.0.1:{port}"\n')

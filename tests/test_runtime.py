@@ -22,8 +22,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -33,7 +31,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from conftest import require_peer
+from helpers import TRIO_ACTIVATE, Process, clean_env, require_peer, started
 
 from trio_activate.model.manifest import HandlerSpec, manifest_from_dict
 from trio_activate.model.notify_message import parse_notify_message
@@ -653,57 +651,35 @@ call = "app:handle"
 
 
 class Served:
-    """A running ``trio-activate serve``, its log file, and ways to wait on both."""
+    """A running ``trio-activate serve`` (`helpers.Process`, as ``proc``) in the folder of its files."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], log_path: Path, folder: Path) -> None:
+    def __init__(self, proc: Process, folder: Path) -> None:
         self.proc = proc
-        self.log_path = log_path
         self.folder = folder
 
     def log(self) -> str:
-        return self.log_path.read_text()
+        return self.proc.log
 
     def wait_for(self, text: str, *, timeout: float = 15) -> str:
-        """Wait until ``text`` is in the log; fail with the log if the service exits or time runs out."""
-        deadline = time.monotonic() + timeout
-        while True:
-            log = self.log()
-            if text in log:
-                return log
-            if self.proc.poll() is not None:
-                pytest.fail(f"serve exited {self.proc.returncode} before logging {text!r}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"serve did not log {text!r} within {timeout}s:\n{log}")
-            time.sleep(0.01)
+        """Wait until ``text`` is in the log, and return the log; fail with the log if it never is."""
+        return self.proc.wait_for_text(text, timeout=timeout)
 
     def wait_ready(self) -> None:
         self.wait_for("ready: ")
 
     def stop(self, signum: signal.Signals = signal.SIGTERM, *, timeout: float = 15) -> int:
-        self.proc.send_signal(signum)
-        return self.wait(timeout=timeout)
+        return self.proc.stop(signum, timeout)
 
     def wait(self, *, timeout: float = 15) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"serve still running after {timeout}s:\n{self.log()}")
+        return self.proc.wait(timeout)
 
     @property
     def tcp(self) -> tuple[str, int]:
-        match = re.search(r"sockets\.web: 127\.0\.0\.1:(\d+) stream", self.log())
-        assert match is not None, self.log()
-        return ("127.0.0.1", int(match.group(1)))
+        return ("127.0.0.1", self.proc.port())
 
     @property
     def unix(self) -> str:
         return str(self.folder / "web.sock")
-
-
-def clean_environ(**extra: str) -> dict[str, str]:
-    """This environment without anything a service manager would set, plus ``extra``."""
-    prefixes = ("LISTEN_", "NOTIFY_", "WATCHDOG_", "TRIO_ACTIVATE_")
-    return {**{k: v for k, v in os.environ.items() if not k.startswith(prefixes)}, **extra}
 
 
 @contextmanager
@@ -717,23 +693,9 @@ def serve(
 ) -> Iterator[Served]:
     (folder / "svc.toml").write_text(manifest)
     (folder / "app.py").write_text(app_preamble + APP)
-    log_path = folder / "serve.log"
-    command = [sys.executable, "-m", "trio_activate", "serve", str(folder / "svc.toml")]
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [*argv, *command],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=log_file,
-            env=env if env is not None else clean_environ(),
-            cwd=folder,
-        )
-    try:
-        yield Served(proc, log_path, folder)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=15)
+    command = [*TRIO_ACTIVATE, "serve", str(folder / "svc.toml")]
+    with started([*argv, *command], env=env if env is not None else clean_env(), cwd=folder) as proc:
+        yield Served(proc, folder)
 
 
 def client(address: str | tuple[str, int]) -> socket.socket:
@@ -787,7 +749,7 @@ def test_ready_and_stopping_arrive_on_a_real_notify_socket(tmp_path: Path) -> No
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(path)
         notify.settimeout(15)
-        env = clean_environ(NOTIFY_SOCKET=path)
+        env = clean_env(NOTIFY_SOCKET=path)
         with serve(tmp_path, STREAM_SERVICE.format(grace=5, handler_extra=""), env=env) as served:
             first = notify.recv(4096)
             # READY=1 comes when the service really serves.  Once a connection was

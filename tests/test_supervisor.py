@@ -3,14 +3,14 @@
 Every test runs the real command line (`serve` with workers or ``--supervise``)
 in its own session, with handler modules written into ``tmp_path``, and
 talks to it over real sockets.  The session's process group is killed when a
-test ends, so no worker outlives it.  The helpers here are shared with
-``test_dev.py``.
+test ends, so no worker outlives it.  Each service binds port 0 and the test
+reads the port back from its log (`helpers.Process.port`).
 
-A handler answers one request line ``TOKEN`` with ``TOKEN PID VERSION``
-after 10 ms: the token shows the answer belongs to the request, the PID
-which worker served it, the version which code it runs; the delay keeps a
-connection in flight most of the time, so a generation that stopped
-without draining would fail one.
+A handler (`helpers.HANDLER`) answers one request line ``TOKEN`` with
+``TOKEN PID VERSION`` after 10 ms: the token shows the answer belongs to the
+request, the PID which worker served it, the version which code it runs; the
+delay keeps a connection in flight most of the time, so a generation that
+stopped without draining would fail one.
 """
 
 from __future__ import annotations
@@ -21,43 +21,38 @@ import re
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from types import TracebackType
 
 import pytest
-
-TRIO_ACTIVATE = [sys.executable, "-m", "trio_activate"]
-TIMEOUT = 15.0
-RELOADS = 20
-
-HANDLER = """\
-import os
-
-import trio
-
-VERSION = {version!r}
-
-
-async def handle(stream):
-    request = b""
-    while not request.endswith(b"\\n"):
-        data = await stream.receive_some(1024)
-        if not data:
-            return
-        request += data
-    await trio.sleep(0.01)  # in flight for a while: a worker stopped abruptly would cut it
-    await stream.send_all(f"{{request.decode().strip()}} {{os.getpid()}} {{VERSION}}\\n".encode())
-"""
+from helpers import (
+    HANDLER,
+    RELOADS,
+    TIMEOUT,
+    TRIO_ACTIVATE,
+    Answer,
+    ClientLoop,
+    Process,
+    app_manifest,
+    ask,
+    blocks,
+    children_of,
+    is_gone,
+    loopback,
+    notify_socket,
+    private_interpreter,
+    receive_until,
+    run_cli,
+    running,
+    wait_until,
+    write_handler,
+)
 
 # Runs at start-up in every interpreter given this folder on PYTHONPATH.  The
 # audit hook sees ``os.unsetenv("LISTEN_PID")``, which `take_listen_env` does
@@ -84,309 +79,15 @@ if _RECORD:
 """
 
 
-# --- files -------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A port the kernel just had free on 127.0.0.1 (bound, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
-def write_handler(folder: Path, version: str, *, preamble: str = "") -> Path:
-    path = folder / "app.py"
-    path.write_text(preamble + HANDLER.format(version=version))
-    return path
-
-
-def write_manifest(
-    folder: Path,
-    listen: str,
-    *,
-    workers: int = 1,
-    grace_period: float = 5.0,
-    start_timeout: float | None = None,
-    worker_timeout: float | None = None,
-) -> Path:
-    service = f'python-path = ["."]\nworkers = {workers}\ngrace-period = {grace_period}\n'
-    if start_timeout is not None:
-        service += f"start-timeout = {start_timeout}\n"
-    if worker_timeout is not None:
-        service += f"worker-timeout = {worker_timeout}\n"
-    path = folder / "app.toml"
-    path.write_text(
-        f"[service]\n{service}\n"
-        f'[sockets.web]\nlisten = "{listen}"\n\n'
-        f'[handlers.web]\nsocket = "web"\ncall = "app:handle"\n'
-    )
-    return path
-
-
-# --- processes ---------------------------------------------------------------
-
-
-class Running:
-    """A trio-activate process in its own session, its stderr collected line by line."""
-
-    def __init__(self, process: subprocess.Popen[bytes]) -> None:
-        self.process = process
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def log(self) -> str:
-        with self._changed:
-            return "\n".join(self.lines)
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for raw in self.process.stderr:
-            with self._changed:
-                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self.lines.append("<EOF>")
-            self._changed.notify_all()
-
-    def mark(self) -> int:
-        """Where the log is now, for `wait_for(..., since=)`."""
-        with self._changed:
-            return len(self.lines)
-
-    def wait_for(self, pattern: str, *, since: int = 0, timeout: float = TIMEOUT) -> re.Match[str]:
-        """The first log line from `since` on that matches `pattern`; fails after `timeout`."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        index = since
-        with self._changed:
-            while True:
-                while index < len(self.lines):
-                    found = regex.search(self.lines[index])
-                    index += 1
-                    if found:
-                        return found
-                if self.lines[-1:] == ["<EOF>"]:
-                    pytest.fail(f"exited before logging {pattern!r}:\n{self.log_unlocked()}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    pytest.fail(f"no {pattern!r} within {timeout}s:\n{self.log_unlocked()}")
-                self._changed.wait(left)
-
-    def log_unlocked(self) -> str:
-        return "\n".join(self.lines)
-
-    def count(self, pattern: str, *, since: int = 0) -> int:
-        regex = re.compile(pattern)
-        with self._changed:
-            return sum(1 for line in self.lines[since:] if regex.search(line))
-
-    def workers_of(self, generation: int, *, since: int = 0) -> set[int]:
-        """PIDs of the workers a generation started (needs ``--log-level debug``)."""
-        regex = re.compile(rf"generation {generation}: started worker (\d+)$")
-        with self._changed:
-            return {int(m[1]) for line in self.lines[since:] if (m := regex.search(line))}
-
-    def send_signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-    def wait(self, timeout: float = TIMEOUT) -> int:
-        status = self.process.wait(timeout=timeout)
-        self._reader.join(timeout)
-        return status
-
-
-@contextmanager
-def running(
-    *args: str | Path, cwd: Path, env: dict[str, str] | None = None, command: Sequence[str] = TRIO_ACTIVATE
-) -> Iterator[Running]:
-    """Run ``trio-activate ARGS``; on the way out kill its whole process group, workers included."""
-    process = subprocess.Popen(
-        [*command, *map(str, args)],
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-        yield Running(process)
-    finally:
-        with suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=TIMEOUT)
-        assert process.stderr is not None
-        process.stderr.close()
-
-
-def children_of(pid: int) -> set[int]:
-    """Live (not zombie) processes whose parent is `pid`."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        state, ppid = stat.rpartition(")")[2].split()[:2]
-        if int(ppid) == pid and state != "Z":
-            found.add(int(entry.name))
-    return found
-
-
-def is_gone(pid: int) -> bool:
-    """True when `pid` no longer runs (absent, or a zombie nobody reaped yet)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rpartition(")")[2].split()[0] == "Z"
-
-
-def wait_until(condition: Callable[[], bool], *, timeout: float = TIMEOUT, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout}s: {what}")
-        time.sleep(0.02)
-
-
-# --- clients -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Answer:
-    pid: int
-    version: str
-
-
-class WrongAnswer(Exception):
-    pass
-
-
-def ask(address: tuple[str, int] | str, token: str, *, timeout: float = 5.0) -> Answer:
-    """One connection: send ``TOKEN``, read ``TOKEN PID VERSION``; raise on anything else."""
-    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(address)
-        sock.sendall(token.encode() + b"\n")
-        reply = b""
-        while not reply.endswith(b"\n"):
-            data = sock.recv(1024)
-            if not data:
-                break
-            reply += data
-    fields = reply.decode(errors="replace").split()
-    if len(fields) != 3 or fields[0] != token or not fields[1].isdigit():
-        raise WrongAnswer(f"asked {token!r}, got {reply!r}")
-    return Answer(int(fields[1]), fields[2])
-
-
-class ClientLoop:
-    """A steady stream of connections, one after another, bounded in count and time.
-
-    Every failure (refused, reset, timed out, a wrong answer) is recorded,
-    never retried.
-    """
-
-    def __init__(
-        self,
-        address: tuple[str, int] | str,
-        *,
-        max_connections: int = 50_000,
-        max_seconds: float = 60.0,
-        pause: float = 0.002,
-    ) -> None:
-        self.address = address
-        self.max_connections = max_connections
-        self.max_seconds = max_seconds
-        self.pause = pause
-        self.answers: list[Answer] = []
-        self.failures: list[str] = []
-        self._changed = threading.Condition()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> ClientLoop:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(TIMEOUT)
-        assert not self._thread.is_alive()
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + self.max_seconds
-        for number in range(self.max_connections):
-            if self._stop.is_set() or time.monotonic() > deadline:
-                break
-            token = f"t{number}"
-            try:
-                answer = ask(self.address, token)
-            except (OSError, WrongAnswer) as exc:
-                with self._changed:
-                    self.failures.append(f"{token}: {exc!r}")
-                    self._changed.notify_all()
-            else:
-                with self._changed:
-                    self.answers.append(answer)
-                    self._changed.notify_all()
-            time.sleep(self.pause)
-        with self._changed:
-            self._stop.set()
-            self._changed.notify_all()
-
-    def wait_for(
-        self, *, pids: Collection[int] | None = None, version: str | None = None, timeout: float = TIMEOUT
-    ) -> Answer:
-        """The first answer from now on from one of `pids` with `version` (when given)."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            index = len(self.answers)
-            while True:
-                while index < len(self.answers):
-                    answer = self.answers[index]
-                    index += 1
-                    if (pids is None or answer.pid in pids) and version in (None, answer.version):
-                        return answer
-                left = deadline - time.monotonic()
-                if self._stop.is_set() or left <= 0:
-                    pytest.fail(
-                        f"no such answer within {timeout}s; last: {self.answers[-3:]}, "
-                        f"failures: {self.failures[-3:]}"
-                    )
-                self._changed.wait(left)
-
-
-def loopback(port: int) -> tuple[str, int]:
-    return ("127.0.0.1", port)
-
-
 # --- zero downtime -----------------------------------------------------------
 
 
 def test_twenty_sighup_reloads_fail_no_connection(tmp_path: Path) -> None:
     """Each reload's new generation answers, and not one connection of the steady stream fails."""
-    port = free_port()
     write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    manifest = app_manifest(tmp_path)
     with running("--log-level", "debug", "serve", "--supervise", manifest, cwd=tmp_path) as service:
+        port = service.port()
         service.wait_for(r"ready: generation 1, 1 worker")
         with ClientLoop(loopback(port)) as loop:
             loop.wait_for()
@@ -406,15 +107,17 @@ def test_twenty_sighup_reloads_fail_no_connection(tmp_path: Path) -> None:
 
 def test_restarting_a_plain_serve_fails_connections(tmp_path: Path) -> None:
     """The control experiment: the same client loop does see failures without a supervisor."""
-    port = free_port()
     write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    manifest = app_manifest(tmp_path)
     with running("serve", manifest, cwd=tmp_path) as first:
+        port = first.port()
         first.wait_for(r"ready: app serving web")
         with ClientLoop(loopback(port)) as loop:
             loop.wait_for(pids={first.pid})
             first.send_signal(signal.SIGTERM)
             assert first.wait() == 0
+            # The same port (the clients keep connecting to it), free again: the first has exited.
+            app_manifest(tmp_path, f"127.0.0.1:{port}")
             with running("serve", manifest, cwd=tmp_path) as second:
                 second.wait_for(r"ready: app serving web")
                 loop.wait_for(pids={second.pid})
@@ -429,10 +132,10 @@ def test_restarting_a_plain_serve_fails_connections(tmp_path: Path) -> None:
 
 
 def test_a_reload_with_a_syntax_error_keeps_the_old_generation_serving(tmp_path: Path) -> None:
-    port = free_port()
     app = write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    manifest = app_manifest(tmp_path)
     with running("serve", "--supervise", manifest, cwd=tmp_path) as service:
+        port = service.port()
         service.wait_for(r"ready: generation 1, 1 worker")
         with ClientLoop(loopback(port)) as loop:
             old = loop.wait_for()
@@ -462,12 +165,12 @@ def test_a_reload_runs_the_code_on_disk_even_when_a_cached_pyc_passes_for_it(tmp
     """Rule: the workers a reload starts compile handler modules from source.  A .pyc
     records its source's mtime in whole seconds and its size; new code of the same size
     written within the second passes that check (here: the same mtime, set on purpose)."""
-    port = free_port()
     app = write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    manifest = app_manifest(tmp_path)
     # As in production: generation 1 caches app.py as a .pyc.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     with running("serve", "--supervise", manifest, cwd=tmp_path, env=env) as service:
+        port = service.port()
         service.wait_for(r"ready: generation 1, 1 worker")
         first = ask(loopback(port), "first")
         assert first.version == "v1"
@@ -488,9 +191,8 @@ def test_a_reload_runs_the_code_on_disk_even_when_a_cached_pyc_passes_for_it(tmp
 
 
 def test_workers_that_die_at_import_are_retried_then_the_service_exits_2_as_they_do(tmp_path: Path) -> None:
-    port = free_port()
     write_handler(tmp_path, "v1", preamble='raise RuntimeError("no database")\n')
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", workers=2)
+    manifest = app_manifest(tmp_path, workers=2)
     with running("--log-level", "debug", "serve", manifest, cwd=tmp_path) as service:
         # 2, the workers' own status for a handler that cannot be imported: the
         # units tell systemd not to restart on it (RestartPreventExitStatus=2).
@@ -512,7 +214,6 @@ def test_workers_that_die_at_import_are_retried_then_the_service_exits_2_as_they
 
 def test_a_worker_not_ready_within_start_timeout_counts_as_failed(tmp_path: Path) -> None:
     """The first attempt hangs at import; it fails by start-timeout, is killed, and the retry serves."""
-    port = free_port()
     marker = tmp_path / "hung-once"
     hang_once = textwrap.dedent(f"""\
         import pathlib, time
@@ -523,9 +224,10 @@ def test_a_worker_not_ready_within_start_timeout_counts_as_failed(tmp_path: Path
     write_handler(tmp_path, "v1", preamble=hang_once)
     # A grace period longer than the test's every wait: the hung worker, which
     # served nothing, is killed without one (its SIGTERM would wait for its import).
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", start_timeout=1.0, grace_period=60.0)
+    manifest = app_manifest(tmp_path, start_timeout=1.0, grace_period=60.0)
     started = time.monotonic()
     with running("--log-level", "debug", "serve", "--supervise", manifest, cwd=tmp_path) as service:
+        port = service.port()
         service.wait_for(r"ready: generation 2, 1 worker")
         service.wait_for(r"generation 1: not ready within start-timeout \(1s\); retrying")
         (hung,) = service.workers_of(1)
@@ -545,7 +247,6 @@ def test_sighup_during_the_first_start_reloads_after_it(tmp_path: Path) -> None:
     the same time would be ready first; whatever the order, one generation
     serves in the end, the last one.
     """
-    port = free_port()
     marker = tmp_path / "slow-once"
     slow_once = textwrap.dedent(f"""\
         import pathlib, time
@@ -554,9 +255,10 @@ def test_sighup_during_the_first_start_reloads_after_it(tmp_path: Path) -> None:
             time.sleep(1.5)
         """)
     write_handler(tmp_path, "v1", preamble=slow_once)
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    manifest = app_manifest(tmp_path)
     with running("--log-level", "debug", "serve", "--supervise", manifest, cwd=tmp_path) as service:
-        wait_until(lambda: _blocks(service.pid, signal.SIGHUP), what="SIGHUP held until handled")
+        port = service.port()
+        wait_until(lambda: blocks(service.pid, signal.SIGHUP), what="SIGHUP held until handled")
         service.send_signal(signal.SIGHUP)
         service.wait_for(r"reloaded: generation 2 serving")
         (serving,) = service.workers_of(2)
@@ -571,9 +273,8 @@ def test_sighup_during_the_first_start_reloads_after_it(tmp_path: Path) -> None:
 def test_sigterm_while_the_first_generation_hangs_at_start_stops_it_at_once_and_never_retries(
     tmp_path: Path,
 ) -> None:
-    port = free_port()
     write_handler(tmp_path, "v1", preamble="import time\ntime.sleep(60)\n")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", start_timeout=60.0, grace_period=60.0)
+    manifest = app_manifest(tmp_path, start_timeout=60.0, grace_period=60.0)
     with running("--log-level", "debug", "serve", "--supervise", manifest, cwd=tmp_path) as service:
         service.wait_for(r"generation 1: started worker")
         (hung,) = service.workers_of(1)
@@ -581,13 +282,6 @@ def test_sigterm_while_the_first_generation_hangs_at_start_stops_it_at_once_and_
         assert service.wait() == 0
         assert is_gone(hung)
     assert "retrying" not in service.log
-
-
-def _blocks(pid: int, signum: int) -> bool:
-    """Whether `pid` holds `signum` blocked (pending until it handles it)."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    (blocked,) = (line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:"))
-    return bool(int(blocked, 16) & (1 << (signum - 1)))
 
 
 # --- workers -----------------------------------------------------------------
@@ -599,10 +293,10 @@ def test_a_killed_worker_is_restarted_and_the_supervisor_leaks_no_fd(tmp_path: P
     A kill from outside is no crash of the worker's code: each restart comes after
     0.1 s, however soon after its start the worker was killed (a growing back-off
     would leave the socket with fewer workers, at times none, while kills go on)."""
-    port = free_port()
     write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", workers=10)
+    manifest = app_manifest(tmp_path, workers=10)
     with running("--log-level", "debug", "serve", manifest, cwd=tmp_path) as service:
+        port = service.port()
         service.wait_for(r"ready: generation 1, 10 worker")
         before = _open_fds(service.pid)
         workers = service.workers_of(1)
@@ -638,10 +332,10 @@ def test_a_worker_stopped_from_outside_is_restarted_at_once_every_time(tmp_path:
     The worker drains and exits 0 after its own ``STOPPING=1``: an operator's stop,
     no crash of its code, so its slot must not back off (with the back-off, the
     fifth restart would wait 1.6 s and the socket would have one worker fewer)."""
-    port = free_port()
     write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", workers=2)
+    manifest = app_manifest(tmp_path, workers=2)
     with running("--log-level", "debug", "serve", manifest, cwd=tmp_path) as service:
+        port = service.port()
         service.wait_for(r"ready: generation 1, 2 worker")
         workers = service.workers_of(1)
         for _ in range(5):
@@ -676,10 +370,10 @@ def test_two_workers_both_serve_each_with_listen_pid_its_own(tmp_path: Path) -> 
     (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
     record = tmp_path / "listen.jsonl"
     env = {**os.environ, "PYTHONPATH": str(hooks), "TEST_LISTEN_RECORD": str(record)}
-    port = free_port()
     write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", workers=2)
+    manifest = app_manifest(tmp_path, workers=2)
     with running("--log-level", "debug", "serve", manifest, cwd=tmp_path, env=env) as service:
+        port = service.port()
         service.wait_for(r"ready: generation 1, 2 worker")
         workers = service.workers_of(1)
         assert len(workers) == 2
@@ -723,43 +417,10 @@ def _has_pidfs() -> bool:
 # --- notify ------------------------------------------------------------------
 
 
-@contextmanager
-def notify_socket(folder: Path) -> Iterator[socket.socket]:
-    """A real datagram socket acting as the service manager's NOTIFY_SOCKET, with sender credentials."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        sock.bind(str(folder / "notify"))
-        sock.settimeout(TIMEOUT)
-        yield sock
-
-
-def receive(sock: socket.socket) -> tuple[int, dict[str, str]]:
-    """The next message: (sender PID, its fields)."""
-    space = socket.CMSG_SPACE(struct.calcsize("3i"))
-    data, ancillary, _flags, _address = sock.recvmsg(4096, space)
-    pid = next(
-        struct.unpack("3i", cdata[: struct.calcsize("3i")])[0]
-        for level, kind, cdata in ancillary
-        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
-    )
-    fields = dict(line.split("=", 1) for line in data.decode().splitlines() if line)
-    return pid, fields
-
-
-def receive_until(sock: socket.socket, key: str) -> list[tuple[int, dict[str, str]]]:
-    """Messages up to and including the first that carries `key`."""
-    messages = []
-    while True:
-        messages.append(receive(sock))
-        if key in messages[-1][1]:
-            return messages
-
-
 def test_notify_reloading_then_ready_on_a_real_notify_socket(short_dir: Path, tmp_path: Path) -> None:
-    port = free_port()
     write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
-    with notify_socket(short_dir) as manager:
+    manifest = app_manifest(tmp_path)
+    with notify_socket(short_dir / "notify") as manager:
         env = {**os.environ, "NOTIFY_SOCKET": str(short_dir / "notify")}
         with running("serve", "--supervise", manifest, cwd=tmp_path, env=env) as service:
             ((sender, ready),) = receive_until(manager, "READY")
@@ -786,10 +447,9 @@ def test_notify_reloading_then_ready_on_a_real_notify_socket(short_dir: Path, tm
 
 def test_notify_a_failed_reload_ends_with_ready_and_the_reason(short_dir: Path, tmp_path: Path) -> None:
     """systemd waits for READY=1 after RELOADING=1 even when the reload failed."""
-    port = free_port()
     app = write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
-    with notify_socket(short_dir) as manager:
+    manifest = app_manifest(tmp_path)
+    with notify_socket(short_dir / "notify") as manager:
         env = {**os.environ, "NOTIFY_SOCKET": str(short_dir / "notify")}
         with running("serve", "--supervise", manifest, cwd=tmp_path, env=env) as service:
             receive_until(manager, "READY")
@@ -803,10 +463,9 @@ def test_notify_a_failed_reload_ends_with_ready_and_the_reason(short_dir: Path, 
 
 def test_the_supervisor_pings_the_watchdog(short_dir: Path, tmp_path: Path) -> None:
     """With WatchdogSec= the service manager kills a service that stops pinging: the supervisor pings."""
-    port = free_port()
     write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
-    with notify_socket(short_dir) as manager:
+    manifest = app_manifest(tmp_path)
+    with notify_socket(short_dir / "notify") as manager:
         env = {**os.environ, "NOTIFY_SOCKET": str(short_dir / "notify"), "WATCHDOG_USEC": "400000"}
         with running("serve", "--supervise", manifest, cwd=tmp_path, env=env) as service:
             receive_until(manager, "READY")
@@ -819,13 +478,13 @@ def test_the_supervisor_pings_the_watchdog(short_dir: Path, tmp_path: Path) -> N
 
 def test_sigterm_drains_every_generation_and_exits_0(tmp_path: Path) -> None:
     """A connection in flight in the old, draining generation and one in the new both finish."""
-    port = free_port()
     write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", workers=2, grace_period=20.0)
+    manifest = app_manifest(tmp_path, workers=2, grace_period=20.0)
     with (
         running("--log-level", "debug", "serve", manifest, cwd=tmp_path) as service,
         ExitStack() as connections,
     ):
+        port = service.port()
         service.wait_for(r"ready: generation 1, 2 worker")
         first = service.workers_of(1)
         old = connections.enter_context(_connect_and_wait_for_accept(port, first))
@@ -877,43 +536,28 @@ def test_as_pid_1_a_reload_keeps_pid_1_and_the_service(tmp_path: Path) -> None:
     """A container's init: handing over would exit PID 1 and end the namespace, so it supervises."""
     if shutil.which("unshare") is None or os.geteuid() != 0:
         pytest.skip("needs unshare and root for a PID namespace")
-    port = free_port()
     write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
-    unshare = subprocess.Popen(
-        ["unshare", "--pid", "--fork", "--mount-proc", *TRIO_ACTIVATE, "serve", str(manifest)],
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-        service = Running(unshare)
+    manifest = app_manifest(tmp_path)
+    command = ["unshare", "--pid", "--fork", "--mount-proc", *TRIO_ACTIVATE]
+    with running("serve", manifest, cwd=tmp_path, command=command) as service:
+        port = service.port()
         service.wait_for(r"ready: generation 1, 1 worker")
-        (pid_1,) = children_of(unshare.pid)
+        (pid_1,) = children_of(service.pid)
         first = ask(loopback(port), "first")
         write_handler(tmp_path, "v2")
         os.kill(pid_1, signal.SIGHUP)
         service.wait_for(r"reloaded: generation 2 serving")
-        assert children_of(unshare.pid) == {pid_1}, "PID 1 is still the same process"
+        assert children_of(service.pid) == {pid_1}, "PID 1 is still the same process"
         assert first.version == "v1"
         # Generation 1 may still take a connection or two while it learns to stop.
         wait_until(lambda: ask(loopback(port), "again").version == "v2", what="an answer from v2")
         os.kill(pid_1, signal.SIGTERM)
         assert service.wait() == 0
-    finally:
-        with suppress(ProcessLookupError):
-            os.killpg(unshare.pid, signal.SIGKILL)
-        unshare.wait(timeout=TIMEOUT)
-        assert unshare.stderr is not None
-        unshare.stderr.close()
 
 
 def test_reload_pid_and_reload_pidfile_send_sighup(tmp_path: Path) -> None:
-    port = free_port()
     write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    manifest = app_manifest(tmp_path)
     with running("serve", "--supervise", manifest, cwd=tmp_path) as service:
         service.wait_for(r"ready: generation 1, 1 worker")
         pidfile = tmp_path / "app.pid"
@@ -931,10 +575,10 @@ def test_reload_pid_and_reload_pidfile_send_sighup(tmp_path: Path) -> None:
 
 def test_reload_wait_returns_once_the_new_code_serves_and_fails_when_it_cannot_start(tmp_path: Path) -> None:
     """systemd 252's ExecReload=: `reload --wait` tells the outcome by its exit status."""
-    port = free_port()
     app = write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    manifest = app_manifest(tmp_path)
     with running("serve", "--supervise", manifest, cwd=tmp_path) as service:
+        port = service.port()
         service.wait_for(r"ready: generation 1, 1 worker")
         app = write_handler(tmp_path, "v2")
         result = run_cli("reload", "--wait", str(service.pid))
@@ -959,10 +603,10 @@ def test_reload_wait_returns_once_the_new_code_serves_and_fails_when_it_cannot_s
 
 
 def test_reload_wait_on_a_single_process_serve_tells_the_hand_over(tmp_path: Path) -> None:
-    port = free_port()
     write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    manifest = app_manifest(tmp_path)
     with running("serve", manifest, cwd=tmp_path) as service:
+        port = service.port()
         service.wait_for(r"ready: ")
         result = run_cli("reload", "--wait", str(service.pid))
         assert result.returncode == 0, result.stderr
@@ -1027,13 +671,6 @@ def test_reload_wait_stopped_by_sigterm_exits_0_as_systemd_stops_a_reload_for_a_
             os.killpg(target.pid, signal.SIGKILL)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    # In a session of its own: a bug that signalled "process group 0" could only hit itself.
-    return subprocess.run(
-        [*TRIO_ACTIVATE, *args], capture_output=True, text=True, timeout=TIMEOUT, start_new_session=True
-    )
-
-
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -1069,28 +706,15 @@ def test_reload_with_an_impossible_pid_is_one_line_and_exit_2(target: str) -> No
 # --- production hardening: spawn failures, crash loops, stuck workers, parent death ---
 
 
-def private_interpreter(folder: Path) -> Path:
-    """A virtualenv of its own over the one running the tests: its ``bin/python`` can be removed."""
-    if sys.prefix == sys.base_prefix:
-        pytest.skip("needs to run in a virtualenv, whose pyvenv.cfg and lib/ a private one can share")
-    venv = folder / "venv"
-    (venv / "bin").mkdir(parents=True)
-    (venv / "pyvenv.cfg").write_text((Path(sys.prefix) / "pyvenv.cfg").read_text())
-    (venv / "lib").symlink_to(Path(sys.prefix) / "lib")
-    python = venv / "bin" / "python"
-    python.symlink_to(sys.executable)
-    return python
-
-
 def test_a_spawn_that_fails_is_one_error_line_the_service_serves_on_and_retries(tmp_path: Path) -> None:
     """The interpreter removed: a reload fails in one line and generation 1 serves on; a killed
     worker's restart backs off and retries until it can spawn; signals keep working."""
     python = private_interpreter(tmp_path)
-    port = free_port()
     write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", workers=2)
+    manifest = app_manifest(tmp_path, workers=2)
     command = [str(python), "-m", "trio_activate"]
     with running("--log-level", "debug", "serve", manifest, cwd=tmp_path, command=command) as service:
+        port = service.port()
         service.wait_for(r"ready: generation 1, 2 worker")
         first = service.workers_of(1)
         python.unlink()
@@ -1134,9 +758,8 @@ def test_a_restart_under_way_when_a_reload_takes_over_adds_no_worker_to_the_old_
     from trio_activate.processes import supervisor as supervisor_module
     from trio_activate.processes.spawn import WorkerCommand, spawn_worker, worker_argv
 
-    port = free_port()
     write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    manifest = app_manifest(tmp_path)
     held: list[int] = []
 
     async def main(listener: socket.socket) -> None:
@@ -1181,14 +804,13 @@ def test_a_restart_under_way_when_a_reload_takes_over_adds_no_worker_to_the_old_
                     os.kill(pid, signal.SIGKILL)
                 raise
 
-    with socket.create_server(loopback(port)) as listener:
+    with socket.create_server(loopback(0)) as listener:
         trio.run(main, listener)
 
 
 def test_sighups_during_a_reload_fold_into_one_reload_after_it(tmp_path: Path) -> None:
     """100 SIGHUPs while generation 2 starts: one more reload follows (generation 3), not 100;
     ``reload --wait`` afterwards is answered by the reload it asked for (generation 4)."""
-    port = free_port()
     hold = tmp_path / "hold"
     wait_for_release = textwrap.dedent(f"""\
         import os, time
@@ -1197,7 +819,7 @@ def test_sighups_during_a_reload_fold_into_one_reload_after_it(tmp_path: Path) -
             time.sleep(0.02)
         """)
     write_handler(tmp_path, "v1", preamble=wait_for_release)
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    manifest = app_manifest(tmp_path)
     with running("--log-level", "debug", "serve", "--supervise", manifest, cwd=tmp_path) as service:
         service.wait_for(r"ready: generation 1, 1 worker")
         hold.write_text("")
@@ -1217,7 +839,7 @@ def test_sighups_during_a_reload_fold_into_one_reload_after_it(tmp_path: Path) -
         assert service.wait() == 0
 
 
-def _counts(service: Running, pattern: str, number: int) -> bool:
+def _counts(service: Process, pattern: str, number: int) -> bool:
     return service.count(pattern) == number
 
 
@@ -1235,10 +857,9 @@ async def handle(stream):
 
 def test_a_crash_loop_backs_off_and_each_failed_start_is_logged(tmp_path: Path) -> None:
     """A worker that dies soon after it was ready doubles its slot's back-off, a failed start too."""
-    port = free_port()
     app = tmp_path / "app.py"
     app.write_text(CRASHING_HANDLER)
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}")
+    manifest = app_manifest(tmp_path)
 
     def die() -> None:
         with socket.create_connection(loopback(port), timeout=TIMEOUT) as sock:
@@ -1246,6 +867,7 @@ def test_a_crash_loop_backs_off_and_each_failed_start_is_logged(tmp_path: Path) 
             assert sock.recv(100) == b""
 
     with running("--log-level", "debug", "serve", "--supervise", manifest, cwd=tmp_path) as service:
+        port = service.port()
         service.wait_for(r"ready: generation 1, 1 worker")
         (worker,) = service.workers_of(1)
         since = service.mark()
@@ -1280,12 +902,12 @@ def ask_echo(port: int, data: bytes) -> bytes:
 def test_a_stuck_worker_is_killed_after_worker_timeout_and_replaced(short_dir: Path, tmp_path: Path) -> None:
     """SIGSTOP stops a worker's loop: it is killed (one error line) and its slot restarts.  The
     other worker serves meanwhile, so the service manager's watchdog keeps being pinged."""
-    port = free_port()
     write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", workers=2, worker_timeout=1.0)
-    with notify_socket(short_dir) as manager:
+    manifest = app_manifest(tmp_path, workers=2, worker_timeout=1.0)
+    with notify_socket(short_dir / "notify") as manager:
         env = {**os.environ, "NOTIFY_SOCKET": str(short_dir / "notify"), "WATCHDOG_USEC": "400000"}
         with running("--log-level", "debug", "serve", manifest, cwd=tmp_path, env=env) as service:
+            port = service.port()
             service.wait_for(r"ready: generation 1, 2 worker")
             stuck, other = sorted(service.workers_of(1))
             since = service.mark()
@@ -1311,15 +933,16 @@ def test_a_stuck_worker_is_killed_after_worker_timeout_and_replaced(short_dir: P
 
 
 def test_workers_stop_when_their_supervisor_is_killed_and_release_the_port(tmp_path: Path) -> None:
-    port = free_port()
     write_handler(tmp_path, "v1")
-    manifest = write_manifest(tmp_path, f"127.0.0.1:{port}", workers=2)
+    manifest = app_manifest(tmp_path, workers=2)
     with running("--log-level", "debug", "serve", manifest, cwd=tmp_path) as service:
+        port = service.port()
         service.wait_for(r"ready: generation 1, 2 worker")
         workers = service.workers_of(1)
         os.kill(service.pid, signal.SIGKILL)
         wait_until(lambda: all(is_gone(pid) for pid in workers), what="the workers stopped")
         assert service.count(rf"the supervisor \(PID {service.pid}\) exited; stopping gracefully") == 2
+    app_manifest(tmp_path, f"127.0.0.1:{port}", workers=2)  # the port the workers released
     with running("--log-level", "debug", "serve", manifest, cwd=tmp_path) as again:
         again.wait_for(r"ready: generation 1, 2 worker")
         assert ask(loopback(port), "again").pid in again.workers_of(1)
@@ -1365,9 +988,8 @@ def test_under_rlimit_nproc_a_reload_fails_in_one_line_a_restart_waits_for_a_pro
     use the 4 processes.  A reload cannot fork: one error line, generation 1 serves on.  A killed
     worker's restart waits, retrying, while another process of nobody's holds the slot."""
     short_dir.chmod(0o755)
-    port = free_port()
     write_handler(short_dir, "v1")
-    manifest = write_manifest(short_dir, f"127.0.0.1:{port}", workers=2)
+    manifest = app_manifest(short_dir, workers=2)
     import trio as trio_module
 
     import trio_activate
@@ -1376,6 +998,7 @@ def test_under_rlimit_nproc_a_reload_fails_in_one_line_a_restart_waits_for_a_pro
     needed.append(Path(trio_module.__file__).parents[1])
     command = as_nobody_with_nproc(short_dir, 4, needed)
     with running("--log-level", "debug", "serve", manifest, cwd=short_dir, command=command) as service:
+        port = service.port()
         service.wait_for(r"ready: generation 1, 2 worker")
         first = service.workers_of(1)
         since = service.mark()

@@ -14,149 +14,27 @@ turns that skip into a failure.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
-import subprocess
-import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from systemd_machine import SystemdMachine
-from systemd_versions import machine_for, why_cannot_boot_version
-
-REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "config"
-TRIO_ACTIVATE = [sys.executable, "-m", "trio_activate"]
-# What no clean stop may show in the journal.
-UNCLEAN = ("SIGKILL", "not our child", "left-over process", "reception only permitted")
-
-
-def booted(version: int, workdir: Path) -> Iterator[SystemdMachine]:
-    reason = why_cannot_boot_version(version)
-    if reason is not None:
-        if os.environ.get("REQUIRE_INTEROP_PEERS"):
-            pytest.fail(f"systemd {version} cannot boot here ({reason}), and REQUIRE_INTEROP_PEERS is set")
-        pytest.skip(reason)
-    with machine_for(version, workdir) as machine:
-        yield machine
-
-
-@pytest.fixture
-def machine(tmp_path: Path) -> Iterator[SystemdMachine]:
-    """Debian 12's own systemd, 252."""
-    yield from booted(252, tmp_path / "machine")
-
-
-@pytest.fixture(params=[252, 254], ids=["systemd-252", "systemd-254"])
-def each_machine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SystemdMachine]:
-    """252 (Type=notify) and 254 (Type=notify-reload, from bookworm-backports): the reload paths."""
-    yield from booted(request.param, tmp_path / "machine")
-
-
-def units_for(manifest: Path, out: Path, *, version: int = 252) -> dict[str, str]:
-    """The unit files `trio-activate systemd` writes for `manifest`, by name."""
-    out.mkdir(exist_ok=True)
-    subprocess.run(
-        [*TRIO_ACTIVATE, "systemd", str(manifest), "--systemd-version", str(version), "--output", str(out)],
-        check=True,
-        capture_output=True,
-    )
-    return {path.name: path.read_text() for path in out.iterdir()}
-
-
-def ask(machine: SystemdMachine, address: tuple[str, int] | str, line: bytes = b"ping\n") -> bytes:
-    """One round trip on a new connection: send `line`, read until it comes back whole."""
-    with machine.connect(address) as client:
-        client.sendall(line)
-        return read_line(client)
-
-
-def read_line(client: socket.socket) -> bytes:
-    received = b""
-    while not received.endswith(b"\n"):
-        chunk = client.recv(4096)
-        if not chunk:
-            break
-        received += chunk
-    return received
-
-
-def assert_clean(machine: SystemdMachine, unit: str, *, errors_expected: bool = False) -> None:
-    """No kill and no stray process; unless `errors_expected`, no warning either, systemd's
-    (by priority) or ours (by level)."""
-    journal = machine.journal(unit)
-    unwanted = UNCLEAN if errors_expected else (*UNCLEAN, ": warning: ", ": error: ")
-    for word in unwanted:
-        assert word not in journal, f"{word!r} in the journal of {unit}:\n{journal}"
-    if not errors_expected:
-        warnings = machine.run("journalctl", "--no-pager", "-q", "-p", "warning", "-u", unit).stdout
-        assert warnings == "", f"systemd warned about {unit}:\n{warnings}"
-
-
-def service_processes(machine: SystemdMachine) -> str:
-    """``pgrep -a`` of every trio-activate process in the machine (the console script and workers)."""
-    return machine.run("pgrep", "-a", "-f", "bin/trio-activate |-m trio_activate ", check=False).stdout
-
-
-def write_manifest(folder: Path, text: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "service.toml"
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def one_socket_manifest(
-    folder: Path,
-    name: str,
-    port: int,
-    call: str,
-    *,
-    socket: str = "web",
-    service_keys: str = "",
-    socket_keys: str = "",
-) -> Path:
-    """A manifest: service `name`, one stream socket on 127.0.0.1:`port`, served by `call`."""
-    return write_manifest(
-        folder,
-        f'[service]\nname = "{name}"\n{service_keys}\n'
-        f'[sockets.{socket}]\nlisten = "127.0.0.1:{port}"\n{socket_keys}\n'
-        f'[handlers.{socket}]\nsocket = "{socket}"\ncall = "{call}"\n',
-    )
-
-
-def echo_manifest(folder: Path, name: str, port: int, *, workers: int = 1, service_keys: str = "") -> Path:
-    """A manifest: service `name`, socket ``echo`` on 127.0.0.1:`port`, the example echo handler."""
-    return one_socket_manifest(
-        folder,
-        name,
-        port,
-        "trio_activate.examples:echo",
-        socket="echo",
-        service_keys=f"grace-period = 5.0\nworkers = {workers}\n{service_keys}",
-    )
-
-
-def start_by_first_connection(
-    machine: SystemdMachine, manifest: Path, units_dir: Path, port: int, answer: bytes = b"ping\n"
-) -> str:
-    """Install `manifest`'s units, start its sockets, connect once to start the service; its MainPID.
-
-    The service's name is the manifest's ``[service] name``; the first
-    connection to 127.0.0.1:`port` must get `answer` back for ``ping``.
-    """
-    units = units_for(manifest, units_dir, version=machine.version)
-    machine.install(units)
-    machine.systemctl("start", *(name for name in units if name.endswith(".socket")))
-    assert ask(machine, ("127.0.0.1", port)) == answer
-    service = next(name for name in units if name.endswith(".service") and "@" not in name)
-    machine.wait_for(service, ActiveState="active")
-    return machine.show(service, "MainPID")["MainPID"]
-
+from helpers.systemd import (
+    CONFIG,
+    UNCLEAN,
+    assert_clean,
+    echo_service_manifest,
+    one_socket_manifest,
+    read_line,
+    round_trip,
+    service_processes,
+    start_by_first_connection,
+    units_for,
+)
+from helpers.systemd_machine import SystemdMachine
 
 # --- the examples, as shipped ---------------------------------------------------
 
@@ -171,7 +49,7 @@ def test_echo_listens_before_the_service_runs_and_the_first_connection_starts_it
     assert socket_unit["FileDescriptorName"] == "echo"
     assert machine.show("echo.service", "ActiveState")["ActiveState"] == "inactive"
 
-    assert ask(machine, ("127.0.0.1", 7000), b"hello\n") == b"hello\n"
+    assert round_trip(machine, ("127.0.0.1", 7000), b"hello\n") == b"hello\n"
     service = machine.wait_for("echo.service", ActiveState="active", SubState="running")
     shown = machine.show("echo.service", "MainPID", "StatusText")
     assert shown["StatusText"].startswith("Generation 1: 1 worker(s)"), shown
@@ -179,7 +57,7 @@ def test_echo_listens_before_the_service_runs_and_the_first_connection_starts_it
 
     machine.systemctl("stop", "echo.service", "echo-echo.socket")
     with pytest.raises(ConnectionRefusedError):
-        ask(machine, ("127.0.0.1", 7000))
+        round_trip(machine, ("127.0.0.1", 7000))
     assert machine.show("echo.service", "Result")["Result"] == "success"
     assert_clean(machine, "echo.service")
 
@@ -216,7 +94,7 @@ def test_tcp_examples_serve_through_their_units(
                 assert client.recv(100).startswith(b"HTTP/1.1 200 ")
     else:
         # config/listener_app.py answers in capitals.
-        assert ask(machine, ("127.0.0.1", port), b"through a listener\n") == b"THROUGH A LISTENER\n"
+        assert round_trip(machine, ("127.0.0.1", port), b"through a listener\n") == b"THROUGH A LISTENER\n"
     machine.wait_for(f"{service}.service", ActiveState="active")
     machine.systemctl("stop", f"{service}.service", *sockets)
     assert_clean(machine, f"{service}.service")
@@ -236,8 +114,8 @@ def test_unix_example_keeps_mode_and_names_and_removes_its_file_on_stop(
         assert path.stat().st_mode & 0o777 == 0o660
         for unit, name in zip(sockets, ["file", "abstract", "packets"], strict=True):
             assert machine.show(unit, "FileDescriptorName")["FileDescriptorName"] == name
-        assert ask(machine, str(path), b"by file\n") == b"by file\n"
-        assert ask(machine, "\0trio-activate-echo", b"abstract\n") == b"abstract\n"
+        assert round_trip(machine, str(path), b"by file\n") == b"by file\n"
+        assert round_trip(machine, "\0trio-activate-echo", b"abstract\n") == b"abstract\n"
         with machine.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as client:
             client.settimeout(10)
             client.connect("\0trio-activate-packets")
@@ -297,7 +175,7 @@ def test_reloads_lose_no_connection_and_restart_and_stop_drain_in_flight_work(
     each_machine: SystemdMachine, tmp_path: Path, workers: int
 ) -> None:
     machine = each_machine
-    manifest = echo_manifest(tmp_path / "svc", "reloading", 7100, workers=workers)
+    manifest = echo_service_manifest(tmp_path / "svc", "reloading", 7100, workers=workers)
     main_pid = start_by_first_connection(machine, manifest, tmp_path / "units", 7100)
 
     with ClientLoop(machine, 7100, seconds=30) as clients:
@@ -333,7 +211,7 @@ def test_reloads_lose_no_connection_and_restart_and_stop_drain_in_flight_work(
 def test_a_supervisor_killed_with_sigkill_is_restarted_and_no_client_is_refused(
     machine: SystemdMachine, tmp_path: Path
 ) -> None:
-    manifest = echo_manifest(tmp_path / "svc", "crashing", 7150, workers=2)
+    manifest = echo_service_manifest(tmp_path / "svc", "crashing", 7150, workers=2)
     main_pid = start_by_first_connection(machine, manifest, tmp_path / "units", 7150)
 
     with ClientLoop(machine, 7150) as clients:
@@ -384,14 +262,14 @@ def test_a_reload_whose_new_code_fails_fails_and_the_old_code_keeps_serving(
         main_pid,
         "exit-code",
     )
-    assert ask(machine, ("127.0.0.1", 7200)) == b"v1\n", "the old code keeps serving"
+    assert round_trip(machine, ("127.0.0.1", 7200)) == b"v1\n", "the old code keeps serving"
 
     (folder / "versioned_app.py").write_text(
         "async def handle(stream):\n    await stream.send_all(b'v2\\n')\n"
     )
     machine.systemctl("reload", "versioned.service")
     assert machine.show("versioned.service", "StatusText")["StatusText"].startswith("Generation 3: ")
-    assert ask(machine, ("127.0.0.1", 7200)) == b"v2\n"
+    assert round_trip(machine, ("127.0.0.1", 7200)) == b"v2\n"
     machine.systemctl("stop", "versioned.service")
     assert_clean(machine, "versioned.service", errors_expected=True)
 
@@ -455,7 +333,7 @@ def test_a_handler_that_cannot_be_imported_fails_the_unit_and_the_socket_keeps_l
     (folder / "broken_app.py").write_text(
         "async def handle(stream):\n    await stream.send_all(b'fixed\\n')\n"
     )
-    assert ask(machine, ("127.0.0.1", 7300)) == b"fixed\n"
+    assert round_trip(machine, ("127.0.0.1", 7300)) == b"fixed\n"
     machine.wait_for("broken.service", ActiveState="active")
     machine.systemctl("stop", "broken.service", "broken-web.socket")
 
@@ -501,7 +379,7 @@ def test_the_watchdog_spares_a_healthy_service_and_restarts_one_whose_loop_is_bl
     journal = machine.journal("watched.service")
     assert "has not pinged the watchdog" in journal
     assert "Watchdog timeout" in journal
-    assert ask(machine, ("127.0.0.1", 7500)) == b"ping\n", "restarted, it serves again"
+    assert round_trip(machine, ("127.0.0.1", 7500)) == b"ping\n", "restarted, it serves again"
     machine.systemctl("stop", "watched.service")
 
 
@@ -536,7 +414,9 @@ def test_accept_yes_serves_each_connection_in_a_process_of_its_own(
     deadline = time.monotonic() + 60
     for number in range(50):
         assert time.monotonic() < deadline, f"only {number} connections within 60 s"
-        pid, _, echoed = ask(machine, ("127.0.0.1", 7600), f"connection {number}\n".encode()).partition(b" ")
+        pid, _, echoed = round_trip(
+            machine, ("127.0.0.1", 7600), f"connection {number}\n".encode()
+        ).partition(b" ")
         assert echoed == f"connection {number}\n".encode()
         pids.append(int(pid))
     assert len(set(pids)) == 50, "each connection had a process of its own"

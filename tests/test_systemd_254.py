@@ -29,8 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from systemd_machine import SystemdMachine
-from test_systemd import booted
+from helpers.systemd import booted
+from helpers.systemd_machine import SystemdMachine
 
 VERSION = 254
 

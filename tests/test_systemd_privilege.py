@@ -17,22 +17,19 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from systemd_machine import SystemdMachine
-from test_systemd import (
-    TRIO_ACTIVATE,
-    ask,
+from helpers import TRIO_ACTIVATE
+from helpers.systemd import (
     assert_clean,
-    echo_manifest,
-    machine,
+    echo_service_manifest,
     one_socket_manifest,
+    round_trip,
     units_for,
 )
-
-__all__ = ["machine"]  # the fixture, shared with test_systemd
+from helpers.systemd_machine import SystemdMachine
 
 
 def manifest_for(folder: Path, name: str, port: int, service_lines: str = "") -> Path:
-    return echo_manifest(folder, name, port, workers=2, service_keys=service_lines)
+    return echo_service_manifest(folder, name, port, workers=2, service_keys=service_lines)
 
 
 def status(machine: SystemdMachine, pid: str) -> dict[str, str]:
@@ -45,7 +42,7 @@ def serve_reload_stop(machine: SystemdMachine, units: dict[str, str], name: str,
     """Serve, reload, serve, stop cleanly; the uids the main process and its workers ran as."""
     machine.install(units)
     machine.systemctl("start", f"{name}-echo.socket")
-    assert ask(machine, ("127.0.0.1", port)) == b"ping\n"
+    assert round_trip(machine, ("127.0.0.1", port)) == b"ping\n"
     machine.wait_for(f"{name}.service", ActiveState="active", SubState="running")
     main_pid = machine.show(f"{name}.service", "MainPID")["MainPID"]
     # Any of the supervisor's threads may have started a worker: ask for every child.
@@ -66,7 +63,7 @@ def serve_reload_stop(machine: SystemdMachine, units: dict[str, str], name: str,
     shown = machine.show(f"{name}.service", "MainPID", "StatusText")
     assert shown["StatusText"].startswith("Generation 2: 2 worker(s)"), shown
     assert shown["MainPID"] == main_pid
-    assert ask(machine, ("127.0.0.1", port), b"after the reload\n") == b"after the reload\n"
+    assert round_trip(machine, ("127.0.0.1", port), b"after the reload\n") == b"after the reload\n"
 
     machine.systemctl("stop", f"{name}.service")
     assert machine.show(f"{name}.service", "Result")["Result"] == "success"
@@ -122,7 +119,7 @@ def test_a_handler_imported_from_the_manifest_folder_serves(
     )
     machine.install(units_for(manifest, tmp_path / "units"))
     machine.systemctl("start", "local-web.socket")
-    answer = ask(machine, ("127.0.0.1", 7503))
+    answer = round_trip(machine, ("127.0.0.1", 7503))
     assert answer.startswith(b"uid "), answer
     assert answer != b"uid 0\n", "the handler runs as the unit's user"
     machine.systemctl("stop", "local.service")

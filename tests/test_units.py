@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require_peer
+from helpers import free_port, require_peer
 
 from trio_activate.errors import ManifestError
 from trio_activate.model.manifest import load_manifest, parse_manifest
@@ -467,15 +467,10 @@ def test_a_manifest_systemd_cannot_express_is_one_line_exit_2(tmp_path: Path) ->
     ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_the_generated_exec_start_serves_under_systemd_socket_activate(tmp_path: Path) -> None:
     """The .socket unit's Listen lines and name, given to systemd-socket-activate, reach the service."""
     activate = require_peer("systemd-socket-activate")
+    # free_port: systemd-socket-activate -l refuses port 0 ("Failed to parse socket address").
     port = free_port()
     manifest = readable(tmp_path) / "echo.toml"
     manifest.write_text(

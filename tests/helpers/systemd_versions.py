@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from systemd_machine import SystemdMachine, why_cannot_boot
+from helpers.systemd_machine import SystemdMachine, why_cannot_boot
 
 SYSTEMD_254_VARIABLE = "SYSTEMD_254_DIR"
 # The unpacked folder's files and where the machine sees them.
