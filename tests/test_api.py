@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import subprocess
 import sys
@@ -13,8 +14,14 @@ README = (Path(__file__).parent.parent / "README.md").read_text()
 
 
 def test_every_public_name_resolves() -> None:
+    """Each name is the class or function of that name defined in the package, not a stand-in
+    (a module, a placeholder, another module's object of the same name)."""
     for name in trio_activate.__all__:
-        assert getattr(trio_activate, name) is not None, name
+        value = getattr(trio_activate, name)
+        assert inspect.isclass(value) or inspect.isfunction(value), (name, value)
+        assert value.__name__ == name, (name, value)
+        assert value.__module__.startswith("trio_activate."), (name, value.__module__)
+        assert getattr(sys.modules[value.__module__], name) is value, name
     assert set(trio_activate.__all__) <= set(dir(trio_activate))
 
 

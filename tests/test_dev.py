@@ -230,8 +230,9 @@ def test_ctrl_c_stops_everything_and_removes_the_socket_files(tmp_path: Path, sh
         interrupted = time.monotonic()
         os.killpg(dev.pid, signal.SIGINT)
         assert dev.wait() == 0
-        # Promptly: the file watcher's thread must not hold the exit for its 5 s timeout.
-        assert time.monotonic() - interrupted < 2.5
+        # Promptly: the file watcher's thread must not hold the exit for its 5 s timeout.  A
+        # held exit takes 5 s or more; a prompt one well under that, however loaded the machine.
+        assert time.monotonic() - interrupted < 4.5
         assert is_gone(worker)
         assert not path.exists()
         assert list(short_dir.iterdir()) == []

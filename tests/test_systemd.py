@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 from helpers.systemd import (
     CONFIG,
     UNCLEAN,
@@ -196,9 +197,13 @@ def test_reloads_lose_no_connection_and_restart_and_stop_drain_in_flight_work(
         with machine.connect(("127.0.0.1", 7100)) as in_flight:
             in_flight.sendall(b"before\n")
             assert read_line(in_flight) == b"before\n"
+            stops = machine.journal("reloading.service").count("stopping: ")
             machine.systemctl(action, "--no-block", "reloading.service")
             machine.wait_for("reloading.service", ActiveState="deactivating")
-            time.sleep(0.5)
+            wait_until(
+                lambda: machine.journal("reloading.service").count("stopping: ") > stops,  # noqa: B023
+                what=f"{action}: the service logs its stop",
+            )
             in_flight.sendall(b"during the stop\n")
             assert read_line(in_flight) == b"during the stop\n", f"{action}: the connection drains"
         if action == "restart":
@@ -215,7 +220,7 @@ def test_a_supervisor_killed_with_sigkill_is_restarted_and_no_client_is_refused(
     main_pid = start_by_first_connection(machine, manifest, tmp_path / "units", 7150)
 
     with ClientLoop(machine, 7150) as clients:
-        time.sleep(0.3)
+        wait_until(lambda: clients.done >= 5, what="the clients are under way")
         machine.systemctl("kill", "--kill-who=main", "--signal=SIGKILL", "crashing.service")
         machine.wait_for("crashing.service", NRestarts="1", ActiveState="active", timeout=30)
         served_before = clients.done
@@ -287,7 +292,10 @@ def test_a_stop_during_a_reload_stops_both_generations_and_leaves_no_process(
     app.write_text("import time\ntime.sleep(3)\n" + app.read_text())
     machine.systemctl("reload", "--no-block", "slow-reload.service")
     machine.wait_for("slow-reload.service", ActiveState="reloading")
-    time.sleep(0.5)
+    wait_until(
+        lambda: "starting generation 2" in machine.journal("slow-reload.service"),
+        what="generation 2 starts",
+    )
     machine.systemctl("stop", "slow-reload.service")
     shown = machine.show("slow-reload.service", "ActiveState", "Result")
     assert shown == {"ActiveState": "inactive", "Result": "success"}, machine.journal("slow-reload.service")
