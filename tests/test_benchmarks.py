@@ -18,6 +18,8 @@ from types import ModuleType
 
 import pytest
 
+pytestmark = pytest.mark.bench
+
 ROOT = Path(__file__).parent.parent
 BENCH = ROOT / "benchmarks"
 RUN = BENCH / "run.py"
@@ -88,6 +90,7 @@ def check_shape(data: dict[str, object], ids: list[str]) -> None:
                 assert row["samples"], (scenario["id"], row["contender"])
 
 
+@pytest.mark.slow
 def test_quick_run_prints_the_table_and_writes_json(tmp_path: Path) -> None:
     """The whole quick run: every scenario is in the table and the JSON (skipped ones with a reason)."""
     out = tmp_path / "bench.json"
@@ -182,6 +185,7 @@ def test_wrk_report_line_is_parsed(bench_modules: tuple[ModuleType, ModuleType, 
 FAULTS = BENCH / "faults.py"
 
 
+@pytest.mark.slow
 def test_faults_quick_run_leaks_no_fd_and_recovers_from_emfile() -> None:
     """``faults.py --quick`` on the parts that need no wrk: no fd is left behind by the mix of
     resets, half-closes and silent connections, and a connection queued while the server was out

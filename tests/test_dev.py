@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from helpers import (
     RELOADS,
     ClientLoop,
@@ -28,6 +29,7 @@ from helpers import (
 )
 
 
+@pytest.mark.slow
 def test_twenty_reloads_on_file_changes_fail_no_connection(tmp_path: Path) -> None:
     """Each change is served by its new code, and not one connection of the steady stream fails."""
     write_handler(tmp_path, "v1")

@@ -164,6 +164,7 @@ def test_a_successor_that_fails_leaves_the_old_code_serving(tmp_path: Path) -> N
         assert "reload failed: the successor" in err
 
 
+@pytest.mark.slow
 def test_twenty_sighup_reloads_under_load_fail_no_connection(tmp_path: Path) -> None:
     manifest = write_service(tmp_path)
     with (

@@ -766,6 +766,7 @@ def test_ready_and_stopping_arrive_on_a_real_notify_socket(tmp_path: Path) -> No
             ]
 
 
+@pytest.mark.slow
 def test_sigterm_drains_a_connection_that_finishes_and_cancels_one_that_outlives_grace(
     tmp_path: Path,
 ) -> None:
@@ -844,6 +845,7 @@ def test_a_stop_during_a_slow_handler_import_stops_the_start(tmp_path: Path) -> 
     assert not (tmp_path / "web.sock").exists(), "a start that was stopped leaves no socket file"
 
 
+@pytest.mark.slow
 def test_a_sighup_during_the_handlers_import_reloads_once_the_service_serves(tmp_path: Path) -> None:
     """Remembered while the handlers import (start_signals), then redelivered: not lost."""
     preamble = "import pathlib, time\npathlib.Path('importing').touch()\ntime.sleep(1)\n"

@@ -83,6 +83,7 @@ if _RECORD:
 # --- zero downtime -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_twenty_sighup_reloads_fail_no_connection(tmp_path: Path) -> None:
     """Each reload's new generation answers, and not one connection of the steady stream fails."""
     write_handler(tmp_path, "v1")
@@ -213,6 +214,7 @@ def test_workers_that_die_at_import_are_retried_then_the_service_exits_2_as_they
     assert "ready: generation" not in log
 
 
+@pytest.mark.slow
 def test_a_worker_not_ready_within_start_timeout_counts_as_failed(tmp_path: Path) -> None:
     """The first attempt hangs at import; it fails by start-timeout, is killed, and the retry serves."""
     marker = tmp_path / "hung-once"
@@ -302,6 +304,7 @@ def test_sigterm_while_the_first_generation_hangs_at_start_stops_it_at_once_and_
 # --- workers -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_the_supervisor_leaks_no_fd(tmp_path: Path) -> None:
     """50 restarts after ``kill -9`` (5 rounds of 10); the supervisor's fd count stays the same.
 

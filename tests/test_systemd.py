@@ -37,6 +37,8 @@ from helpers.systemd import (
 )
 from helpers.systemd_machine import SystemdMachine
 
+pytestmark = pytest.mark.systemd
+
 # --- the examples, as shipped ---------------------------------------------------
 
 
@@ -171,6 +173,7 @@ class ClientLoop:
                 self.done += 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_reloads_lose_no_connection_and_restart_and_stop_drain_in_flight_work(
     each_machine: SystemdMachine, tmp_path: Path, workers: int
@@ -305,6 +308,7 @@ def test_a_stop_during_a_reload_stops_both_generations_and_leaves_no_process(
         assert word not in journal, journal
 
 
+@pytest.mark.slow
 def test_a_handler_that_cannot_be_imported_fails_the_unit_and_the_socket_keeps_listening(
     machine: SystemdMachine, tmp_path: Path
 ) -> None:
@@ -349,6 +353,7 @@ def test_a_handler_that_cannot_be_imported_fails_the_unit_and_the_socket_keeps_l
 # --- the watchdog ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_watchdog_spares_a_healthy_service_and_restarts_one_whose_loop_is_blocked(
     machine: SystemdMachine, tmp_path: Path
 ) -> None:
@@ -394,6 +399,7 @@ def test_the_watchdog_spares_a_healthy_service_and_restarts_one_whose_loop_is_bl
 # --- Accept=yes ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_accept_yes_serves_each_connection_in_a_process_of_its_own(
     machine: SystemdMachine, tmp_path: Path
 ) -> None:

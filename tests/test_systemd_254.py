@@ -32,6 +32,8 @@ import pytest
 from helpers.systemd import booted
 from helpers.systemd_machine import SystemdMachine
 
+pytestmark = pytest.mark.systemd
+
 VERSION = 254
 
 

@@ -71,6 +71,7 @@ def serve_reload_stop(machine: SystemdMachine, units: dict[str, str], name: str,
     return uids
 
 
+@pytest.mark.systemd
 def test_a_dynamic_user_serves_reloads_and_stops_cleanly(machine: SystemdMachine, tmp_path: Path) -> None:
     manifest = manifest_for(tmp_path / "svc", "dynamic", 7500)
     units = units_for(manifest, tmp_path / "units")
@@ -81,6 +82,7 @@ def test_a_dynamic_user_serves_reloads_and_stops_cleanly(machine: SystemdMachine
     assert 61184 <= uid <= 65519, "systemd's range for dynamic users"
 
 
+@pytest.mark.systemd
 def test_a_named_user_serves_reloads_and_stops_cleanly(machine: SystemdMachine, tmp_path: Path) -> None:
     manifest = manifest_for(tmp_path / "svc", "named", 7501, 'user = "nobody"')
     units = units_for(manifest, tmp_path / "units")
@@ -107,6 +109,7 @@ def test_a_manifest_the_user_cannot_reach_is_refused_in_one_line(tmp_path: Path)
     ]
 
 
+@pytest.mark.systemd
 @pytest.mark.parametrize("user", ["", 'user = "nobody"'], ids=["dynamic", "nobody"])
 def test_a_handler_imported_from_the_manifest_folder_serves(
     machine: SystemdMachine, tmp_path: Path, user: str
