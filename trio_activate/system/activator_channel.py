@@ -179,7 +179,7 @@ def receive_from_forked_activator(environ: MutableMapping[str, str]) -> Delivery
             except OSError as exc:
                 close_all(partial(os.close, fd) for fd in fds)
                 raise ActivationError(
-                    f"the activator (pid {activator_pid}) went away before the hand-over: "
+                    f"the activator (pid {activator_pid}) went away before it delivered the sockets: "
                     f"{exc.strerror or exc}"
                 ) from None
     finally:
