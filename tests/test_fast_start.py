@@ -687,7 +687,9 @@ def hand_over(short_dir: Path) -> Iterator[HandOver]:
         pytest.param("header-only", r"\) exited without the sockets$", id="no-document"),
         pytest.param("garbage-document", r"\) sent garbage$", id="garbage-document"),
         pytest.param("no-fds", r"^the activator exited after 0 of 1 sockets$", id="no-fds"),
-        pytest.param("everything", r"^the activator \(pid 1\) went away before it delivered the sockets: ", id="gone"),
+        pytest.param(
+            "everything", r"^the activator \(pid 1\) went away before it delivered the sockets: ", id="gone"
+        ),
     ],
 )
 @pytest.mark.usefixtures("no_fd_leaks")
