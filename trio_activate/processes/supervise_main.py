@@ -70,7 +70,7 @@ async def _supervise(supervisor: Supervisor, watch: list[Path]) -> int:
     async with trio.open_nursery() as nursery:
         if watch:
             nursery.start_soon(_reload_on_changes, supervisor, watch, stop_watching)
-        status = await supervisor.run()
+        status = await supervisor.run(handle_signals=True)
         # Before cancelling: awatch waits in a thread that cancellation cannot
         # interrupt (for up to its 5 s timeout); the event ends it within one step.
         stop_watching.set()

@@ -97,6 +97,7 @@ import trio
 from ..model.manifest import DEFAULT_WORKER_TIMEOUT
 from ..model.private_env import SUPERVISOR_VARIABLE
 from ..model.records import field, record
+from ..runtime.signals import watch_signals
 from ..runtime.watchdog import serve_watchdog
 from ..system.notifier import Notifier
 from ..system.reload_outcome import announce_reload_outcome
@@ -234,9 +235,13 @@ class Supervisor:
     # --- public --------------------------------------------------------------
 
     async def run(
-        self, *, handle_signals: bool = True, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, *, handle_signals: bool = False, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> int:
-        """Start the first generation and supervise until stopped; return the exit status."""
+        """Start the first generation and supervise until stopped; return the exit status.
+
+        ``handle_signals`` (``trio-activate serve`` with workers, ``dev``): SIGTERM and
+        SIGINT stop every worker gracefully, a second SIGINT kills them, SIGHUP reloads.
+        """
         with NotifyInbox() as inbox:
             self._inbox = inbox
             async with trio.open_nursery() as nursery:
@@ -699,24 +704,23 @@ class Supervisor:
                     _signal(worker, signal.SIGKILL)
 
     async def _watch_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
-        wanted = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-        with trio.open_signal_receiver(*wanted) as signals:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, wanted)
-            try:
-                task_status.started()
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        assert self._nursery is not None
-                        self._nursery.start_soon(self.reload, "SIGHUP")
-                    elif not self._stop.is_set():
-                        log.info("%s: stopping every worker gracefully", signal.Signals(signum).name)
-                        self.stop()
-                    elif signum == signal.SIGINT:
-                        log.warning("second SIGINT: killing every worker")
-                        for worker in list(self._workers_by_pid.values()):
-                            _signal(worker, signal.SIGKILL)
-            finally:
-                signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+        await watch_signals(
+            stop=self.stop,
+            stopping="stopping every worker gracefully",
+            stop_asked=self._stop.is_set,
+            cancel=self._kill_every_worker,
+            cancelling="killing every worker",
+            reload=self._start_reload,
+            task_status=task_status,
+        )
+
+    def _start_reload(self) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self.reload, "SIGHUP")
+
+    def _kill_every_worker(self) -> None:
+        for worker in list(self._workers_by_pid.values()):
+            _signal(worker, signal.SIGKILL)
 
     def _notify_changed(self) -> None:
         self._changed.set()

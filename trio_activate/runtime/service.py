@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -41,9 +40,9 @@ from ..model.manifest import HandlerKind, Manifest
 from ..model.records import record
 from ..system.notifier import Notifier
 from ..system.reload_outcome import announce_reload_outcome
-from ..system.start_signals import redeliver
 from .handlers import LoadedHandler
 from .serving import Listening, StreamServer, serve_with_timeouts
+from .signals import watch_signals
 from .stopping import StopSignal, current_stop_signal
 from .watchdog import serve_watchdog
 
@@ -53,8 +52,6 @@ log = logging.getLogger("trio_activate")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-
-SHUTDOWN_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
 @record
@@ -312,31 +309,19 @@ class Service:
             self._reload_scope = None
 
     async def _watch_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
-        wanted = set(SHUTDOWN_SIGNALS)
-        if self.reloader is not None:
-            wanted.add(signal.SIGHUP)
-        with trio.open_signal_receiver(*wanted) as signals:
-            # Signals held pending since start-up are delivered now, into the receiver,
-            # and so are those remembered while the handlers were imported.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, wanted)
-            redeliver()
-            try:
-                task_status.started()
-                async for signum in signals:
-                    name = signal.Signals(signum).name
-                    if signum == signal.SIGHUP:
-                        assert self._service_nursery is not None
-                        self._service_nursery.start_soon(self._reload)
-                    elif not self._stopping and not self._stop_requested.is_set():
-                        log.info("%s: shutting down gracefully", name)
-                        self.shutdown()
-                    elif signum == signal.SIGINT:
-                        log.warning("second SIGINT: cancelling every handler now")
-                        self.cancel()
-            finally:
-                # From here to process exit, a late signal must not kill us
-                # with the default action: keep it pending instead.
-                signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+        await watch_signals(
+            stop=self.shutdown,
+            stopping="shutting down gracefully",
+            stop_asked=lambda: self._stopping or self._stop_requested.is_set(),
+            cancel=self.cancel,
+            cancelling="cancelling every handler now",
+            reload=self._start_reload if self.reloader is not None else None,
+            task_status=task_status,
+        )
+
+    def _start_reload(self) -> None:
+        assert self._service_nursery is not None
+        self._service_nursery.start_soon(self._reload)
 
 
 async def serve_connection_once(
@@ -382,25 +367,18 @@ async def _serve_one(handler: LoadedHandler, conn: socket.socket, scope: trio.Ca
 async def _limit_on_signals(
     scope: trio.CancelScope, grace_period: float, *, task_status: trio.TaskStatus[None]
 ) -> None:
-    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
-        # As Service._watch_signals: what was held pending since start-up arrives now.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)
-        redeliver()
-        try:
-            task_status.started()
-            stopping = False
-            async for signum in signals:
-                if not stopping:
-                    stopping = True
-                    log.info(
-                        "%s: the Accept=yes connection gets %gs to finish",
-                        signal.Signals(signum).name,
-                        grace_period,
-                    )
-                    if math.isfinite(grace_period):
-                        scope.deadline = min(scope.deadline, trio.current_time() + grace_period)
-                elif signum == signal.SIGINT:
-                    log.warning("second SIGINT: cancelling the connection now")
-                    scope.cancel()
-        finally:
-            signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
+    limited = trio.Event()
+
+    def limit() -> None:
+        limited.set()
+        if math.isfinite(grace_period):
+            scope.deadline = min(scope.deadline, trio.current_time() + grace_period)
+
+    await watch_signals(
+        stop=limit,
+        stopping=f"the Accept=yes connection gets {grace_period:g}s to finish",
+        stop_asked=limited.is_set,
+        cancel=scope.cancel,
+        cancelling="cancelling the connection now",
+        task_status=task_status,
+    )
