@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -39,7 +38,7 @@ from ..model.notify_message import format_notify_socket, parse_notify_socket
 from ..model.private_env import HANDOFF_FROM_VARIABLE, SOCKET_FILES_VARIABLE
 from ..model.text import is_decimal
 from ..system.notifier import Notifier
-from .spawn import NotifyInbox, WorkerCommand, spawn_worker
+from .spawn import NotifyInbox, WorkerCommand, spawn_worker, stop_then_kill
 
 if TYPE_CHECKING:
     from ..system.acquire import SocketFile
@@ -66,8 +65,8 @@ async def hand_over(
     start_timeout: float,
     socket_files: Sequence[SocketFile] = (),
     environ: Mapping[str, str] | None = None,
-) -> int | None:
-    """Start a successor over ``command``'s sockets; its PID once it is ready, or None.
+) -> trio.Process | None:
+    """Start a successor over ``command``'s sockets; the successor once it is ready, or None.
 
     On failure (it could not be started: no fd for its inbox, ``fork``
     refused, the interpreter gone; it exited; it was not ready within
@@ -96,14 +95,14 @@ async def hand_over(
             try:
                 ready = await _wait_until_ready(process, inbox, start_timeout)
             except BaseException:
-                await _stop(process)
+                await stop_successor(process)
                 raise
     except OSError as exc:
         # Out of fds, even the inbox (or a module imported here for the first time) fails.
         log.error("reload failed: cannot open the successor's notify socket: %s", _describe(exc))
         return None
     if ready:
-        return process.pid
+        return process
     if process.returncode is not None:
         log.error(
             "reload failed: the successor %d exited with status %d before it was ready",
@@ -116,7 +115,7 @@ async def hand_over(
             process.pid,
             start_timeout,
         )
-    await _stop(process)
+    await stop_successor(process)
     return None
 
 
@@ -152,16 +151,12 @@ async def _wait_until_ready(process: trio.Process, inbox: NotifyInbox, start_tim
     return False
 
 
-async def _stop(process: trio.Process) -> None:
-    """SIGTERM, then SIGKILL after ``STOP_TIMEOUT``; reaped.  Shielded: it happens even when cancelled."""
-    with trio.CancelScope(shield=True):
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-        with trio.move_on_after(STOP_TIMEOUT):
-            await process.wait()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+async def stop_successor(process: trio.Process) -> None:
+    """Stop a successor that failed, or was ready just as the service began to stop; reaped.
+
+    SIGTERM (it drains what little it took), SIGKILL after ``STOP_TIMEOUT``.
+    Shielded: it happens even when cancelled."""
+    await stop_then_kill([process], STOP_TIMEOUT)
 
 
 def _describe(exc: OSError) -> str:
@@ -194,23 +189,6 @@ def take_handoff(environ: dict[str, str] | os._Environ[str]) -> tuple[int, Notif
                 "ignoring malformed %s: no notifications to the service manager", MANAGER_NOTIFY_VARIABLE
             )
     return int(predecessor), manager
-
-
-async def stop_successor(pid: int) -> None:
-    """Stop a successor that is ready (a race with the service's own stop): as `_stop`, by PID.
-
-    Shielded.  SIGTERM (it drains what little it took), SIGKILL after
-    ``STOP_TIMEOUT``; the caller, its parent, reaps it by exiting.
-    """
-    with trio.CancelScope(shield=True):
-        for signum in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                return
-            with trio.move_on_after(STOP_TIMEOUT):
-                await wait_for_exit(pid)
-                return
 
 
 async def wait_for_exit(pid: int) -> None:

@@ -84,11 +84,13 @@ def run_service(
                     start_timeout=manifest.service.start_timeout,
                     socket_files=owned.files,
                 )
-                if successor is not None and service.stop_requested:
+                if successor is None:
+                    return None
+                if service.stop_requested:
                     # Ready just as the stop came: the stop is for the whole service.
                     await stop_successor(successor)
                     return None
-                return successor
+                return successor.pid
 
         service = Service(manifest, plan, notifier=notifier, reloader=reloader)
         watch = _watch_supervisor(supervisor)

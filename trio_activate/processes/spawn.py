@@ -1,4 +1,4 @@
-"""Starting worker processes over our sockets, and hearing their ``READY=1``.
+"""Starting worker processes over our sockets, hearing their ``READY=1``, and stopping them.
 
 Layer 4 (processes, on trio).  Shared by the supervisor (generations of
 workers) and by the single-process hand-over on SIGHUP.
@@ -15,17 +15,24 @@ multi-threaded process.
 abstract unix datagram socket with ``SO_PASSCRED``, so the kernel attaches
 the sender's PID to every message and one socket serves every worker.
 
+`stop_then_kill` is the one way a child is stopped: SIGTERM (it drains),
+SIGKILL to whatever still runs after its grace period, and a wait until
+each is reaped.
+
 Resource handling: the inbox owns its socket (closed on leaving the
 ``with``); a spawned ``trio.Process`` belongs to the caller, who must reap it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol, TypeVar
 
 import trio
 
@@ -34,7 +41,7 @@ from ..model.notify_message import credentials_space, parse_notify_message, pars
 from ..model.private_env import DEV_VARIABLE, FRESH_CODE_VARIABLE, SUPERVISOR_VARIABLE, WORKER_FDS_VARIABLE
 from ..model.records import record
 
-__all__ = ["NotifyInbox", "WorkerCommand", "spawn_worker", "worker_argv"]
+__all__ = ["ChildProcess", "NotifyInbox", "WorkerCommand", "spawn_worker", "stop_then_kill", "worker_argv"]
 
 # Variables a worker must not inherit from whoever spawns it.
 _PRIVATE = (
@@ -126,3 +133,73 @@ async def spawn_worker(
         env=env,
         stdin=subprocess.DEVNULL,
     )
+
+
+class ChildProcess(Protocol):
+    """A started child as `stop_then_kill` needs it: a `trio.Process`, or a test's fake."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None:
+        """None until it has exited and was reaped."""
+
+    def send_signal(self, signum: int) -> None: ...
+
+    async def wait(self) -> int:
+        """Wait until it has exited, reap it; its exit status.  Several tasks may wait at once."""
+
+
+P = TypeVar("P", bound=ChildProcess)
+
+
+def _sigterm(process: ChildProcess) -> int | None:
+    return signal.SIGTERM
+
+
+def _nothing(process: ChildProcess) -> None:
+    return None
+
+
+async def stop_then_kill(
+    processes: Sequence[P],
+    grace: float,
+    *,
+    first_signal: Callable[[P], int | None] = _sigterm,
+    on_kill: Callable[[P], object] = _nothing,
+) -> None:
+    """Stop ``processes``: SIGTERM to each, SIGKILL to each still running ``grace`` seconds later.
+
+    Returns once every one has exited and was reaped.  ``first_signal``: the
+    signal each gets first when not SIGTERM (SIGKILL for one that served
+    nothing; None for one signalled already, only waited for).  ``on_kill``
+    is called for each one that needs the SIGKILL (to log it).  Shielded: a
+    stop that began runs to its end even when its caller is cancelled, so no
+    child is left running or unreaped.
+    """
+    with trio.CancelScope(shield=True):
+        for process in processes:
+            signum = first_signal(process)
+            if signum is not None:
+                _send(process, signum)
+        with trio.move_on_after(grace):
+            await _wait_all(processes)
+        for process in processes:
+            if process.returncode is None:
+                on_kill(process)
+                _send(process, signal.SIGKILL)
+        await _wait_all(processes)
+
+
+def _send(process: ChildProcess, signum: int) -> None:
+    if process.returncode is None:
+        # It may exit meanwhile: then there is nothing to signal.
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signum)
+
+
+async def _wait_all(processes: Sequence[ChildProcess]) -> None:
+    async with trio.open_nursery() as nursery:
+        for process in processes:
+            nursery.start_soon(process.wait)

@@ -101,7 +101,7 @@ from ..runtime.signals import watch_signals
 from ..runtime.watchdog import serve_watchdog
 from ..system.notifier import Notifier
 from ..system.reload_outcome import announce_reload_outcome
-from .spawn import NotifyInbox, WorkerCommand, spawn_worker
+from .spawn import NotifyInbox, WorkerCommand, spawn_worker, stop_then_kill
 
 __all__ = ["Supervisor"]
 
@@ -603,23 +603,22 @@ class Supervisor:
 
     async def _stop_workers(self, workers: Sequence[Worker]) -> None:
         live = [w for w in workers if not w.exited]
+        first: dict[int, int | None] = {}
         for worker in live:
             if worker.stopping:
-                continue  # signalled already (a reload's _stop_accepting, a spawn during the stop)
+                # Signalled already (a reload's _stop_accepting, a spawn during the stop).
+                first[worker.pid] = None
+                continue
             worker.stopping = True
             # One not ready has served nothing: no grace period for it (and until
             # its handlers' import begins, it would hold SIGTERM pending).
-            _signal(worker, signal.SIGTERM if worker.ready else signal.SIGKILL)
-        deadline = trio.current_time() + self.grace_period + STOP_MARGIN
-        with trio.move_on_at(deadline):
-            while any(not w.exited for w in live):
-                await self._wait_changed()
-        for worker in live:
-            if not worker.exited:
-                log.warning("worker %d did not stop in time; killing it", worker.pid)
-                _signal(worker, signal.SIGKILL)
-        while any(not w.exited for w in live):
-            await self._wait_changed()
+            first[worker.pid] = signal.SIGTERM if worker.ready else signal.SIGKILL
+        await stop_then_kill(
+            [w.process for w in live],
+            self.grace_period + STOP_MARGIN,
+            first_signal=lambda process: first[process.pid],
+            on_kill=lambda process: log.warning("worker %d did not stop in time; killing it", process.pid),
+        )
 
     async def _stop_everything(self) -> None:
         self._stopping = True
