@@ -216,7 +216,6 @@ class Supervisor:
         self.environ = dict(os.environ if environ is None else environ)
         self.current: Generation | None = None
         self.generations_started = 0
-        self.restarts = 0
         self.exit_status = 0
         self._workers_by_pid: dict[int, Worker] = {}
         self._changed = trio.Event()
@@ -546,7 +545,6 @@ class Supervisor:
             await trio.sleep(delay)
             if generation.retired or self._stop.is_set():
                 return
-            self.restarts += 1
             try:
                 replacement = await self._spawn(generation.number, dead.slot)
             except SpawnFailed as exc:
