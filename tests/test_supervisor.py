@@ -766,7 +766,7 @@ def test_a_spawn_that_fails_is_one_error_line_the_service_serves_on_and_retries(
 
 
 def test_a_restart_under_way_when_a_reload_takes_over_adds_no_worker_to_the_old_generation(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """A worker's replacement, spawned while a reload took over, would join the old generation
     after its workers were collected for stopping, and serve the old code beside the new.
@@ -775,7 +775,7 @@ def test_a_restart_under_way_when_a_reload_takes_over_adds_no_worker_to_the_old_
     import trio.testing
 
     from trio_activate.processes import supervisor as supervisor_module
-    from trio_activate.processes.spawn import WorkerCommand, spawn_worker, worker_argv
+    from trio_activate.processes.spawn import ProcessSpawner, WorkerCommand, worker_argv
 
     write_handler(tmp_path, "v1")
     manifest = app_manifest(tmp_path)
@@ -785,18 +785,24 @@ def test_a_restart_under_way_when_a_reload_takes_over_adds_no_worker_to_the_old_
         holding, release = trio.Event(), trio.Event()
         hold_next = [False]
 
-        async def slow_spawn(*args: object, **kwargs: object) -> trio.Process:
-            process = await spawn_worker(*args, **kwargs)  # type: ignore[arg-type]
-            if hold_next[0]:
-                hold_next[0] = False
-                held.append(process.pid)
-                holding.set()
-                await release.wait()
-            return process
+        class SlowSpawner(ProcessSpawner):
+            async def spawn(self, *args: object, **kwargs: object) -> trio.Process:
+                process = await super().spawn(*args, **kwargs)  # type: ignore[arg-type]
+                if hold_next[0]:
+                    hold_next[0] = False
+                    held.append(process.pid)
+                    holding.set()
+                    await release.wait()
+                return process
 
-        monkeypatch.setattr(supervisor_module, "spawn_worker", slow_spawn)
         command = WorkerCommand(worker_argv(str(manifest), "info"), [(listener.fileno(), "web")])
-        supervisor = supervisor_module.Supervisor(command, workers=1, grace_period=5.0, start_timeout=TIMEOUT)
+        supervisor = supervisor_module.Supervisor(
+            command,
+            workers=1,
+            grace_period=5.0,
+            start_timeout=TIMEOUT,
+            spawner=SlowSpawner(command, os.environ),
+        )
         async with trio.open_nursery() as nursery:
             try:
                 with trio.fail_after(TIMEOUT):

@@ -15,6 +15,10 @@ multi-threaded process.
 abstract unix datagram socket with ``SO_PASSCRED``, so the kernel attaches
 the sender's PID to every message and one socket serves every worker.
 
+The supervisor starts its workers through a `Spawner`: `ProcessSpawner`
+(this command, these sockets, a ``NotifyInbox``) unless it is given another,
+as its tests give it a scripted fake whose workers are Trio tasks.
+
 `stop_then_kill` is the one way a child is stopped: SIGTERM (it drains),
 SIGKILL to whatever still runs after its grace period, and a wait until
 each is reaped.
@@ -32,6 +36,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Protocol, TypeVar
 
 import trio
@@ -41,7 +46,17 @@ from ..model.notify_message import credentials_space, parse_notify_message, pars
 from ..model.private_env import DEV_VARIABLE, FRESH_CODE_VARIABLE, SUPERVISOR_VARIABLE, WORKER_FDS_VARIABLE
 from ..model.records import record
 
-__all__ = ["ChildProcess", "NotifyInbox", "WorkerCommand", "spawn_worker", "stop_then_kill", "worker_argv"]
+__all__ = [
+    "ChildProcess",
+    "Inbox",
+    "NotifyInbox",
+    "ProcessSpawner",
+    "Spawner",
+    "WorkerCommand",
+    "spawn_worker",
+    "stop_then_kill",
+    "worker_argv",
+]
 
 # Variables a worker must not inherit from whoever spawns it.
 _PRIVATE = (
@@ -149,6 +164,52 @@ class ChildProcess(Protocol):
 
     async def wait(self) -> int:
         """Wait until it has exited, reap it; its exit status.  Several tasks may wait at once."""
+
+
+class Inbox(Protocol):
+    """Where workers' sd_notify messages arrive: a `NotifyInbox`, or a test's fake."""
+
+    @property
+    def address(self) -> str:
+        """The ``NOTIFY_SOCKET`` a worker gets."""
+
+    async def receive(self) -> tuple[int | None, dict[str, str]]:
+        """The next message: the sender's PID (None if unknown) and its fields."""
+
+
+class Spawner(Protocol):
+    """How the supervisor starts its workers and hears from them."""
+
+    def open_inbox(self) -> AbstractContextManager[Inbox]:
+        """The inbox for every worker's ``READY=1``, ``STOPPING=1`` and ``WATCHDOG=1``, open within."""
+
+    async def spawn(
+        self, generation: int, slot: int, *, notify_socket: str, extra_env: Mapping[str, str]
+    ) -> ChildProcess:
+        """Start worker ``slot`` of ``generation``, reporting to ``notify_socket``, with ``extra_env``
+        on top of its environment.  Raises OSError or RuntimeError when no process can be started."""
+
+
+class ProcessSpawner:
+    """The real `Spawner`: ``command`` (``trio-activate serve``) as a process, a `NotifyInbox`."""
+
+    def __init__(self, command: WorkerCommand, environ: Mapping[str, str]) -> None:
+        self.command = command
+        self.environ = environ
+
+    def open_inbox(self) -> NotifyInbox:
+        return NotifyInbox()
+
+    async def spawn(
+        self, generation: int, slot: int, *, notify_socket: str, extra_env: Mapping[str, str]
+    ) -> trio.Process:
+        return await spawn_worker(
+            self.command,
+            notify_socket=notify_socket,
+            environ=self.environ,
+            extra_env=extra_env,
+            fresh_code=generation > 1,  # a reload: the code on disk now, not a cached .pyc
+        )
 
 
 P = TypeVar("P", bound=ChildProcess)

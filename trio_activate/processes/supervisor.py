@@ -13,7 +13,12 @@ refused, nothing is reset.
 
 Spawning is ``subprocess.Popen`` (through ``trio.lowlevel.open_process``):
 its fork and exec happen in C (``_posixsubprocess``), so no Python code runs
-between fork and exec in this multi-threaded process.
+between fork and exec in this multi-threaded process.  It goes through a
+`~trio_activate.processes.spawn.Spawner` (the real one unless another is
+given): the state machine below knows a worker only as something it can
+signal and wait for, and by the messages that reach its inbox, so its tests
+drive it with scripted fake workers in virtual time
+(``tests/test_supervisor_states.py``).
 
 Readiness: every worker gets the supervisor's private ``NOTIFY_SOCKET`` (an
 abstract unix datagram socket with ``SO_PASSCRED``, so the kernel tells
@@ -101,7 +106,7 @@ from ..runtime.signals import watch_signals
 from ..runtime.watchdog import serve_watchdog
 from ..system.notifier import Notifier
 from ..system.reload_outcome import announce_reload_outcome
-from .spawn import NotifyInbox, WorkerCommand, spawn_worker, stop_then_kill
+from .spawn import ChildProcess, Inbox, ProcessSpawner, Spawner, WorkerCommand, stop_then_kill
 
 __all__ = ["Supervisor"]
 
@@ -124,7 +129,7 @@ STOP_ACCEPTING_WAIT = 2.0
 
 @record(frozen=False, eq=False)
 class Worker:
-    process: trio.Process
+    process: ChildProcess
     generation: int
     slot: int
     ready: bool = False
@@ -205,15 +210,19 @@ class Supervisor:
         notifier: Notifier | None = None,
         dev: bool = False,
         environ: Mapping[str, str] | None = None,
+        spawner: Spawner | None = None,
     ) -> None:
-        self.command = command
+        """``spawner``: how workers start and report; by default ``command`` run as a
+        process with ``environ`` (`ProcessSpawner`).  A test gives a scripted fake."""
         self.worker_count = workers
         self.grace_period = grace_period
         self.start_timeout = start_timeout
         self.worker_timeout = worker_timeout
         self.notifier = notifier if notifier is not None else Notifier(None)
         self.dev = dev
-        self.environ = dict(os.environ if environ is None else environ)
+        if spawner is None:
+            spawner = ProcessSpawner(command, dict(os.environ if environ is None else environ))
+        self.spawner = spawner
         self.current: Generation | None = None
         self.generations_started = 0
         self.exit_status = 0
@@ -229,7 +238,7 @@ class Supervisor:
         # Whether WATCHDOG=1 is withheld from the manager (logged once per stall).
         self._withholding = False
         self._nursery: trio.Nursery | None = None
-        self._inbox: NotifyInbox | None = None
+        self._inbox: Inbox | None = None
 
     # --- public --------------------------------------------------------------
 
@@ -241,7 +250,7 @@ class Supervisor:
         ``handle_signals`` (``trio-activate serve`` with workers, ``dev``): SIGTERM and
         SIGINT stop every worker gracefully, a second SIGINT kills them, SIGHUP reloads.
         """
-        with NotifyInbox() as inbox:
+        with self.spawner.open_inbox() as inbox:
             self._inbox = inbox
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -465,12 +474,8 @@ class Supervisor:
             SUPERVISOR_VARIABLE: str(os.getpid()),
         }
         try:
-            process = await spawn_worker(
-                self.command,
-                notify_socket=self._inbox.address,
-                environ=self.environ,
-                extra_env=extra_env,
-                fresh_code=generation > 1,  # a reload: the code on disk now, not a cached .pyc
+            process = await self.spawner.spawn(
+                generation, slot, notify_socket=self._inbox.address, extra_env=extra_env
             )
         except (OSError, RuntimeError) as exc:
             # fork refused (EAGAIN at RLIMIT_NPROC), the interpreter gone (ENOENT:
