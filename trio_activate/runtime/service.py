@@ -231,7 +231,7 @@ class Service:
             )
         )
         self._lifelong_scope.cancel()
-        deadline = trio.current_time() + grace if math.isfinite(grace) else math.inf
+        deadline = trio.current_time() + grace
         for server in self._servers:
             server.stop_accepting()
             server.set_drain_deadline(deadline)
@@ -371,8 +371,7 @@ async def _limit_on_signals(
 
     def limit() -> None:
         limited.set()
-        if math.isfinite(grace_period):
-            scope.deadline = min(scope.deadline, trio.current_time() + grace_period)
+        scope.deadline = min(scope.deadline, trio.current_time() + grace_period)
 
     await watch_signals(
         stop=limit,
