@@ -2,9 +2,9 @@
 
 Owns: the accept loops and datagram readers (`serving`), importing and
 checking the handlers (`handlers`), one service's task tree, readiness and
-drain (`service`), the shutdown and reload signal loop of every process that
-serves, the supervisor's included (`signals`), what a handler can learn of the stop
-(`stopping`, public), watchdog pings (`watchdog`) and the embedded
+drain (`service`), the shutdown and reload signal loop of every process
+that serves, the supervisor's included (`signals`), what a handler can learn
+of the stop (`stopping`, public), watchdog pings (`watchdog`) and the embedded
 ``activated()`` API (`embedded`, public).
 
 May import: `trio_activate.system`, `trio_activate.model`,
