@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from helpers import (
     ClientLoop,
     app_manifest,
     ask,
+    free_port,
     is_gone,
     loopback,
     running,
@@ -239,3 +241,164 @@ def test_ctrl_c_stops_everything_and_removes_the_socket_files(tmp_path: Path, sh
         assert not path.exists()
         assert list(short_dir.iterdir()) == []
         assert "Traceback" not in dev.log
+
+
+# --- dev follows its manifest: sockets changed, added, removed ------------------------------------
+
+
+def two_socket_manifest(folder: Path, web: str, api: str) -> Path:
+    """``folder/app.toml``: sockets ``web`` and ``api``, both served by ``app:handle`` (`write_handler`)."""
+    path = folder / "app.toml"
+    path.write_text(
+        '[service]\npython-path = ["."]\n\n'
+        f'[sockets.web]\nlisten = "{web}"\n\n[handlers.web]\nsocket = "web"\ncall = "app:handle"\n\n'
+        f'[sockets.api]\nlisten = "{api}"\n\n[handlers.api]\nsocket = "api"\ncall = "app:handle"\n'
+    )
+    return path
+
+
+def refused(address: tuple[str, int] | str | Path) -> bool:
+    """Whether connecting to `address` is refused (or its socket file is gone): nothing listens there."""
+    try:
+        ask(address, "anyone")
+    except (ConnectionRefusedError, FileNotFoundError):
+        return True
+    return False
+
+
+def open_fds(pid: int) -> list[str]:
+    """What each open fd of `pid` is (``socket:[inode]``, a path), sorted."""
+    return sorted(os.readlink(entry) for entry in Path(f"/proc/{pid}/fd").iterdir())
+
+
+def test_a_changed_port_is_served_by_the_new_generation_and_the_old_port_closes(tmp_path: Path) -> None:
+    write_handler(tmp_path, "v1")
+    manifest = app_manifest(tmp_path)
+    new_port = free_port()
+    with running("--log-level", "debug", "dev", manifest, cwd=tmp_path) as dev:
+        old_port = dev.port()
+        dev.wait_for(r"ready: generation 1, 1 worker")
+        (first,) = dev.workers_of(1)
+        assert ask(loopback(old_port), "a").pid == first
+        since = dev.mark()
+        manifest.write_text(manifest.read_text().replace('"127.0.0.1:0"', f'"127.0.0.1:{new_port}"'))
+        dev.wait_for(rf"sockets\.web: new socket on 127\.0\.0\.1:{new_port} for generation 2", since=since)
+        dev.wait_for(r"reloaded: generation 2 serving", since=since)
+        (second,) = dev.workers_of(2, since=since)
+        assert ask(loopback(new_port), "b").pid == second
+        # Closed once the old generation stopped, not before.
+        stopped = dev.wait_for(r"generation 1 stopped$", since=since)
+        closed = dev.wait_for(rf"sockets\.web: closed 127\.0\.0\.1:{old_port} \(", since=since)
+        assert dev.lines.index(closed.string) > dev.lines.index(stopped.string)
+        assert refused(loopback(old_port))
+        # The worker saw the manifest's address: no warning about where the socket listens.
+        assert "authoritative" not in dev.log
+        assert dev.stop() == 0
+        assert refused(loopback(new_port))
+
+
+def test_an_added_socket_and_handler_are_served_after_the_reload(tmp_path: Path) -> None:
+    write_handler(tmp_path, "v1")
+    manifest = app_manifest(tmp_path)
+    with running("--log-level", "debug", "dev", manifest, cwd=tmp_path) as dev:
+        web = dev.port()
+        dev.wait_for(r"ready: generation 1, 1 worker")
+        since = dev.mark()
+        with manifest.open("a") as file:
+            file.write('\n[sockets.api]\nlisten = "127.0.0.1:0"\n')
+            file.write('\n[handlers.api]\nsocket = "api"\ncall = "app:handle"\n')
+        api = int(dev.wait_for(r"sockets\.api: listening on 127\.0\.0\.1:(\d+) \(port 0", since=since)[1])
+        dev.wait_for(r"sockets\.api: new socket on .* for generation 2 \(added\)$", since=since)
+        dev.wait_for(r"reloaded: generation 2 serving", since=since)
+        (second,) = dev.workers_of(2, since=since)
+        assert ask(loopback(api), "a").pid == second
+        assert ask(loopback(web), "b").pid == second
+        assert dev.count(r"error|warning", since=since) == 0
+
+
+def test_a_removed_socket_is_closed_and_its_socket_file_removed(tmp_path: Path, short_dir: Path) -> None:
+    path = short_dir / "api.sock"
+    write_handler(tmp_path, "v1")
+    manifest = two_socket_manifest(tmp_path, "127.0.0.1:0", str(path))
+    with running("--log-level", "debug", "dev", manifest, cwd=tmp_path) as dev:
+        web = dev.port()
+        dev.wait_for(r"ready: generation 1, 1 worker")
+        assert ask(str(path), "a").version == "v1"
+        since = dev.mark()
+        text = manifest.read_text()
+        manifest.write_text(text[: text.index("[sockets.api]")])
+        dev.wait_for(r"sockets\.api: removed; closed once the generation serving it stops", since=since)
+        dev.wait_for(r"reloaded: generation 2 serving", since=since)
+        (second,) = dev.workers_of(2, since=since)
+        stopped = dev.wait_for(r"generation 1 stopped$", since=since)
+        closed = dev.wait_for(rf"sockets\.api: closed {path} \(", since=since)
+        assert dev.lines.index(closed.string) > dev.lines.index(stopped.string)
+        assert not path.exists()
+        assert refused(str(path))
+        assert ask(loopback(web), "b").pid == second
+        assert dev.stop() == 0
+    assert list(short_dir.iterdir()) == []
+
+
+def test_a_changed_port_that_is_busy_fails_the_reload_in_one_line_and_the_old_port_serves(
+    tmp_path: Path,
+) -> None:
+    write_handler(tmp_path, "v1")
+    manifest = app_manifest(tmp_path)
+    with socket.socket() as squatter, running("--log-level", "debug", "dev", manifest, cwd=tmp_path) as dev:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        busy = squatter.getsockname()[1]
+        old_port = dev.port()
+        dev.wait_for(r"ready: generation 1, 1 worker")
+        (first,) = dev.workers_of(1)
+        fds = open_fds(dev.pid)
+        since = dev.mark()
+        manifest.write_text(manifest.read_text().replace('"127.0.0.1:0"', f'"127.0.0.1:{busy}"'))
+        failed = dev.wait_for(r"error: reload failed: ", since=since)
+        assert failed.string.endswith(
+            f"error: reload failed: generation 2: app.toml: sockets.web.listen: 127.0.0.1:{busy}: "
+            "address already in use (another process listens there); generation 1 keeps serving"
+        )
+        assert ask(loopback(old_port), "a").pid == first
+        # One line; no worker started, nothing half-changed, no fd left behind.
+        assert dev.count(r"error|warning|Traceback", since=since) == 1
+        assert dev.workers_of(2, since=since) == set()
+        assert open_fds(dev.pid) == fds
+
+        # Free, and the manifest touched again: now it moves.
+        squatter.close()
+        since = dev.mark()
+        manifest.write_text(manifest.read_text() + "\n")
+        dev.wait_for(r"reloaded: generation 3 serving", since=since)
+        (third,) = dev.workers_of(3, since=since)
+        assert ask(loopback(busy), "b").pid == third
+        dev.wait_for(rf"sockets\.web: closed 127\.0\.0\.1:{old_port} \(", since=since)
+        assert refused(loopback(old_port))
+
+
+def test_an_unchanged_socket_keeps_its_fd_and_refuses_nobody_while_another_changes(tmp_path: Path) -> None:
+    write_handler(tmp_path, "v1")
+    manifest = two_socket_manifest(tmp_path, "127.0.0.1:0", "127.0.0.1:0")
+    with running("--log-level", "debug", "dev", manifest, cwd=tmp_path) as dev:
+        web = dev.port("web")
+        dev.port("api")
+        dev.wait_for(r"ready: generation 1, 1 worker")
+        (first,) = dev.workers_of(1)
+        with ClientLoop(loopback(web), max_seconds=40.0) as loop:
+            loop.wait_for(pids=[first])
+            since = dev.mark()
+            # api moves (a new socket); web stays exactly as it was.
+            manifest.write_text(
+                manifest.read_text().replace(
+                    '"127.0.0.1:0"\n\n[handlers.api]', '"127.0.0.1:0"\nbacklog = 64\n\n[handlers.api]'
+                )
+            )
+            dev.wait_for(r"sockets\.api: new socket on .* for generation 2", since=since)
+            dev.wait_for(r"reloaded: generation 2 serving", since=since)
+            (second,) = dev.workers_of(2, since=since)
+            dev.wait_for(r"sockets\.api: closed ", since=since)
+            loop.wait_for(pids=[second])
+        assert loop.failures == []
+        assert {answer.pid for answer in loop.answers} == {first, second}
+        assert dev.count(r"sockets\.web: (new socket|closed)") == 0

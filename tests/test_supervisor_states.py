@@ -31,6 +31,7 @@ import pytest
 import trio
 import trio.testing
 
+from trio_activate.errors import ActivationError
 from trio_activate.processes import supervisor as supervisor_module
 from trio_activate.processes.spawn import WorkerCommand
 from trio_activate.processes.supervisor import Supervisor
@@ -403,6 +404,91 @@ async def test_sighups_during_a_reload_fold_into_one_reload_after_it(
         assert len(lines(log, "): follows the one under way")) == 1
         assert len(lines(log, "folded into the reload that follows")) == 9
         assert len(lines(log, "starting generation")) == 2
+
+
+class SocketChanges:
+    """A scripted ``change_sockets`` (``dev`` following its manifest): records each call, and when."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, float]] = []
+        # The next call fails with this one-line error (a port in use, a manifest error).
+        self.fail_next: str | None = None
+
+    def __call__(self, generation: int) -> RecordedChange:
+        self.calls.append(("change", generation, trio.current_time()))
+        if self.fail_next is not None:
+            message, self.fail_next = self.fail_next, None
+            raise ActivationError(message)
+        return RecordedChange(self, generation)
+
+    def of(self, generation: int) -> list[str]:
+        return [what for what, number, _ in self.calls if number == generation]
+
+    def at(self, what: str, generation: int) -> float:
+        (when,) = [at for name, number, at in self.calls if (name, number) == (what, generation)]
+        return when
+
+
+@dataclass
+class RecordedChange:
+    changes: SocketChanges
+    generation: int
+
+    def _record(self, what: str) -> None:
+        self.changes.calls.append((what, self.generation, trio.current_time()))
+
+    def abandon(self) -> None:
+        self._record("abandon")
+
+    def take_over(self) -> None:
+        self._record("take_over")
+
+    def release(self) -> None:
+        self._record("release")
+
+
+async def test_a_reload_that_changes_the_sockets_closes_the_old_ones_only_once_the_old_generation_stopped(
+    autojump_clock: trio.testing.MockClock, log: pytest.LogCaptureFixture
+) -> None:
+    """The new sockets are abandoned when their generation fails and taken over when it is ready;
+    the ones left behind are released once every old worker has exited (after its drain, or at the
+    shutdown), never while one may still accept on them.  A change that cannot be made fails the
+    reload in one line, no worker spawned."""
+    changes = SocketChanges()
+    scripts = [Script(drain=3.0), Script(fails_with=2), Script(drain=60.0)]
+    async with supervising(*scripts, change_sockets=changes) as running:
+        supervisor = running.supervisor
+        (first,) = running.spawner.of(1)
+
+        assert await supervisor.reload("fails") is False
+        assert changes.of(2) == ["change", "abandon"]
+
+        changes.fail_next = "app.toml: sockets.web.listen: 127.0.0.1:8000: address already in use"
+        assert await supervisor.reload("port in use") is False
+        assert changes.of(3) == ["change"]
+        assert running.spawner.of(3) == []
+        assert lines(log, "reload failed: generation 3: app.toml: sockets.web.listen: 127.0.0.1:8000: ") == [
+            "reload failed: generation 3: app.toml: sockets.web.listen: 127.0.0.1:8000: address already in "
+            "use; generation 1 keeps serving"
+        ]
+
+        assert await supervisor.reload("moves") is True
+        (fourth,) = running.spawner.of(4)
+        await running.until(lambda: "release" in changes.of(4))
+        assert changes.of(4) == ["change", "take_over", "release"]
+        assert fourth.ready_at is not None
+        assert first.exited_at is not None
+        assert changes.at("take_over", 4) == fourth.ready_at
+        # The old worker drained 3 s on the old sockets; they closed once it had exited.
+        assert first.exited_at == pytest.approx(changes.at("take_over", 4) + 3.0)
+        assert changes.at("release", 4) == first.exited_at
+
+        assert await supervisor.reload("moves again") is True
+        assert changes.of(5) == ["change", "take_over"]
+    # Generation 4 was still draining at the shutdown: released once the shutdown stopped it.
+    assert changes.of(5) == ["change", "take_over", "release"]
+    assert fourth.exited_at is not None
+    assert changes.at("release", 5) >= fourth.exited_at
 
 
 # --- restarts ----------------------------------------------------------------------

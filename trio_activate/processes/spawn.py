@@ -200,11 +200,16 @@ class ProcessSpawner:
     def open_inbox(self) -> NotifyInbox:
         return NotifyInbox()
 
+    def command_for(self, generation: int) -> WorkerCommand:
+        """The command (and sockets) of ``generation``'s workers: ``command``, unless a subclass
+        gives a generation sockets of its own (``dev`` following its manifest)."""
+        return self.command
+
     async def spawn(
         self, generation: int, slot: int, *, notify_socket: str, extra_env: Mapping[str, str]
     ) -> trio.Process:
         return await spawn_worker(
-            self.command,
+            self.command_for(generation),
             notify_socket=notify_socket,
             environ=self.environ,
             extra_env=extra_env,

@@ -3,24 +3,50 @@
 Layer 4: the supervisor's process, called by the CLI after ``acquire_sockets``
 (after any self-activation re-exec), with the sockets it holds.
 
-Resource handling: ``owned`` stays the caller's; the supervisor only passes
-its fds to workers.
+``dev`` follows its manifest (`FollowManifest`): each reload reads it again,
+creates the sockets that are new or whose address or options changed, and
+hands the new generation the unchanged sockets (the same fds: their clients
+never see a refused connection) with the new ones.  A socket removed or
+replaced is closed once the old generation has stopped, its socket file
+removed.  Under ``serve`` the sockets are the service manager's (or were
+made once, at start): every generation serves those.
+
+Resource handling, and who owns each fd when: ``owned`` (the caller's
+``ServiceSockets``) always holds the set the current generation serves, and
+the caller closes it once ``run_supervisor`` returned.  Under ``dev`` a
+reload that changes the sockets creates the new ones in a set of their own
+(``incoming``), which owns them while the new generation starts; if it does
+not take over, ``incoming`` is closed (files removed): nothing changed.  If
+it does, two moves that cannot fail swap the sets: the sockets it no longer
+serves are taken out of ``owned`` into a ``retired`` set (the old
+generation drains on its own copies of them), then ``owned`` absorbs
+``incoming``.  ``retired`` is closed, its socket files removed, once every
+old worker has exited; whatever is still pending when the supervisor
+returns is closed then (`FollowManifest.close`).  The supervisor only
+passes fds to workers, which close their own copies.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-from collections.abc import Sequence
+import os
+import socket
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
-from ..model.manifest import Manifest
-from ..system.acquire import ServiceSockets
+from ..errors import ActivationError
+from ..model.address import AbstractAddress, Address, InetAddress, UnixAddress, address_from_sockname
+from ..model.manifest import Manifest, SocketSpec, load_manifest
+from ..model.records import replace
+from ..system.acquire import ServiceSockets, create_service_sockets
+from ..system.fds import close_all
 from ..system.notifier import Notifier
-from .spawn import WorkerCommand, worker_argv
-from .supervisor import Supervisor
+from .spawn import ProcessSpawner, WorkerCommand, worker_argv
+from .supervisor import SocketChange, Supervisor
 
 if TYPE_CHECKING:
     from watchfiles import Change
@@ -39,30 +65,211 @@ def run_supervisor(
     log_level: str,
     watch: Sequence[Path] = (),
 ) -> int:
-    sockets = [(sock.fileno(), name) for name, group in owned.sockets.items() for sock in group]
+    sockets = _fds_of(owned)
     command = WorkerCommand(worker_argv(str(manifest_path.absolute()), log_level), sockets, dev=bool(watch))
-    with Notifier.from_environ(unset=True) as notifier:
-        supervisor = Supervisor(
-            command,
-            workers=workers,
-            grace_period=manifest.service.grace_period,
-            start_timeout=manifest.service.start_timeout,
-            worker_timeout=manifest.service.worker_timeout,
-            notifier=notifier,
-            dev=bool(watch),
-        )
-        log.info(
-            "supervising %s: %d worker(s) over %d socket(s)%s",
-            manifest.service.name,
-            workers,
-            len(sockets),
-            ", reloading on changes" if watch else "; SIGHUP reloads",
-        )
-        status: int = trio.run(_supervise, supervisor, list(watch))
+    spawner = GenerationSpawner(command, dict(os.environ))
+    follow = FollowManifest(manifest, manifest_path, owned, spawner) if watch else None
+    try:
+        with Notifier.from_environ(unset=True) as notifier:
+            supervisor = Supervisor(
+                command,
+                workers=workers,
+                grace_period=manifest.service.grace_period,
+                start_timeout=manifest.service.start_timeout,
+                worker_timeout=manifest.service.worker_timeout,
+                notifier=notifier,
+                dev=bool(watch),
+                spawner=spawner,
+                change_sockets=follow,
+            )
+            log.info(
+                "supervising %s: %d worker(s) over %d socket(s)%s",
+                manifest.service.name,
+                workers,
+                len(sockets),
+                ", reloading on changes" if watch else "; SIGHUP reloads",
+            )
+            status: int = trio.run(_supervise, supervisor, list(watch))
+    finally:
+        if follow is not None:
+            follow.close()
     if supervisor.current is None:
         owned.never_started()
         owned.close_queued_clients()
     return status
+
+
+def _fds_of(sockets: ServiceSockets) -> list[tuple[int, str]]:
+    return [(sock.fileno(), name) for name, group in sockets.sockets.items() for sock in group]
+
+
+class GenerationSpawner(ProcessSpawner):
+    """The real spawner, where a generation may get sockets of its own (``dev`` following its manifest).
+
+    Each generation's workers, its restarts included, get the command of the
+    latest generation at or before it that `use` gave one to.
+    """
+
+    def __init__(self, command: WorkerCommand, environ: dict[str, str]) -> None:
+        super().__init__(command, environ)
+        self.commands = {1: command}
+
+    def use(self, generation: int, command: WorkerCommand) -> None:
+        self.commands[generation] = command
+
+    def forget(self, generation: int) -> None:
+        self.commands.pop(generation, None)
+
+    def forget_before(self, generation: int) -> None:
+        """Generations before ``generation`` are retired: no worker of theirs starts again."""
+        keep = self.command_for(generation)
+        self.commands = {g: c for g, c in self.commands.items() if g > generation}
+        self.commands[generation] = keep
+
+    def command_for(self, generation: int) -> WorkerCommand:
+        return self.commands[max(g for g in self.commands if g <= generation)]
+
+
+class FollowManifest:
+    """``dev``: each reload brings the sockets in line with the manifest on disk (the supervisor's
+    ``change_sockets``).  See the module docstring for who owns what when."""
+
+    def __init__(
+        self, manifest: Manifest, path: Path, owned: ServiceSockets, spawner: GenerationSpawner
+    ) -> None:
+        self.path = path
+        self.owned = owned
+        self.spawner = spawner
+        self.specs = {spec.name: spec for spec in manifest.sockets}
+        # Sets whose generation has yet to stop (retired) or to start (incoming): closed by close().
+        self.pending: list[ServiceSockets] = []
+
+    def __call__(self, generation: int) -> SocketChange | None:
+        manifest = load_manifest(self.path)
+        specs = {spec.name: spec for spec in manifest.sockets}
+        changed = [name for name, spec in specs.items() if not _same_socket(self.specs.get(name), spec)]
+        leaving = [name for name in self.specs if name not in specs or name in changed]
+        if not changed and not leaving:
+            return None
+        self._check_free(manifest, changed, leaving)
+        incoming = create_service_sockets(manifest, changed)
+        # dev made them: its stop (or a later change) removes their files, as for the first ones.
+        incoming.remove_on_stop = frozenset(changed)
+        self.pending.append(incoming)
+        fds: list[tuple[int, str]] = []
+        for spec in manifest.sockets:
+            group = incoming.sockets if spec.name in changed else self.owned.sockets
+            fds += [(sock.fileno(), spec.name) for sock in group.get(spec.name, [])]
+        self.spawner.use(generation, replace(self.spawner.command, sockets=fds))
+        for name in changed:
+            shown = ", ".join(_bound(sock) for sock in incoming.sockets.get(name, []))
+            was = self.specs.get(name)
+            what = "added" if was is None else "was " + ", ".join(str(a) for a in was.listen)
+            log.info("sockets.%s: new socket on %s for generation %d (%s)", name, shown, generation, what)
+        for name in leaving:
+            if name not in specs:
+                log.info("sockets.%s: removed; closed once the generation serving it stops", name)
+        return _Change(self, generation, incoming, specs, leaving)
+
+    def _check_free(self, manifest: Manifest, changed: Collection[str], leaving: Collection[str]) -> None:
+        """A new socket cannot be bound where one still served by the old generation is: say so."""
+        held = [s for group in self.pending for sockets in group.sockets.values() for s in sockets]
+        held += [sock for name in leaving for sock in self.owned.sockets.get(name, [])]
+        for spec in manifest.sockets:
+            if spec.name not in changed:
+                continue
+            for index, address in enumerate(spec.listen):
+                if any(_holds(sock, address, spec, manifest.folder) for sock in held):
+                    key = "listen" if len(spec.listen) == 1 else f"listen[{index}]"
+                    raise ActivationError(
+                        f"{manifest.source}: sockets.{spec.name}.{key}: {address}: the old socket there "
+                        "serves until the old generation stops, and a new one cannot be bound beside it; "
+                        "restart dev to apply this change"
+                    )
+
+    def close(self) -> None:
+        """Close every set still pending (the supervisor returned): no fd outlives dev."""
+        pending, self.pending = self.pending, []
+        close_all(group.close for group in pending)
+
+
+class _Change:
+    """One reload's `SocketChange`; `FollowManifest` made it."""
+
+    def __init__(
+        self,
+        follow: FollowManifest,
+        generation: int,
+        incoming: ServiceSockets,
+        specs: dict[str, SocketSpec],
+        leaving: Collection[str],
+    ) -> None:
+        self.follow = follow
+        self.generation = generation
+        self.incoming = incoming
+        self.specs = specs
+        self.leaving = leaving
+        self.retired: ServiceSockets | None = None
+
+    def abandon(self) -> None:
+        self.follow.spawner.forget(self.generation)
+        self._close(self.incoming)
+
+    def take_over(self) -> None:
+        follow = self.follow
+        self.retired = follow.owned.take(self.leaving)
+        follow.pending.append(self.retired)
+        follow.owned.absorb(self.incoming)
+        follow.pending.remove(self.incoming)
+        follow.specs = self.specs
+        follow.spawner.forget_before(self.generation)
+
+    def release(self) -> None:
+        if self.retired is None:
+            return
+        closing = {name: ", ".join(map(_bound, group)) for name, group in self.retired.sockets.items()}
+        self._close(self.retired)
+        for name, where in closing.items():
+            log.info("sockets.%s: closed %s (its generation stopped)", name, where)
+
+    def _close(self, group: ServiceSockets) -> None:
+        if group in self.follow.pending:
+            self.follow.pending.remove(group)
+        group.close()
+
+
+def _same_socket(old: SocketSpec | None, new: SocketSpec) -> bool:
+    """Whether ``new`` can keep ``old``'s fds: the same addresses and options (``remove-on-stop`` is
+    about the stop, not the socket, and dev removes its files anyway)."""
+    return old is not None and replace(old, remove_on_stop=False) == replace(new, remove_on_stop=False)
+
+
+def _bound(sock: socket.socket) -> str:
+    try:
+        return str(address_from_sockname(sock.family, sock.getsockname()))
+    except OSError:
+        return "?"
+
+
+_ANY_HOST = (None, ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))
+
+
+def _holds(sock: socket.socket, address: Address, spec: SocketSpec, folder: Path) -> bool:
+    """Whether ``sock`` is bound where a new socket of ``spec`` on ``address`` would have to bind."""
+    try:
+        bound = address_from_sockname(sock.family, sock.getsockname())
+    except OSError:
+        return False
+    if isinstance(address, UnixAddress):
+        return isinstance(bound, UnixAddress) and bound.path == address.resolved(str(folder)).path
+    if sock.type != spec.type.kernel_type:
+        return False
+    if isinstance(address, AbstractAddress):
+        return isinstance(bound, AbstractAddress) and bound.name == address.name
+    if not isinstance(bound, InetAddress) or address.port == 0 or bound.port != address.port:
+        return False
+    hosts = [None if h is None else ipaddress.ip_address(h) for h in (address.host, bound.host)]
+    return hosts[0] == hosts[1] or any(h in _ANY_HOST for h in hosts)
 
 
 async def _supervise(supervisor: Supervisor, watch: list[Path]) -> int:

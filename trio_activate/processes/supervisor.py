@@ -84,7 +84,15 @@ A reload's outcome also goes to whoever waits for it
 
 Resource handling: the supervisor owns nothing but its notify socket and
 its worker processes; the listening sockets belong to the caller (the CLI),
-which closes them after ``run()`` returns.  Every worker is reaped.
+which closes them after ``run()`` returns.  Every worker is reaped.  Under
+``dev`` a reload may change the sockets (``change_sockets``, a
+`SocketChange`): the supervisor only says when, in one order.  The new
+sockets are the change's until the new generation takes over (``abandon``
+closes them if it does not); ``take_over`` moves them into the caller's
+set and moves out the sockets the new generation does not serve, which
+``release`` closes once every worker of the old generation has exited, so
+the old generation drains on them.  The owner of each fd at each step is
+the caller's to keep (``supervise_main.FollowManifest``).
 """
 
 from __future__ import annotations
@@ -94,11 +102,13 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from typing import Protocol
 
 import trio
 
+from ..errors import ActivationError
 from ..model.manifest import DEFAULT_WORKER_TIMEOUT
 from ..model.private_env import SUPERVISOR_VARIABLE
 from ..model.records import field, record
@@ -108,7 +118,7 @@ from ..system.notifier import Notifier
 from ..system.reload_outcome import announce_reload_outcome
 from .spawn import ChildProcess, Inbox, ProcessSpawner, Spawner, WorkerCommand, stop_then_kill
 
-__all__ = ["Supervisor"]
+__all__ = ["SocketChange", "Supervisor"]
 
 log = logging.getLogger("trio_activate")
 
@@ -198,6 +208,24 @@ class PendingReload:
     taken_over: bool = False
 
 
+class SocketChange(Protocol):
+    """A reload's change to the listening sockets (``dev`` following its manifest).
+
+    Made by the supervisor's ``change_sockets`` before the new generation
+    starts, with the new sockets it owns until one of these is called:
+    """
+
+    def abandon(self) -> None:
+        """The new generation did not take over: close the sockets made for it; nothing changed."""
+
+    def take_over(self) -> None:
+        """The new generation took over: the new sockets join the current set, and the ones it
+        no longer serves (removed, replaced) leave it, still open for the old generation."""
+
+    def release(self) -> None:
+        """Every worker of the old generation has exited: close the sockets that left the set."""
+
+
 class Supervisor:
     def __init__(
         self,
@@ -211,9 +239,19 @@ class Supervisor:
         dev: bool = False,
         environ: Mapping[str, str] | None = None,
         spawner: Spawner | None = None,
+        change_sockets: Callable[[int], SocketChange | None] | None = None,
     ) -> None:
         """``spawner``: how workers start and report; by default ``command`` run as a
-        process with ``environ`` (`ProcessSpawner`).  A test gives a scripted fake."""
+        process with ``environ`` (`ProcessSpawner`).  A test gives a scripted fake.
+
+        ``change_sockets`` (``dev``): called as each reload begins, with the new
+        generation's number, before its first worker is spawned; it makes the
+        sockets the manifest on disk asks for, sees that the spawner hands them
+        to that generation's workers, and returns the `SocketChange`, or None
+        when the sockets stay as they are.  An ``ActivationError`` it raises
+        (one line: the manifest, a port in use) fails the reload, nothing
+        changed.  Without it every generation serves the sockets it began with.
+        """
         self.worker_count = workers
         self.grace_period = grace_period
         self.start_timeout = start_timeout
@@ -223,6 +261,7 @@ class Supervisor:
         if spawner is None:
             spawner = ProcessSpawner(command, dict(os.environ if environ is None else environ))
         self.spawner = spawner
+        self.change_sockets = change_sockets
         self.current: Generation | None = None
         self.generations_started = 0
         self.exit_status = 0
@@ -319,9 +358,15 @@ class Supervisor:
         started = time.monotonic()
         log.info("reload (%s): starting generation %d", reason, self.generations_started + 1)
         self.notifier.reloading()
+        change: SocketChange | None = None
         try:
+            change = self._change_sockets(self.generations_started + 1)
             new = await self._start_generation()
-        except StartFailed as exc:
+        except BaseException as exc:
+            if change is not None:
+                change.abandon()
+            if not isinstance(exc, StartFailed):
+                raise
             if self._stop.is_set():
                 self._announce(False, "the service is stopping")
                 return False
@@ -333,9 +378,15 @@ class Supervisor:
             return False
         if self._stop.is_set():
             # Ready just as the stop began: the shutdown stops it with the rest.
+            if change is not None:
+                change.abandon()
             self._announce(False, "the service is stopping")
             return False
         old, self.current = self.current, new
+        if change is not None:
+            change.take_over()
+            if old is None:
+                change.release()  # nothing served the sockets that left (dev's first start failed)
         # A change: dev's wait for its first generation ends on it.
         self._notify_changed()
         if old is not None:
@@ -350,8 +401,26 @@ class Supervisor:
         self._announce(True, self._status())
         if old is not None:
             assert self._nursery is not None
-            self._nursery.start_soon(self._stop_generation, old)
+            self._nursery.start_soon(self._stop_replaced_generation, old, change)
         return True
+
+    def _change_sockets(self, generation: int) -> SocketChange | None:
+        if self.change_sockets is None:
+            return None
+        try:
+            return self.change_sockets(generation)
+        except ActivationError as exc:
+            # Its number is spent, as a generation's that failed to start: the log names each once.
+            self.generations_started = generation
+            raise StartFailed(f"generation {generation}: {exc}") from exc
+
+    async def _stop_replaced_generation(self, old: Generation, change: SocketChange | None) -> None:
+        """Stop the generation a reload replaced, then close the sockets only it served."""
+        try:
+            await self._stop_generation(old)
+        finally:
+            if change is not None:
+                change.release()
 
     async def _stop_accepting(self, generation: Generation) -> None:
         """SIGTERM to `generation`; wait until each of its workers said ``STOPPING=1`` (it accepts no

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Collection, MutableMapping, Sequence
 
 from ..model.listen_env import ListenFds, take_listen_env
 from ..model.manifest import Manifest
@@ -33,7 +33,7 @@ from .activator import check_not_looping, reexec_with_new_sockets
 from .fds import close_all, own_pidfd_id
 from .passed import PassedFds, adopt
 
-__all__ = ["ServiceSockets", "SocketFile", "acquire_sockets"]
+__all__ = ["ServiceSockets", "SocketFile", "acquire_sockets", "create_service_sockets"]
 
 log = logging.getLogger("trio_activate")
 # close_queued_clients: at most this many per socket.
@@ -53,7 +53,11 @@ class SocketFile:
 class ServiceSockets:
     """Every socket of one service, by manifest name.  Owns them until ``close()``.
 
-    To take a socket over, remove it from ``sockets`` first.
+    To take a socket over, remove it from ``sockets`` first.  Sockets move
+    between two sets only by `take` and `absorb`, which move each socket
+    (and the socket file made for it) from one owner to the other with no
+    moment at which both, or neither, own it: ``dev`` follows its manifest
+    that way (``processes.supervise_main``).
     """
 
     sockets: dict[str, list[socket.socket]]
@@ -118,6 +122,35 @@ class ServiceSockets:
                 "closed %d connection(s) or datagram(s) queued for a service that cannot start", closed
             )
         return closed
+
+    def take(self, names: Collection[str]) -> ServiceSockets:
+        """Move the sockets named ``names``, and the socket files made for them, into a new set.
+
+        The returned set owns them from then on (with their ``remove-on-stop``),
+        this one no longer does.  Names this set does not hold are skipped.
+        """
+        moved = ServiceSockets(
+            {name: self.sockets.pop(name) for name in list(self.sockets) if name in names},
+            self.origin,
+            files=[item for item in self.files if item.socket_name in names],
+            remove_on_stop=self.remove_on_stop & frozenset(names),
+        )
+        self.files = [item for item in self.files if item.socket_name not in names]
+        return moved
+
+    def absorb(self, other: ServiceSockets) -> None:
+        """Move every socket of ``other``, its socket files and their ``remove-on-stop``, into this set.
+
+        ``other`` is left empty (its ``close()`` closes nothing).  A name both
+        hold is an error: take the old sockets out first (`take`).
+        """
+        clash = sorted(self.sockets.keys() & other.sockets.keys())
+        if clash:
+            raise ValueError(f"both sets hold sockets named {clash}")
+        self.sockets.update(other.sockets)
+        self.files.extend(other.files)
+        self.remove_on_stop |= other.remove_on_stop
+        other.sockets, other.files, other.remove_on_stop = {}, [], frozenset()
 
     def close(self) -> None:
         """Remove our ``remove-on-stop`` socket files, then close every socket once.
@@ -198,16 +231,26 @@ def acquire_sockets(
 
 
 def _create_in_process(manifest: Manifest) -> ServiceSockets:
+    return create_service_sockets(manifest)
+
+
+def create_service_sockets(manifest: Manifest, names: Collection[str] | None = None) -> ServiceSockets:
+    """Create ``manifest``'s sockets in this process (those in ``names``, when given), all or nothing.
+
+    The returned set owns them, with the socket files they made; on error
+    nothing is left (``create.create_sockets``): one ``CreationError`` line.
+    """
     from .create import create_sockets
 
-    created = create_sockets(manifest)
+    created = create_sockets(manifest, names)
     by_name: dict[str, list[socket.socket]] = {}
     files = []
     for item in created:
         by_name.setdefault(item.spec_name, []).append(item.sock)
         if item.created_path is not None and item.created_file_id is not None:
             files.append(SocketFile(item.spec_name, item.created_path, item.created_file_id))
-    return ServiceSockets(by_name, "created", files=files, remove_on_stop=_remove_on_stop(manifest))
+    remove_on_stop = _remove_on_stop(manifest) & frozenset(by_name)
+    return ServiceSockets(by_name, "created", files=files, remove_on_stop=remove_on_stop)
 
 
 def _remove_on_stop(manifest: Manifest) -> frozenset[str]:

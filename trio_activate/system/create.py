@@ -95,7 +95,7 @@ import pwd
 import socket
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -178,8 +178,8 @@ def create_socket(
     return _create_abstract(spec, address, _Where(source, spec, listen_key, str(address)))
 
 
-def create_sockets(manifest: Manifest) -> list[CreatedSocket]:
-    """Create every address of every socket of ``manifest``, in manifest order.
+def create_sockets(manifest: Manifest, names: Collection[str] | None = None) -> list[CreatedSocket]:
+    """Create every address of every socket of ``manifest`` (or of those in ``names``), in manifest order.
 
     All or nothing: if one fails, every socket created so far is closed and
     every unix socket file created so far is removed, then the
@@ -190,6 +190,8 @@ def create_sockets(manifest: Manifest) -> list[CreatedSocket]:
     created: list[CreatedSocket] = []
     try:
         for spec in manifest.sockets:
+            if names is not None and spec.name not in names:
+                continue
             for address in spec.listen:
                 created.append(create_socket(spec, address, folder=manifest.folder, source=source))
     except BaseException:
