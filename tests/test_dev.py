@@ -402,3 +402,28 @@ def test_an_unchanged_socket_keeps_its_fd_and_refuses_nobody_while_another_chang
         assert loop.failures == []
         assert {answer.pid for answer in loop.answers} == {first, second}
         assert dev.count(r"sockets\.web: (new socket|closed)") == 0
+
+
+# --- what dev tells ----------------------------------------------------------------------------------
+
+
+def test_dev_says_in_one_line_what_it_watches(tmp_path: Path) -> None:
+    """The folders (for code) and the files watched by name, once, at start; a path that does not
+    exist is a warning of its own."""
+    write_handler(tmp_path, "v1")
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    manifest = app_manifest(tmp_path)
+    manifest.write_text(manifest.read_text().replace('python-path = ["."]', 'python-path = [".", "lib"]'))
+    extra = tmp_path / "settings.json"
+    extra.write_text("{}")
+    missing = tmp_path / "missing.json"
+    with running("dev", manifest, "--watch", extra, "--watch", missing, cwd=tmp_path) as dev:
+        dev.wait_for(r"ready: generation 1, 1 worker")
+        assert dev.count(r"info: watching ") == 1
+        line = dev.wait_for(r"info: watching ").string
+        assert line.endswith(
+            f"info: watching .py, .pyx, .pyd, .pyi, .toml files in {tmp_path}, {lib} "
+            f"and the files {manifest}, {extra}"
+        )
+        assert dev.count(rf"warning: not watching {missing}: it does not exist$") == 1

@@ -292,11 +292,26 @@ async def _reload_on_changes(supervisor: Supervisor, paths: list[Path], stop: tr
     for path in paths:
         if not path.exists():
             log.warning("not watching %s: it does not exist", path)
-    async for changes in awatch(*existing, watch_filter=CodeChangeFilter(existing), stop_event=stop):
+    reloads = CodeChangeFilter(existing)
+    log.info("%s", watching_line(existing, reloads.code.extensions))
+    async for changes in awatch(*existing, watch_filter=reloads, stop_event=stop):
         changed = sorted({path for _, path in changes})
         more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
         log.info("changed: %s%s", changed[0], more)
         await supervisor.reload(f"{changed[0]} changed")
+
+
+def watching_line(paths: Sequence[Path], extensions: Sequence[str]) -> str:
+    """What dev watches, in one line: the folders (for files with these extensions) and the files
+    watched by name (which reload whatever their name)."""
+    folders = [str(p) for p in paths if p.is_dir()]
+    files = [str(p) for p in paths if not p.is_dir()]
+    parts = []
+    if folders:
+        parts.append(f"{', '.join(extensions)} files in {', '.join(dict.fromkeys(folders))}")
+    if files:
+        parts.append(f"the files {', '.join(dict.fromkeys(files))}")
+    return "watching " + (" and ".join(parts) or "nothing")
 
 
 class CodeChangeFilter:
