@@ -427,3 +427,34 @@ def test_dev_says_in_one_line_what_it_watches(tmp_path: Path) -> None:
             f"and the files {manifest}, {extra}"
         )
         assert dev.count(rf"warning: not watching {missing}: it does not exist$") == 1
+
+
+def test_an_import_error_is_one_line_after_the_traceback_of_the_users_code_only(tmp_path: Path) -> None:
+    """Nothing of trio-activate's frames or importlib's machinery: the path through the user's files
+    to the line that raised, the exception, and the one error line."""
+    (tmp_path / "settings.py").write_text(
+        'def connect():\n    raise ValueError("no database")\n\n\nconnect()\n'
+    )
+    write_handler(tmp_path, "v1", preamble="import settings\n")
+    manifest = app_manifest(tmp_path)
+    with running("dev", manifest, cwd=tmp_path) as dev:
+        failed = dev.wait_for(r"error: app\.toml: handlers\.web\.call: importing 'app' raised ValueError: ")
+        dev.wait_for(r"before it was ready; waiting for a change to try again")
+        lines = dev.lines
+        end = lines.index(failed.string)
+        start = max(i for i in range(end) if lines[i] == "Traceback (most recent call last):")
+        shown = [line for line in lines[start:end] if line.strip().strip("^~") != ""]
+        assert shown == [
+            "Traceback (most recent call last):",
+            f'  File "{tmp_path / "app.py"}", line 1, in <module>',
+            "    import settings",
+            f'  File "{tmp_path / "settings.py"}", line 5, in <module>',
+            "    connect()",
+            f'  File "{tmp_path / "settings.py"}", line 2, in connect',
+            '    raise ValueError("no database")',
+            "ValueError: no database",
+        ]
+        assert failed.string.endswith(f"ValueError: no database (at {tmp_path / 'settings.py'}:2)")
+        assert dev.count("Traceback") == 1
+        assert "importlib" not in dev.log
+        assert "trio_activate/" not in dev.log

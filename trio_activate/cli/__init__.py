@@ -1,5 +1,8 @@
 """Layer 5, the command line: the console script's first code (`entry`) and the subcommands (`commands`).
 
+`tracebacks` trims what ``dev`` shows of an error in the user's code to
+that code's frames.
+
 May import: every layer below.  Nothing below imports it: the fast start
 (`trio_activate.system.fast_start`) gets the forked activator's code from
 `entry` as a function, so the start-up path calls down, never up.

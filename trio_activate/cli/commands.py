@@ -89,15 +89,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return command(args)
     except ActivationError as exc:
+        trace = ""
         if DEV_VARIABLE in os.environ and exc.__cause__ is not None:
-            # dev: the error in full, so a typo shows where it is.
-            import traceback
+            # dev: where in the user's code it failed (a typo's line and caret), that code's frames only.
+            from .tracebacks import user_traceback
 
-            traceback.print_exception(exc.__cause__, file=sys.stderr)
+            trace = user_traceback(exc.__cause__)
         # A worker's line says whose it is, as its log lines do: several workers (and
         # their supervisor) share one stderr.  One write, so lines never run together.
         who = f"trio-activate[{os.getpid()}]: error" if _RUNNING_AS_WORKER else "trio-activate"
-        sys.stderr.write(f"{who}: {exc}\n")
+        sys.stderr.write(f"{trace}{who}: {exc}\n")
         sys.stderr.flush()
         return EXIT_ERROR
 
