@@ -18,6 +18,7 @@ import contextlib
 import json
 import marshal
 import os
+import re
 import signal
 import socket
 import stat
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    TEXT_LINE,
     TIMEOUT,
     Process,
     Reaper,
@@ -210,6 +212,12 @@ def assert_no_orphans(reaper: Reaper) -> None:
         pytest.param(["--log-level", "debug", "serve", "m.toml"], "serve", id="log-level-then-serve"),
         pytest.param(["--log-level=debug", "dev", "m.toml"], "dev", id="log-level-equals-then-dev"),
         pytest.param(["--log-level", "serve", "m.toml"], None, id="serve-as-the-level"),
+        pytest.param(["--log-format", "json", "serve", "m.toml"], "serve", id="log-format-then-serve"),
+        pytest.param(
+            ["--log-format=journal", "--log-level", "debug", "dev", "m.toml"], "dev", id="both-then-dev"
+        ),
+        pytest.param(["--log-format", "dev", "m.toml"], None, id="dev-as-the-format"),
+        pytest.param(["serve", "--log-level", "debug", "m.toml"], "serve", id="serve-then-log-level"),
         pytest.param(["--log-level"], None, id="log-level-alone"),
         pytest.param(["--log-lev", "debug", "serve", "m.toml"], None, id="abbreviated-option"),
         pytest.param(["--log-level", "debug", "--version", "serve"], None, id="other-option-first"),
@@ -304,8 +312,8 @@ def test_fast_started_serve_answers_as_the_started_pid_and_leaves_no_activator(
     assert "Traceback" not in err
     # The activator logs the kernel's choice of port; it speaks for the service, under its PID.
     assert "chosen by the kernel" in err
-    pids = {line.split("]", 1)[0] for line in err.splitlines() if line.startswith("trio-activate[")}
-    assert pids == {f"trio-activate[{proc.pid}"}, err
+    pids = {found[1] for line in err.splitlines() if (found := re.match(TEXT_LINE, line))}
+    assert pids == {str(proc.pid)}, err
     assert_no_orphans(reaper)
 
 

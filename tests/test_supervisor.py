@@ -34,6 +34,7 @@ import pytest
 from helpers import (
     HANDLER,
     RELOADS,
+    TEXT_LINE,
     TIMEOUT,
     TRIO_ACTIVATE,
     Answer,
@@ -205,9 +206,14 @@ def test_workers_that_die_at_import_are_retried_then_the_service_exits_2_as_they
         assert all(is_gone(pid) for pid in workers)
     assert log.count("importing 'app' raised RuntimeError: no database") >= 5
     # Each worker's one-line error names the worker, on a line of its own.
-    failed = re.findall(r"^trio-activate\[(\d+)\]: error: .*importing 'app' raised RuntimeError", log, re.M)
+    failed = [
+        int(found[1])
+        for line in log.splitlines()
+        if (found := re.match(TEXT_LINE + r".*importing 'app' raised RuntimeError", line))
+        and found[2] == "error"
+    ]
     assert len(failed) >= 5
-    assert set(map(int, failed)) <= workers
+    assert set(failed) <= workers
     assert service.count(r"error: generation \d+: worker \d+ exited with status 2 before it was ready") == 5
     assert service.count(r"; retrying in") == 4
     assert "giving up after 5 attempts" in log

@@ -239,19 +239,24 @@ class Process:
     ``log`` is its stderr so far and ``out`` its stdout, exactly as written;
     `wait_for` waits for a stderr line matching a pattern (or fails, with the
     log, once stderr closed or time ran out).  The `subprocess.Popen` is
-    ``process``, for what this class does not wrap.
+    ``process``, for what this class does not wrap.  With ``stderr_file``
+    its stderr goes to that file, read as it grows until the process exited.
     """
 
-    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], stderr_file: Path | None = None) -> None:
         self.process = process
         self._changed = threading.Condition()
         self._err: list[str] = []
         self._out: list[str] = []
         self._err_closed = False
         assert process.stdout is not None
-        assert process.stderr is not None
+        if stderr_file is None:
+            assert process.stderr is not None
+            err_reader = threading.Thread(target=self._read, args=(process.stderr, self._err), daemon=True)
+        else:
+            err_reader = threading.Thread(target=self._tail, args=(stderr_file,), daemon=True)
         self._readers = [
-            threading.Thread(target=self._read, args=(process.stderr, self._err), daemon=True),
+            err_reader,
             threading.Thread(target=self._read, args=(process.stdout, self._out), daemon=True),
         ]
         for reader in self._readers:
@@ -266,6 +271,23 @@ class Process:
             if into is self._err:
                 self._err_closed = True
             self._changed.notify_all()
+
+    def _tail(self, path: Path) -> None:
+        with path.open("rb") as file:
+            pending = b""
+            while True:
+                exited = self.process.poll() is not None
+                pending += file.read()
+                lines = pending.splitlines(keepends=True)
+                pending = lines.pop() if lines and not lines[-1].endswith(b"\n") else b""
+                with self._changed:
+                    self._err.extend(line.decode(errors="replace") for line in lines)
+                    if exited:
+                        self._err_closed = True
+                    self._changed.notify_all()
+                if exited:
+                    return
+                time.sleep(0.02)
 
     # the process
 
@@ -371,19 +393,29 @@ class Process:
 
 @contextlib.contextmanager
 def started(
-    argv: Sequence[str | Path], *, cwd: Path | None = None, env: dict[str, str] | None = None
+    argv: Sequence[str | Path],
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    stderr_file: Path | None = None,
 ) -> Iterator[Process]:
-    """Run `argv` in a session of its own; on the way out kill its whole process group and reap it."""
-    popen = subprocess.Popen(
-        [str(arg) for arg in argv],
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    process = Process(popen)
+    """Run `argv` in a session of its own; on the way out kill its whole process group and reap it.
+
+    ``stderr_file``: its stderr goes to that file (appended), not to a pipe."""
+    with contextlib.ExitStack() as files:
+        stderr: IO[bytes] | int = subprocess.PIPE
+        if stderr_file is not None:
+            stderr = files.enter_context(stderr_file.open("ab"))
+        popen = subprocess.Popen(
+            [str(arg) for arg in argv],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    process = Process(popen, stderr_file)
     try:
         yield process
     finally:
@@ -394,16 +426,24 @@ def started(
         for reader in process._readers:
             reader.join(TIMEOUT)
         assert popen.stdout is not None
-        assert popen.stderr is not None
         popen.stdout.close()
-        popen.stderr.close()
+        if popen.stderr is not None:
+            popen.stderr.close()
 
 
 def running(
-    *args: str | Path, cwd: Path, env: dict[str, str] | None = None, command: Sequence[str] = TRIO_ACTIVATE
+    *args: str | Path,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    command: Sequence[str] = TRIO_ACTIVATE,
+    stderr_file: Path | None = None,
 ) -> contextlib.AbstractContextManager[Process]:
     """``trio-activate ARGS`` (or `command` ARGS), `started` in `cwd`."""
-    return started([*command, *args], cwd=cwd, env=env)
+    return started([*command, *args], cwd=cwd, env=env, stderr_file=stderr_file)
+
+
+# A log line in the text format: the local time with milliseconds, then whose it is and its level.
+TEXT_LINE = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} trio-activate\[(\d+)\]: (debug|info|warning|error): "
 
 
 def serve_cmd(manifest: Path) -> list[str]:

@@ -1,4 +1,9 @@
-"""Layer 5, the command line: the console script's first code (`entry`) and the subcommands (`commands`).
+"""Layer 5, the command line: the console script's first code (`entry`), the subcommands, logging.
+
+The subcommands are `commands`; `logs` sets up the ``trio_activate``
+logger's handler on stderr in the format ``--log-format`` picks (text,
+journal, json); the lines' shapes are the model's
+(`trio_activate.model.log_lines`).
 
 `tracebacks` trims what ``dev`` shows of an error in the user's code to
 that code's frames.

@@ -23,11 +23,18 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import ActivationError, StartInterrupted
+from ..model.log_lines import LOG_FORMATS, LOG_LEVELS
 from ..model.manifest import Manifest, dump_manifest, load_manifest
-from ..model.private_env import ACTIVATOR_CHANNEL_VARIABLE, DEV_VARIABLE, HANDOFF_FROM_VARIABLE
+from ..model.private_env import (
+    ACTIVATOR_CHANNEL_VARIABLE,
+    DEV_VARIABLE,
+    HANDOFF_FROM_VARIABLE,
+    WORKER_FDS_VARIABLE,
+)
 from ..model.text import is_decimal
 from ..system.activator import settle_worker_environment
 from ..system.fast_start import hold_shutdown_signals
+from .logs import configure_logging
 
 if TYPE_CHECKING:
     from ..system.acquire import ServiceSockets
@@ -38,8 +45,6 @@ __all__ = ["main"]
 
 log = logging.getLogger("trio_activate")
 
-# Set by `serve` in a supervisor's worker or a hand-over successor: its error line names its PID.
-_RUNNING_AS_WORKER = False
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_ERROR = 2
@@ -84,7 +89,9 @@ call = "trio_activate.examples:echo"   # module:function; await echo(stream) per
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.log_level)
+    # A supervisor's worker or a hand-over successor (spawn_worker names its sockets so).
+    worker = WORKER_FDS_VARIABLE in os.environ
+    args.log_format = configure_logging(args.log_level, args.log_format, worker=worker)
     command: Callable[[argparse.Namespace], int] = args.command
     try:
         return command(args)
@@ -95,11 +102,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .tracebacks import user_traceback
 
             trace = user_traceback(exc.__cause__)
-        # A worker's line says whose it is, as its log lines do: several workers (and
-        # their supervisor) share one stderr.  One write, so lines never run together.
-        who = f"trio-activate[{os.getpid()}]: error" if _RUNNING_AS_WORKER else "trio-activate"
-        sys.stderr.write(f"{trace}{who}: {exc}\n")
-        sys.stderr.flush()
+        if worker or args.log_format != "text":
+            # A worker's line says whose it is, as its log lines do: several workers (and
+            # their supervisor) share one stderr.  Under journald it is error-priority,
+            # in JSON one object.  One write each, so lines never run together.
+            if trace:
+                sys.stderr.write(trace)
+            log.error("%s", exc)
+        else:
+            sys.stderr.write(f"{trace}trio-activate: {exc}\n")
+            sys.stderr.flush()
         return EXIT_ERROR
 
 
@@ -109,13 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trio-native socket activation, configured by a TOML manifest.",
     )
     parser.add_argument("--version", action="version", version=f"trio-activate {__version__}")
-    parser.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="what to log on stderr (default: info)",
+    _add_log_options(parser, default_level="info", default_format="auto")
+    # Accepted after the command too (`trio-activate serve --log-level debug m.toml`): there they
+    # default to nothing, so that one given before the command stays.
+    logging_options = argparse.ArgumentParser(add_help=False)
+    _add_log_options(logging_options, default_level=argparse.SUPPRESS, default_format=argparse.SUPPRESS)
+    subcommands = _SubcommandsWithLogging(
+        parser.add_subparsers(title="commands", metavar="COMMAND", required=True), logging_options
     )
-    subcommands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     check = subcommands.add_parser(
         "check",
@@ -230,31 +243,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(level: str, *, speaking_for: int | None = None) -> None:
-    """Log lines on stderr as ``trio-activate[PID]: level: message``.
-
-    ``speaking_for``: the PID to show instead of this process's own, for a
-    helper process whose lines belong to another (the forked activator's, to
-    the service it starts).
-    """
-    # Replace, not add: main() may run many times in one process (tests, embedding),
-    # and sys.stderr may have been swapped since the last call.
-    for old in [h for h in log.handlers if getattr(h, "trio_activate_cli", False)]:
-        log.removeHandler(old)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.trio_activate_cli = True  # type: ignore[attr-defined]
-    # The PID tells a supervisor's lines from its workers' (and one generation from the next).
-    pid = "%(process)d" if speaking_for is None else str(speaking_for)
-    handler.setFormatter(logging.Formatter(f"trio-activate[{pid}]: %(levelname_lower)s: %(message)s"))
-    handler.addFilter(_lowercase_level)
-    log.addHandler(handler)
-    log.setLevel(level.upper())
-    log.propagate = False
+def _add_log_options(parser: argparse.ArgumentParser, *, default_level: str, default_format: str) -> None:
+    parser.add_argument(
+        "--log-level",
+        default=default_level,
+        choices=LOG_LEVELS,
+        help="what to log on stderr (default: info)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default=default_format,
+        choices=LOG_FORMATS,
+        help="how: journal (a syslog priority on each line) when JOURNAL_STREAM names stderr, "
+        "text (timestamped) elsewhere, or json, one object per line (default: auto)",
+    )
 
 
-def _lowercase_level(record: logging.LogRecord) -> bool:
-    record.levelname_lower = record.levelname.lower()
-    return True
+class _SubcommandsWithLogging:
+    """``add_parser`` of `subcommands`, each subcommand taking the logging options too."""
+
+    def __init__(
+        self,
+        subcommands: argparse._SubParsersAction[argparse.ArgumentParser],
+        options: argparse.ArgumentParser,
+    ) -> None:
+        self.subcommands = subcommands
+        self.options = options
+
+    def add_parser(self, name: str, *, help: str, description: str) -> argparse.ArgumentParser:
+        return self.subcommands.add_parser(name, parents=[self.options], help=help, description=description)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -315,8 +332,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # First thing (again, for an in-process main()): signals during start-up wait.
     hold_shutdown_signals()
     is_worker = settle_worker_environment()
-    global _RUNNING_AS_WORKER
-    _RUNNING_AS_WORKER = is_worker
     # A supervisor's worker: the supervisor already showed the manifest's warnings.
     manifest, owned = _load_and_acquire(args.manifest, warn=not is_worker)
     try:
@@ -327,7 +342,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not is_worker and owned.connection is None and (workers > 1 or supervise):
             from ..processes.supervise_main import run_supervisor
 
-            return run_supervisor(manifest, args.manifest, owned, workers=workers, log_level=args.log_level)
+            return run_supervisor(
+                manifest,
+                args.manifest,
+                owned,
+                workers=workers,
+                log_level=args.log_level,
+                log_format=args.log_format,
+            )
         from ..processes.service_main import run_service
         from ..processes.spawn import WorkerCommand, worker_argv
 
@@ -337,7 +359,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not is_worker or HANDOFF_FROM_VARIABLE in os.environ:
             sockets = [(sock.fileno(), name) for name, group in owned.sockets.items() for sock in group]
             reload_command = WorkerCommand(
-                worker_argv(str(args.manifest.absolute()), args.log_level), sockets
+                worker_argv(str(args.manifest.absolute()), args.log_level, args.log_format), sockets
             )
         return run_service(manifest, owned, reload_command=reload_command)
     except StartInterrupted as stop:
@@ -373,7 +395,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
         watch += [manifest.folder / entry for entry in manifest.service.python_path]
         watch += args.watch
         return run_supervisor(
-            manifest, args.manifest, owned, workers=1, log_level=args.log_level, watch=watch
+            manifest,
+            args.manifest,
+            owned,
+            workers=1,
+            log_level=args.log_level,
+            log_format=args.log_format,
+            watch=watch,
         )
     finally:
         owned.close()
@@ -399,7 +427,7 @@ def run_forked_activator(channel_fd: int) -> int:
         sys.stdout, sys.stderr = saved
     # What it logs (a port chosen by the kernel, a cleanup that failed) is the service's
     # to say: the service is our parent, re-exec'd under the same PID.
-    _configure_logging(args.log_level, speaking_for=os.getppid())
+    configure_logging(args.log_level, args.log_format, speaking_for=os.getppid())
     return deliver_sockets_to_service(channel_fd, args.manifest)
 
 

@@ -3,9 +3,11 @@
 Owns: the manifest (TOML to frozen objects and back, `manifest`), addresses
 (`address`), the ``LISTEN_*`` reader (`listen_env`), the sd_notify message
 format (`notify_message`), matching described fds to the manifest (`match`),
-the generated systemd unit text (`units`), the private variables' names
-(`private_env`), the cheap dataclasses they are made of (`records`), and
-the one rule for numbers in text and for values quoted in messages (`text`).
+the generated systemd unit text (`units`), the shape of a log line in
+each format: syslog priorities, JSON records, timestamps (`log_lines`), the
+private variables' names (`private_env`), the cheap dataclasses they are
+made of (`records`), and the one rule for numbers in text and for values
+quoted in messages (`text`).
 
 May import: the standard library and `trio_activate.errors`, nothing else of
 the package.  No syscalls (the callers pass the pid, the environment, the

@@ -30,6 +30,7 @@ Resource handling: the inbox owns its socket (closed on leaving the
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -58,6 +59,8 @@ __all__ = [
     "worker_argv",
 ]
 
+log = logging.getLogger("trio_activate")
+
 # Variables a worker must not inherit from whoever spawns it.
 _PRIVATE = (
     *LISTEN_VARIABLES,
@@ -78,9 +81,20 @@ class WorkerCommand:
     dev: bool = False
 
 
-def worker_argv(manifest_path: str, log_level: str) -> list[str]:
-    """``trio-activate serve`` for a worker: this interpreter, this package, the same manifest."""
-    return [sys.executable, "-m", "trio_activate", "--log-level", log_level, "serve", manifest_path]
+def worker_argv(manifest_path: str, log_level: str, log_format: str = "auto") -> list[str]:
+    """``trio-activate serve`` for a worker: this interpreter, this package, the same manifest,
+    logging at `log_level` in `log_format` (the one its spawner resolved: they share stderr)."""
+    return [
+        sys.executable,
+        "-m",
+        "trio_activate",
+        "--log-level",
+        log_level,
+        "--log-format",
+        log_format,
+        "serve",
+        manifest_path,
+    ]
 
 
 class NotifyInbox:
@@ -142,12 +156,22 @@ async def spawn_worker(
     if command.dev or fresh_code:
         env[FRESH_CODE_VARIABLE] = "1"
     env.update(extra_env or {})
-    return await trio.lowlevel.open_process(
+    process = await trio.lowlevel.open_process(
         list(command.argv),
         pass_fds=[fd for fd, _ in command.sockets],
         env=env,
         stdin=subprocess.DEVNULL,
     )
+    import shlex  # here, not at the top: start-up time (benchmarks/, scenario 3)
+
+    log.debug(
+        "spawned process %d: %s, with %s",
+        process.pid,
+        shlex.join(command.argv),
+        ", ".join(f"fd {fd} (sockets.{name})" for fd, name in command.sockets) or "no socket",
+        extra={"worker_pid": process.pid},
+    )
+    return process
 
 
 class ChildProcess(Protocol):

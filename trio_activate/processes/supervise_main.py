@@ -63,10 +63,12 @@ def run_supervisor(
     *,
     workers: int,
     log_level: str,
+    log_format: str = "auto",
     watch: Sequence[Path] = (),
 ) -> int:
     sockets = _fds_of(owned)
-    command = WorkerCommand(worker_argv(str(manifest_path.absolute()), log_level), sockets, dev=bool(watch))
+    argv = worker_argv(str(manifest_path.absolute()), log_level, log_format)
+    command = WorkerCommand(argv, sockets, dev=bool(watch))
     spawner = GenerationSpawner(command, dict(os.environ))
     follow = FollowManifest(manifest, manifest_path, owned, spawner) if watch else None
     try:

@@ -6,8 +6,9 @@ sockets come from (`acquire`), the activator that passes them by re-exec or
 to a child (`activator`, `activator_channel`, `fast_start`), sending sd_notify
 messages (`notifier`), telling a reload's outcome (`reload_outcome`), signals
 during start-up (`start_signals`), importing handler code from source
-(`fresh_imports`), the ``fds`` report (`fds_report`) and the paths a unit
-must reach (`unit_paths`).
+(`fresh_imports`), the ``fds`` report (`fds_report`), the paths a unit
+must reach (`unit_paths`) and whether stderr is journald's stream
+(`journal_stream`).
 
 May import: `trio_activate.model`, `trio_activate.errors` and the standard
 library; never trio (the CLI runs this before the re-exec, and importing

@@ -57,6 +57,9 @@ PASSING_VARIABLES = (
     ACTIVATOR_CHANNEL_VARIABLE,
     WORKER_FDS_VARIABLE,
 )
+# The options the CLI's parser takes before the command, each with a value.
+_OPTIONS_WITH_VALUE = ("--log-level", "--log-format")
+_OPTIONS_WITH_EQUALS = tuple(f"{option}=" for option in _OPTIONS_WITH_VALUE)
 # The forked activator's exit status when it failed in a way it could not report.
 ACTIVATOR_CRASHED = 70  # EX_SOFTWARE
 
@@ -79,16 +82,18 @@ def serving_command(args: Sequence[str]) -> str | None:
     """``serve`` or ``dev`` when ``args`` certainly run that command, else None.
 
     Reads the command line the way the CLI's parser does for the options
-    that may come before the command (only ``--log-level``).  Anything else
-    there, an abbreviation included, gives None: the fast start is skipped
-    and the ordinary path, which parses properly, runs instead.
+    that may come before the command (``--log-level`` and ``--log-format``,
+    each with its value); what comes after the command is the forked
+    activator's to parse, and the re-exec'd service's.  Anything else before
+    it, an abbreviation included, gives None: the fast start is skipped and
+    the ordinary path, which parses properly, runs instead.
     """
     index = 0
     while index < len(args):
         arg = args[index]
-        if arg == "--log-level":
+        if arg in _OPTIONS_WITH_VALUE:
             index += 2
-        elif arg.startswith("--log-level="):
+        elif arg.startswith(_OPTIONS_WITH_EQUALS):
             index += 1
         elif arg.startswith("-"):
             return None
