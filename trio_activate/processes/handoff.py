@@ -92,6 +92,8 @@ async def hand_over(
             except OSError as exc:
                 log.error("reload failed: cannot start a successor: %s", _describe(exc))
                 return None
+            about = {"worker_pid": process.pid}
+            log.debug("reload: started the successor %d; waiting for its READY=1", process.pid, extra=about)
             try:
                 ready = await _wait_until_ready(process, inbox, start_timeout)
             except BaseException:
@@ -102,18 +104,21 @@ async def hand_over(
         log.error("reload failed: cannot open the successor's notify socket: %s", _describe(exc))
         return None
     if ready:
+        log.debug("reload: the successor %d is ready", process.pid, extra=about)
         return process
     if process.returncode is not None:
         log.error(
             "reload failed: the successor %d exited with status %d before it was ready",
             process.pid,
             process.returncode,
+            extra=about,
         )
     else:
         log.error(
             "reload failed: the successor %d was not ready within %gs; stopping it",
             process.pid,
             start_timeout,
+            extra=about,
         )
     await stop_successor(process)
     return None

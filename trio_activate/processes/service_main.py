@@ -60,7 +60,11 @@ def run_service(
         handlers = load_handlers(manifest, fresh_bytecode=fresh_code)
     if owned.connection is not None:
         handler = _accept_handler(manifest, handlers)
-        log.info("Accept=yes: serving one connection with handlers.%s", handler.spec.name)
+        log.info(
+            "Accept=yes: serving one connection with handlers.%s",
+            handler.spec.name,
+            extra={"handler": handler.spec.name},
+        )
         serve_once = partial(
             serve_connection_once, grace_period=manifest.service.grace_period, handle_signals=True
         )
@@ -205,7 +209,7 @@ def _log_banner(manifest: Manifest, owned: ServiceSockets) -> None:
     )
     for name, group in owned.sockets.items():
         for sock in group:
-            log.info("sockets.%s: %s (fd %d)", name, _describe(sock), sock.fileno())
+            log.info("sockets.%s: %s (fd %d)", name, _describe(sock), sock.fileno(), extra={"socket": name})
 
 
 def _describe(sock: socket.socket) -> str:

@@ -190,10 +190,26 @@ class Generation:
 class StartFailed(Exception):
     """A generation did not become ready; the message says why."""
 
-    def __init__(self, message: str, *, worker_status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        generation: int,
+        worker_status: int | None = None,
+        worker_pid: int | None = None,
+    ) -> None:
         super().__init__(message)
+        self.generation = generation
         # The exit status of the worker that failed it; None for a timeout.
         self.worker_status = worker_status
+        self.worker_pid = worker_pid
+
+    def about(self) -> dict[str, int]:
+        """``extra=`` for the line that logs it."""
+        fields = {"generation": self.generation}
+        if self.worker_pid is not None:
+            fields["worker_pid"] = self.worker_pid
+        return fields
 
 
 class SpawnFailed(StartFailed):
@@ -356,7 +372,12 @@ class Supervisor:
             self._announce(False, "the service is stopping")
             return False
         started = time.monotonic()
-        log.info("reload (%s): starting generation %d", reason, self.generations_started + 1)
+        log.info(
+            "reload (%s): starting generation %d",
+            reason,
+            self.generations_started + 1,
+            extra=_about(self.generations_started + 1),
+        )
         self.notifier.reloading()
         change: SocketChange | None = None
         try:
@@ -371,7 +392,7 @@ class Supervisor:
                 self._announce(False, "the service is stopping")
                 return False
             current = self.current.number if self.current else 0
-            log.error("reload failed: %s; generation %d keeps serving", exc, current)
+            log.error("reload failed: %s; generation %d keeps serving", exc, current, extra=exc.about())
             status = f"Reload failed: {exc}; still serving generation {current}"
             self.notifier.ready(status)
             self._announce(False, status)
@@ -393,10 +414,22 @@ class Supervisor:
             # Retired now, before anything else runs: a restart of one of its
             # slots that is under way must not add a worker to it any more.
             old.retired = True
+            log.debug(
+                "reload: generation %d ready; generation %d stops accepting",
+                new.number,
+                old.number,
+                extra=_about(old.number),
+            )
             # The outcome is told once the old code takes no new connection, so that
             # whoever waits for the reload (systemctl reload) then reaches the new code.
             await self._stop_accepting(old)
-        log.info("reloaded: generation %d serving in %.3fs", new.number, time.monotonic() - started)
+            log.debug("reload: generation %d accepts no more", old.number, extra=_about(old.number))
+        log.info(
+            "reloaded: generation %d serving in %.3fs",
+            new.number,
+            time.monotonic() - started,
+            extra=_about(new.number),
+        )
         self.notifier.ready(self._status())
         self._announce(True, self._status())
         if old is not None:
@@ -463,10 +496,10 @@ class Supervisor:
             if failure is None or self._stop.is_set():
                 return False  # stopped while it started
             if self.dev:
-                log.error("%s; waiting for a change to try again", failure)
+                log.error("%s; waiting for a change to try again", failure, extra=failure.about())
                 return await self._wait_for_first_dev_generation()
             if attempt == START_ATTEMPTS:
-                log.error("%s; giving up after %d attempts", failure, attempt)
+                log.error("%s; giving up after %d attempts", failure, attempt, extra=failure.about())
                 # A worker's configuration error (it said why in one line: a
                 # handler that cannot be imported, sockets that do not match
                 # the manifest) is the supervisor's too: the same status tells
@@ -475,15 +508,12 @@ class Supervisor:
                 # import can fail for a while (a database not up yet).
                 self.exit_status = 2 if failure.worker_status == EXIT_CONFIGURATION_ERROR else 1
                 return False
-            log.error("%s; retrying in %.1fs", failure, delay)
+            log.error("%s; retrying in %.1fs", failure, delay, extra=failure.about())
             with trio.move_on_after(delay):
                 await self._stop.wait()
             delay = min(delay * 2, RESTART_BACKOFF_MAX)
-        log.info(
-            "ready: generation %d, %d worker(s)",
-            self.current.number if self.current else 0,
-            self.worker_count,
-        )
+        number = self.current.number if self.current else 0
+        log.info("ready: generation %d, %d worker(s)", number, self.worker_count, extra=_about(number))
         self.notifier.ready(self._status())
         return True
 
@@ -513,14 +543,23 @@ class Supervisor:
                             f"generation {generation.number}: worker {worker.pid} exited with status "
                             f"{worker.process.returncode} before "
                             + ("the generation was ready" if worker.ready else "it was ready"),
+                            generation=generation.number,
                             worker_status=worker.process.returncode,
+                            worker_pid=worker.pid,
                         )
                     await self._wait_changed()
             if timeout.cancelled_caught:
                 raise StartFailed(
                     f"generation {generation.number}: "
-                    f"not ready within start-timeout ({self.start_timeout:g}s)"
+                    f"not ready within start-timeout ({self.start_timeout:g}s)",
+                    generation=generation.number,
                 )
+            log.debug(
+                "generation %d: all %d worker(s) ready",
+                generation.number,
+                len(generation.workers),
+                extra=_about(generation.number),
+            )
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._stop_generation(generation)
@@ -550,7 +589,9 @@ class Supervisor:
             # fork refused (EAGAIN at RLIMIT_NPROC), the interpreter gone (ENOENT:
             # a virtualenv removed under us), no thread left to fork from
             # (RuntimeError): this worker cannot start, but what serves goes on.
-            raise SpawnFailed(f"generation {generation}: cannot start a worker: {exc}") from exc
+            raise SpawnFailed(
+                f"generation {generation}: cannot start a worker: {exc}", generation=generation
+            ) from exc
         worker = Worker(process, generation, slot)
         self._workers_by_pid[worker.pid] = worker
         assert self._nursery is not None
@@ -560,7 +601,9 @@ class Supervisor:
             # stop this one too, or the supervisor would wait for it forever.
             worker.stopping = True
             _signal(worker, signal.SIGTERM)
-        log.debug("generation %d: started worker %d", generation, worker.pid)
+        log.debug(
+            "generation %d: started worker %d", generation, worker.pid, extra=_about(generation, worker)
+        )
         return worker
 
     async def _reap(self, worker: Worker) -> None:
@@ -571,7 +614,7 @@ class Supervisor:
         self._workers_by_pid.pop(worker.pid, None)
         self._notify_changed()
         if worker.stopping or self._stopping:
-            log.debug("worker %d exited with status %d", worker.pid, status)
+            log.debug("worker %d exited with status %d", worker.pid, status, extra=_about(worker=worker))
             return
         if not worker.ready:
             return  # a failed start: the generation's start reports it
@@ -591,7 +634,7 @@ class Supervisor:
             served = STABLE_AFTER
         delay = generation.restart_delay(worker.slot, served)
         if worker.timed_out:
-            log.debug("worker %d killed; restarting in %gs", worker.pid, delay)
+            log.debug("worker %d killed; restarting in %gs", worker.pid, delay, extra=_about(worker=worker))
         elif stopped:
             log.info(
                 "worker %d (generation %d) stopped after %.1fs serving, not asked by the supervisor; "
@@ -600,6 +643,7 @@ class Supervisor:
                 worker.generation,
                 trio.current_time() - worker.ready_at,
                 delay,
+                extra=_about(worker=worker),
             )
         else:
             log.warning(
@@ -609,6 +653,7 @@ class Supervisor:
                 _describe_status(status),
                 trio.current_time() - worker.ready_at,
                 delay,
+                extra=_about(worker=worker),
             )
         assert self._nursery is not None
         self._nursery.start_soon(self._restart_slot, generation, worker, delay)
@@ -625,7 +670,13 @@ class Supervisor:
                 # The machine's fault (no process to spare, the interpreter gone),
                 # not the code's: retried as long as it lasts, each attempt logged.
                 delay = generation.back_off(dead.slot, delay)
-                log.error("%s (to replace worker %d); retrying in %gs", exc, dead.pid, delay)
+                log.error(
+                    "%s (to replace worker %d); retrying in %gs",
+                    exc,
+                    dead.pid,
+                    delay,
+                    extra=_about(generation.number, dead),
+                )
                 continue
             if generation.retired:
                 # Replaced by a reload while this worker was being spawned: it would
@@ -638,7 +689,12 @@ class Supervisor:
                 while not replacement.ready and not replacement.exited:
                     await self._wait_changed()
             if replacement.ready:
-                log.info("worker %d replaced worker %d", replacement.pid, dead.pid)
+                log.info(
+                    "worker %d replaced worker %d",
+                    replacement.pid,
+                    dead.pid,
+                    extra=_about(generation.number, replacement),
+                )
                 return
             if replacement.stopping:
                 return  # its generation stops (a reload, the shutdown)
@@ -654,6 +710,7 @@ class Supervisor:
                     replacement.pid,
                     why,
                     failures,
+                    extra=_about(generation.number, replacement),
                 )
                 self.exit_status = 1
                 self.stop()
@@ -665,13 +722,23 @@ class Supervisor:
                 generation.number,
                 why,
                 delay,
+                extra=_about(generation.number, replacement),
             )
             dead = replacement
 
     async def _stop_generation(self, generation: Generation) -> None:
         generation.retired = True
+        live = [w.pid for w in generation.workers if not w.exited]
+        if live:
+            log.debug(
+                "generation %d stopping: worker(s) %s drain within %gs",
+                generation.number,
+                ", ".join(map(str, live)),
+                self.grace_period,
+                extra=_about(generation.number),
+            )
         await self._stop_workers(generation.workers)
-        log.debug("generation %d stopped", generation.number)
+        log.debug("generation %d stopped", generation.number, extra=_about(generation.number))
 
     async def _stop_workers(self, workers: Sequence[Worker]) -> None:
         live = [w for w in workers if not w.exited]
@@ -689,7 +756,11 @@ class Supervisor:
             [w.process for w in live],
             self.grace_period + STOP_MARGIN,
             first_signal=lambda process: first[process.pid],
-            on_kill=lambda process: log.warning("worker %d did not stop in time; killing it", process.pid),
+            on_kill=lambda process: log.warning(
+                "worker %d did not stop in time; killing it",
+                process.pid,
+                extra={"worker_pid": process.pid},
+            ),
         )
 
     async def _stop_everything(self) -> None:
@@ -719,7 +790,7 @@ class Supervisor:
             if fields.get("READY") == "1" and not worker.ready:
                 worker.ready = True
                 worker.ready_at = worker.last_ping
-                log.debug("worker %d ready", worker.pid)
+                log.debug("worker %d ready", worker.pid, extra=_about(worker=worker))
                 self._notify_changed()
 
     def _workers_healthy(self) -> bool:
@@ -743,6 +814,7 @@ class Supervisor:
                 "(their event loops are blocked); no more watchdog pings to the service manager",
                 now - max(w.last_ping for w in serving),
                 self.current.number,
+                extra=_about(self.current.number),
             )
         return False
 
@@ -771,6 +843,7 @@ class Supervisor:
                         worker.generation,
                         now - worker.last_ping,
                         self.worker_timeout,
+                        extra=_about(worker=worker),
                     )
                     _signal(worker, signal.SIGKILL)
 
@@ -806,6 +879,17 @@ class Supervisor:
             return "Starting"
         pids = ", ".join(str(w.pid) for w in generation.workers)
         return f"Generation {generation.number}: {len(generation.workers)} worker(s) ({pids})"
+
+
+def _about(generation: int | None = None, worker: Worker | None = None) -> dict[str, int]:
+    """``extra=`` for a line about a generation or a worker: fields of their own in JSON logs."""
+    fields = {}
+    if worker is not None:
+        fields["generation"] = worker.generation
+        fields["worker_pid"] = worker.pid
+    if generation is not None:
+        fields["generation"] = generation
+    return fields
 
 
 def _signal(worker: Worker, signum: int) -> None:

@@ -206,11 +206,21 @@ class Service:
         try:
             await handler.function(argument)
         except Exception:
-            log.exception("handlers.%s (sockets.%s) raised; stopping the service", handler.spec.name, names)
+            log.exception(
+                "handlers.%s (sockets.%s) raised; stopping the service",
+                handler.spec.name,
+                names,
+                extra={"handler": handler.spec.name, "socket": names},
+            )
             self.fail()
         else:
             if not self._stopping:
-                log.warning("handlers.%s (sockets.%s) returned; it serves no more", handler.spec.name, names)
+                log.warning(
+                    "handlers.%s (sockets.%s) returned; it serves no more",
+                    handler.spec.name,
+                    names,
+                    extra={"handler": handler.spec.name, "socket": names},
+                )
 
     def _report_ready(self) -> None:
         served = ", ".join(f"{item.handler.spec.name} ({len(item.sockets)} fd)" for item in self.handlers)
@@ -298,7 +308,7 @@ class Service:
             # Stop accepting before the manager hears of the successor: from here
             # on every new connection is the successor's.
             self._begin_shutdown()
-            log.info("handed over to process %d", successor)
+            log.info("handed over to process %d", successor, extra={"worker_pid": successor})
             manager.send(notify_message.mainpid(successor, ready=True))
             announce_reload_outcome(True, f"handed over to process {successor}")
             self.handed_over = True
@@ -348,16 +358,24 @@ async def serve_connection_once(
 
 async def _serve_one(handler: LoadedHandler, conn: socket.socket, scope: trio.CancelScope) -> int:
     trio_sock = trio.socket.from_stdlib_socket(conn)
+    about = {"handler": handler.spec.name}
     try:
         with scope:
             # The handler's idle-timeout and max-lifetime apply here as in `serve`.
             reached = await serve_with_timeouts(handler, trio_sock, is_stream=conn.type == socket.SOCK_STREAM)
         if scope.cancelled_caught:
-            log.warning("handlers.%s: the Accept=yes connection was cancelled", handler.spec.name)
+            log.warning(
+                "handlers.%s: the Accept=yes connection was cancelled", handler.spec.name, extra=about
+            )
         elif reached is not None:
-            log.info("handlers.%s: the Accept=yes connection reached its %s", handler.spec.name, reached)
+            log.info(
+                "handlers.%s: the Accept=yes connection reached its %s",
+                handler.spec.name,
+                reached,
+                extra=about,
+            )
     except Exception:
-        log.exception("handlers.%s: the Accept=yes connection raised", handler.spec.name)
+        log.exception("handlers.%s: the Accept=yes connection raised", handler.spec.name, extra=about)
         return EXIT_FAILED
     finally:
         trio_sock.close()

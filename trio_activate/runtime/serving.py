@@ -335,7 +335,10 @@ class StreamServer:
                     # left the backlog.  Counts against ACCEPT_BATCH, so even
                     # an error that kept coming would yield at wait_readable.
                     log.debug(
-                        "sockets.%s: skipped a connection that failed before accept: %s", item.name, exc
+                        "sockets.%s: skipped a connection that failed before accept: %s",
+                        item.name,
+                        exc,
+                        extra={"socket": item.name, "handler": self.name},
                     )
                     continue
                 self._capacity_logged = False
@@ -361,6 +364,7 @@ class StreamServer:
                 "sockets.%s: accept failed: %s; waiting for a connection to close before retrying",
                 item.name,
                 exc.strerror or exc,
+                extra={"socket": item.name, "handler": self.name},
             )
         with trio.move_on_after(CAPACITY_BACKOFF):
             await self.slots.wait_freed()
@@ -407,11 +411,21 @@ class StreamServer:
         if reached is not None:
             self.timed_out += 1
             log.debug(
-                "handlers.%s: a connection on sockets.%s reached its %s; closing it", self.name, name, reached
+                "handlers.%s: a connection on sockets.%s reached its %s; closing it",
+                self.name,
+                name,
+                reached,
+                extra={"socket": name, "handler": self.name},
             )
 
     def _handler_failed(self, name: str, exc: Exception) -> None:
-        log.error("handlers.%s: a connection on sockets.%s raised", self.name, name, exc_info=exc)
+        log.error(
+            "handlers.%s: a connection on sockets.%s raised",
+            self.name,
+            name,
+            exc_info=exc,
+            extra={"socket": name, "handler": self.name},
+        )
         if self.handler.spec.on_error is OnError.EXIT:
             self.on_failure()
 

@@ -311,7 +311,13 @@ def _create_inet(spec: SocketSpec, address: InetAddress, where: _Where) -> Creat
         if address.port == 0:
             bound = address_from_sockname(family, sock.getsockname())
             verb = "bound to" if kind == socket.SOCK_DGRAM else "listening on"
-            logger.info("sockets.%s: %s %s (port 0: chosen by the kernel)", spec.name, verb, bound)
+            logger.info(
+                "sockets.%s: %s %s (port 0: chosen by the kernel)",
+                spec.name,
+                verb,
+                bound,
+                extra={"socket": spec.name},
+            )
     except BaseException:
         sock.close()
         raise
@@ -474,7 +480,12 @@ def _clear_stale_socket(path: str, kind: int, spec: SocketSpec, where: _Where) -
         return
     except OSError as exc:
         raise where.error(f"cannot remove the stale socket file: {_problem(exc)}") from None
-    logger.info("sockets.%s: replaced the stale socket file %s (nobody listened on it)", spec.name, path)
+    logger.info(
+        "sockets.%s: replaced the stale socket file %s (nobody listened on it)",
+        spec.name,
+        path,
+        extra={"socket": spec.name},
+    )
 
 
 def _probe(path: str, kind: int, where: _Where) -> bool | None:

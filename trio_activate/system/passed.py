@@ -50,7 +50,7 @@ from typing import Protocol
 from ..errors import AdoptionError
 from ..model.listen_env import ListenFds
 from ..model.manifest import Manifest
-from ..model.match import Match, PassedSocket, match_passed
+from ..model.match import Match, PassedSocket, describe_family, describe_type, match_passed
 from ..model.records import field, record
 from . import fds
 
@@ -288,7 +288,8 @@ def adopt(
     In order: set ``FD_CLOEXEC`` on every fd, inspect each (`fds.inspect_fd`),
     match them to the manifest (`match_passed`), log its warnings on `log`
     (the ``trio_activate`` logger by default), wrap every claimed fd as a
-    ``socket.socket``, close the unclaimed ones.
+    ``socket.socket``, close the unclaimed ones; then, at debug level, one
+    line per adopted fd on the ``trio_activate`` logger.
 
     `listen` is either the `ListenFds` read from the environment, or a
     `PassedFds` from which the caller already took the fds it wants for
@@ -335,7 +336,29 @@ def adopt(
         _close_after_failure(adopted, passed, exc)
         raise
     adopted.warnings = match.warnings
+    _log_adopted(found, match)
     return adopted
+
+
+def _log_adopted(found: Sequence[PassedSocket], match: Match) -> None:
+    """At debug level, one line per adopted fd: what it is, its passed name, the manifest socket."""
+    if not logger.isEnabledFor(logging.DEBUG):
+        return
+    by_fd = {item.fd: item for item in found}
+
+    def what(fd: int) -> str:
+        item = by_fd[fd]
+        address = f" {item.address}" if item.address is not None else ""
+        return (
+            f"fd {fd} ({describe_family(item.family)} {describe_type(item.type)}{address}, "
+            f"passed as {item.name!r})"
+        )
+
+    if match.connection is not None:
+        logger.debug("adopted %s as the Accept=yes connection", what(match.connection))
+    for name, socket_fds in match.by_socket.items():
+        for fd in socket_fds:
+            logger.debug("sockets.%s: adopted %s", name, what(fd), extra={"socket": name})
 
 
 def _close_after_failure(adopted: Adopted, passed: PassedFds, exc: BaseException) -> None:
