@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import wait_until
+from helpers import wait_until, write_manifest
 from helpers.systemd import (
     CONFIG,
     UNCLEAN,
@@ -330,11 +330,13 @@ def test_a_handler_that_cannot_be_imported_fails_the_unit_and_the_socket_keeps_l
         "NRestarts": "0",
     }, shown
     journal = machine.journal("broken.service")
-    # The worker's line, with its PID (the supervisor's journal line names the same worker).
+    # The worker's line, with its PID (the supervisor's journal line names the same worker),
+    # at error priority.
+    errors = machine.run("journalctl", "--no-pager", "-q", "-p", "err", "-u", "broken.service").stdout
     assert re.search(
-        r"trio-activate\[(\d+)\]: error: service.toml: handlers.web.call: cannot import 'broken_app': "
+        r"worker (\d+): service.toml: handlers.web.call: cannot import 'broken_app': "
         r"No module named.*\n.*worker \1 exited with status 2",
-        journal,
+        errors,
     ), journal
     assert "Traceback" not in journal
     assert machine.show("broken-web.socket", "ActiveState", "SubState") == {
@@ -348,6 +350,76 @@ def test_a_handler_that_cannot_be_imported_fails_the_unit_and_the_socket_keeps_l
     assert round_trip(machine, ("127.0.0.1", 7300)) == b"fixed\n"
     machine.wait_for("broken.service", ActiveState="active")
     machine.systemctl("stop", "broken.service", "broken-web.socket")
+
+
+# --- the journal -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_journal_has_each_line_once_at_its_priority(machine: SystemdMachine, tmp_path: Path) -> None:
+    """Lines come with their syslog priority (``journalctl -p`` filters) and no prefix of ours:
+    journald adds ``trio-activate[PID]:`` itself.  A worker's lines name the worker."""
+    folder = tmp_path / "svc"
+    manifest = write_manifest(
+        folder,
+        """
+        [service]
+        name = "logging"
+        workers = 2
+
+        [sockets.web]
+        listen = "127.0.0.1:7700"
+        [sockets.spare]
+        listen = "127.0.0.1:7701"
+        [sockets.idle]
+        listen = "127.0.0.1:7702"
+
+        [handlers.web]
+        socket = "web"
+        call = "trio_activate.examples:echo"
+        [handlers.spare]
+        socket = "spare"
+        kind = "listener"
+        call = "quitter:run"
+        """,
+    )
+    (folder / "quitter.py").write_text("async def run(listeners):\n    return\n")
+    start_by_first_connection(machine, manifest, tmp_path / "units", 7700)
+    wait_until(
+        lambda: machine.journal("logging.service").count("it serves no more") == 2,
+        what="each worker's warning",
+    )
+    journal = machine.journal("logging.service")
+    warnings = machine.run(
+        "journalctl",
+        "--no-pager",
+        "-o",
+        "short-monotonic",
+        "--no-hostname",
+        "-p",
+        "warning",
+        "-u",
+        "logging.service",
+    ).stdout
+    # The supervisor's warning (the manifest's), and each worker's, with the worker's PID.
+    assert "sockets.idle: no handler serves this socket" in warnings, warnings
+    returned = re.findall(
+        r"worker (\d+): handlers.spare \(sockets.spare\) returned; it serves no more", warnings
+    )
+    assert len(set(returned)) == 2, warnings
+    # Not the info lines, which the journal has.
+    assert "ready: generation 1, 2 worker(s)" in journal
+    assert "ready: " not in warnings, warnings
+    assert "supervising logging" not in warnings, warnings
+    # Each line as journald shows it: its own prefix once, no level word, no <N>.
+    ours = [line for line in journal.splitlines() if "trio-activate[" in line]
+    assert ours, journal
+    for line in ours:
+        assert not re.search(r"trio-activate\[\d+\]: .*trio-activate\[", line), line
+        assert not re.search(r"\]: <\d>|: (info|warning|error|debug): ", line), line
+    machine.systemctl(
+        "stop", "logging.service", "logging-web.socket", "logging-spare.socket", "logging-idle.socket"
+    )
 
 
 # --- the watchdog ----------------------------------------------------------------
