@@ -445,7 +445,7 @@ class Supervisor:
         except ActivationError as exc:
             # Its number is spent, as a generation's that failed to start: the log names each once.
             self.generations_started = generation
-            raise StartFailed(f"generation {generation}: {exc}") from exc
+            raise StartFailed(f"generation {generation}: {exc}", generation=generation) from exc
 
     async def _stop_replaced_generation(self, old: Generation, change: SocketChange | None) -> None:
         """Stop the generation a reload replaced, then close the sockets only it served."""
