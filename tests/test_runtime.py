@@ -22,6 +22,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -564,6 +565,49 @@ async def test_serve_connection_once_exits_1_when_the_handler_raises(
         assert await serve_connection_once(handler_for(broken, "acc"), ours) == EXIT_FAILED
         assert peer.recv(100) == b""
     assert messages(records) == ["handlers.acc: the Accept=yes connection raised"]
+
+
+@contextmanager
+def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """An accepted TCP connection (ours) and its client (peer)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.create_connection(listener.getsockname())
+        with peer:
+            ours, _ = listener.accept()
+            yield ours, peer
+
+
+async def test_serve_connection_once_takes_a_client_that_resets_as_no_failure(
+    records: pytest.LogCaptureFixture,
+) -> None:
+    """Accept=yes: a client that resets is one debug line, exit status 0 (systemd would
+    otherwise count the instance as failed)."""
+    records.set_level(logging.DEBUG, logger="trio_activate")
+
+    async def reads_then_writes(stream: trio.SocketStream) -> None:
+        await stream.receive_some(100)
+        while True:
+            await stream.send_all(b"x" * 100)
+            await trio.sleep(0.001)
+
+    spec = HandlerSpec("acc", ("web",), "tests.app:web")
+    with tcp_pair() as (ours, peer):
+        port = peer.getsockname()[1]
+        peer.sendall(b"request")
+
+        async def client_resets() -> None:
+            await trio.to_thread.run_sync(peer.recv, 100)
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            peer.close()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client_resets)
+            assert await serve_connection_once(LoadedHandler(spec, reads_then_writes), ours) == EXIT_OK
+    [debug] = records.records
+    assert (debug.levelno, debug.getMessage()) == (
+        logging.DEBUG,
+        f"handlers.acc: client 127.0.0.1:{port} reset the connection",
+    )
 
 
 async def test_serve_connection_once_keeps_the_handlers_idle_timeout_and_max_lifetime(

@@ -18,6 +18,7 @@ import logging
 import os
 import resource
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -304,6 +305,141 @@ async def test_on_error_exit_asks_the_service_to_stop_once_per_failure(sockets: 
         assert await exchange(listener, b"boom") == b""
         assert failures == [2]
         server.stop_accepting()
+
+
+# --- clients that go away ------------------------------------------------------
+
+
+def reset(client: trio.socket.SocketType) -> None:
+    """Close ``client`` with a reset (RST) instead of a FIN: SO_LINGER on, 0 seconds."""
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+
+
+async def reads_then_writes(stream: trio.SocketStream) -> None:
+    """Reads a request, then answers in pieces until the client is gone."""
+    await stream.receive_some(100)
+    while True:
+        await stream.send_all(b"x" * 100)
+        await trio.sleep(0.001)
+
+
+async def request_then_reset(listener: socket.socket) -> int:
+    """A client that sends a request, sees the answer begin, and resets; returns its port."""
+    client = await connect(listener)
+    port: int = client.getsockname()[1]
+    try:
+        await client.send(b"GET / HTTP/1.1\r\n\r\n")
+        assert await client.recv(100)
+    finally:
+        reset(client)
+    return port
+
+
+async def until_idle(server: StreamServer) -> None:
+    with trio.fail_after(5):
+        while server.slots.active:
+            await server.slots.wait_freed()
+
+
+async def test_clients_that_reset_are_one_debug_line_each_and_no_error(
+    sockets: Sockets, records: pytest.LogCaptureFixture
+) -> None:
+    """50 clients reset while the handler answers: 50 debug lines naming each, no traceback;
+    and with on-error = "exit" the service is not stopped (on_failure would fail the test)."""
+    records.set_level(logging.DEBUG, logger="trio_activate")
+    listener = sockets.tcp()
+    server = server_for(reads_then_writes, listener, spec=stream_spec(on_error=OnError.EXIT))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        ports = [await request_then_reset(listener) for _ in range(50)]
+        await until_idle(server)
+        server.stop_accepting()
+    assert [r.levelno for r in records.records] == [logging.DEBUG] * 50
+    # In the order the handlers saw the resets, which need not be the clients' order.
+    assert sorted(r.getMessage() for r in records.records) == sorted(
+        f"handlers.web: client 127.0.0.1:{port} on sockets.web reset the connection" for port in ports
+    )
+    assert all(r.exc_info is None for r in records.records)
+    assert (server.accepted, server.cancelled, server.slots.active) == (50, 0, 0)
+
+
+async def test_a_reset_inside_a_handlers_own_nursery_is_the_clients_too(
+    sockets: Sockets, records: pytest.LogCaptureFixture
+) -> None:
+    records.set_level(logging.DEBUG, logger="trio_activate")
+
+    async def with_nursery(stream: trio.SocketStream) -> None:
+        async with trio.open_nursery() as inner:
+            inner.start_soon(reads_then_writes, stream)
+
+    listener = sockets.tcp()
+    server = server_for(with_nursery, listener)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        port = await request_then_reset(listener)
+        await until_idle(server)
+        server.stop_accepting()
+    assert [(r.levelno, r.getMessage()) for r in records.records] == [
+        (logging.DEBUG, f"handlers.web: client 127.0.0.1:{port} on sockets.web reset the connection")
+    ]
+
+
+async def test_a_reset_of_a_connection_the_handler_opened_itself_stays_an_error(
+    sockets: Sockets, records: pytest.LogCaptureFixture
+) -> None:
+    """Only the served connection's own socket says its client went away: an upstream
+    server that resets is the handler's error to handle, logged with its traceback."""
+    upstream = sockets.tcp()
+
+    async def proxy(stream: trio.SocketStream) -> None:
+        with trio.socket.socket() as backend:
+            await backend.connect(upstream.getsockname())
+            await stream.send_all(b"connected")
+            await backend.recv(100)
+
+    listener = sockets.tcp()
+    server = server_for(proxy, listener)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        with await connect(listener) as client:
+            assert await client.recv(100) == b"connected"
+            accepted, _ = upstream.accept()
+            accepted.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            accepted.close()
+            assert await client.recv(100) == b""
+        server.stop_accepting()
+    [record] = records.records
+    assert (record.levelno, record.getMessage()) == (
+        logging.ERROR,
+        "handlers.web: a connection on sockets.web raised",
+    )
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], ConnectionResetError)
+
+
+async def test_a_broken_pipe_after_the_handlers_own_shutdown_stays_an_error(
+    sockets: Sockets, records: pytest.LogCaptureFixture
+) -> None:
+    """EPIPE on the connection's socket, but the handler shut its sending side itself."""
+
+    async def sends_after_eof(sock: trio.socket.SocketType) -> None:
+        await sock.recv(100)
+        sock.shutdown(socket.SHUT_WR)
+        await sock.send(b"late")
+
+    listener = sockets.unix("packets.sock", socket.SOCK_SEQPACKET)
+    server = server_for(sends_after_eof, listener)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        with await connect(listener) as client:
+            await client.send(b"hi")
+            assert await client.recv(100) == b""
+        server.stop_accepting()
+    [record] = records.records
+    assert record.levelno == logging.ERROR
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], BrokenPipeError)
 
 
 # --- cancellation -----------------------------------------------------------

@@ -32,6 +32,7 @@ import logging
 import math
 import socket
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import trio
 
@@ -40,6 +41,7 @@ from ..model.manifest import HandlerKind, Manifest
 from ..model.records import record
 from ..system.notifier import Notifier
 from ..system.reload_outcome import announce_reload_outcome
+from .access import log_went_away, went_away
 from .handlers import LoadedHandler
 from .serving import Listening, StreamServer, serve_with_timeouts
 from .signals import watch_signals
@@ -360,6 +362,10 @@ async def _serve_one(handler: LoadedHandler, conn: socket.socket, scope: trio.Ca
     trio_sock = trio.socket.from_stdlib_socket(conn)
     about = {"handler": handler.spec.name}
     try:
+        address: Any = conn.getpeername()
+    except OSError:  # ENOTCONN: the client went away before this process started
+        address = None
+    try:
         with scope:
             # The handler's idle-timeout and max-lifetime apply here as in `serve`.
             reached = await serve_with_timeouts(handler, trio_sock, is_stream=conn.type == socket.SOCK_STREAM)
@@ -374,9 +380,13 @@ async def _serve_one(handler: LoadedHandler, conn: socket.socket, scope: trio.Ca
                 reached,
                 extra=about,
             )
-    except Exception:
-        log.exception("handlers.%s: the Accept=yes connection raised", handler.spec.name, extra=about)
-        return EXIT_FAILED
+    except Exception as exc:
+        gone = went_away(exc, trio_sock)
+        if gone is None:
+            log.exception("handlers.%s: the Accept=yes connection raised", handler.spec.name, extra=about)
+            return EXIT_FAILED
+        # The client's doing, not a failure of the service: exit status 0.
+        log_went_away(handler.spec.name, "", address, trio_sock, gone)
     finally:
         trio_sock.close()
     return EXIT_OK

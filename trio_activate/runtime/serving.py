@@ -32,8 +32,13 @@ cancelled.  The handler may close the stream itself; closing is idempotent.
 Error handling: an exception from one connection's handler is logged with
 its traceback and the socket name and the server keeps serving
 (``on-error = "log"``), or asks the service to stop with exit status 1
-(``"exit"``).  ``accept()`` failing for lack of resources (``EMFILE``,
-``ENFILE``, ``ENOBUFS``, ``ENOMEM``) is logged once per burst and retried as
+(``"exit"``).  An exception that only says the client went away (a reset,
+a broken pipe, from the connection's own socket: `access.went_away` has the
+rule) is no error of the handler: one debug line naming the client, and
+``on-error`` does not apply.
+
+``accept()`` failing for lack of resources (``EMFILE``, ``ENFILE``,
+``ENOBUFS``, ``ENOMEM``) is logged once per burst and retried as
 soon as a connection of this server closes (which frees an fd), or after
 ``CAPACITY_BACKOFF`` seconds when none does.  Trio's fixed 100 ms sleep would
 leave a draining server idle under fd pressure while handlers free fds.
@@ -56,6 +61,7 @@ import trio
 
 from ..model.manifest import OnError, OnFull
 from ..model.records import record
+from .access import log_went_away, went_away
 from .handlers import LoadedHandler
 
 __all__ = [
@@ -322,7 +328,7 @@ class StreamServer:
                 if not self.slots.available() and not close_when_full:
                     break
                 try:
-                    conn, _ = sock.accept()
+                    conn, address = sock.accept()
                 except BlockingIOError:
                     break
                 except OSError as exc:
@@ -351,7 +357,8 @@ class StreamServer:
                 self.slots.take()
                 self.accepted += 1
                 try:
-                    connections.start_soon(self._serve_connection, conn, item.name, is_stream)
+                    trio_sock = trio.socket.from_stdlib_socket(conn)
+                    connections.start_soon(self._serve_connection, trio_sock, address, item.name, is_stream)
                 except BaseException:
                     conn.close()
                     self.slots.give_back()
@@ -369,28 +376,24 @@ class StreamServer:
         with trio.move_on_after(CAPACITY_BACKOFF):
             await self.slots.wait_freed()
 
-    async def _serve_connection(self, conn: socket.socket, name: str, is_stream: bool) -> None:
+    async def _serve_connection(
+        self, sock: trio.socket.SocketType, address: Any, name: str, is_stream: bool
+    ) -> None:
         try:
-            trio_sock = trio.socket.from_stdlib_socket(conn)
-            try:
-                # trio.SocketStream takes SOCK_STREAM only: a seqpacket
-                # connection is handed over as its connected Trio socket, so
-                # message boundaries survive.
-                if self._timed:
-                    await self._serve_timed(trio_sock, name, is_stream)
-                elif is_stream:
-                    await self.handler.function(trio.SocketStream(trio_sock))
-                else:
-                    await self.handler.function(trio_sock)
-            finally:
-                # Sync and idempotent: no second, forced aclose of a stream
-                # the handler closed already.
-                trio_sock.close()
+            # trio.SocketStream takes SOCK_STREAM only: a seqpacket
+            # connection is handed over as its connected Trio socket, so
+            # message boundaries survive.
+            if self._timed:
+                await self._serve_timed(sock, name, is_stream)
+            elif is_stream:
+                await self.handler.function(trio.SocketStream(sock))
+            else:
+                await self.handler.function(sock)
         except trio.Cancelled:
             self.cancelled += 1
             raise
         except Exception as exc:
-            self._handler_failed(name, exc)
+            self._connection_failed(sock, address, name, exc)
         except BaseExceptionGroup as group:
             # A handler that runs a nursery of its own is cancelled with a
             # group of Cancelled, maybe with errors of its own alongside.
@@ -399,15 +402,18 @@ class StreamServer:
                 raise
             self.cancelled += 1
             if failed is not None:
-                self._handler_failed(name, failed)
+                self._connection_failed(sock, address, name, failed)
             raise cancelled from None
         finally:
-            conn.close()
+            # Sync and idempotent: no second, forced aclose of a stream the
+            # handler closed already.  (After the lines above: a unix
+            # client's pid is read from the open socket.)
+            sock.close()
             self.slots.give_back()
 
-    async def _serve_timed(self, trio_sock: trio.socket.SocketType, name: str, is_stream: bool) -> None:
+    async def _serve_timed(self, sock: trio.socket.SocketType, name: str, is_stream: bool) -> None:
         """Run the handler under the connection's own deadline: ``max-lifetime``, ``idle-timeout``."""
-        reached = await serve_with_timeouts(self.handler, trio_sock, is_stream=is_stream)
+        reached = await serve_with_timeouts(self.handler, sock, is_stream=is_stream)
         if reached is not None:
             self.timed_out += 1
             log.debug(
@@ -417,6 +423,16 @@ class StreamServer:
                 reached,
                 extra={"socket": name, "handler": self.name},
             )
+
+    def _connection_failed(
+        self, sock: trio.socket.SocketType, address: Any, name: str, exc: Exception
+    ) -> None:
+        """Log the exception of one connection's handler: the client went away, or the handler failed."""
+        gone = went_away(exc, sock)
+        if gone is not None:
+            log_went_away(self.name, f" on sockets.{name}", address, sock, gone)
+        else:
+            self._handler_failed(name, exc)
 
     def _handler_failed(self, name: str, exc: Exception) -> None:
         log.error(
