@@ -1,22 +1,25 @@
 """End to end: what ``trio-activate serve`` logs of its clients.
 
 A client that resets its connection is one debug line, never an error with a
-traceback; a handler's own exception still is one.  Real
+traceback; a handler's own exception still is one.  With ``access-log = true``
+each connection ends with one info line on ``trio_activate.access``.  Real
 processes (``python -m trio_activate serve``, self-activating), real TCP
 clients on 127.0.0.1, resets made with ``SO_LINGER`` 0.
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import Process, clean_env, running, write_manifest
+from helpers import Process, clean_env, one_line_error, run_cli, running, write_manifest
 
 APP = """\
 import trio
@@ -117,3 +120,108 @@ def test_50_resets_are_50_debug_lines_and_no_traceback_while_a_bug_keeps_its_own
     assert proc.count(rf"{LINE}error: handlers\.web: a connection on sockets\.web raised$") == 1
     assert "ValueError: a handler bug" in proc.log
     assert "stopped: every connection finished (51 served)" in proc.log
+    # No access log unless asked for.
+    assert "handler=web" not in proc.log
+
+
+ACCESS = (
+    rf"{LINE}info: handler=web socket=web peer=127\.0\.0\.1:(?P<port>\d+) duration_ms=(?P<ms>\d+\.\d) "
+    r"bytes_in=(?P<bytes_in>\d+) bytes_out=(?P<bytes_out>\d+) outcome=(?P<outcome>\S+)$"
+)
+
+
+def test_the_access_log_has_a_line_per_connection_closed_reset_or_timed_out(tmp_path: Path) -> None:
+    with serving(tmp_path, call="echo", extra="idle-timeout = 0.5\naccess-log = true") as proc:
+        port = proc.port("web")
+
+        # Closed: the client half-closes, the handler returns.
+        with connect(port) as client:
+            client.sendall(b"hello")
+            client.shutdown(socket.SHUT_WR)
+            assert read_to_end(client) == b"hello"
+            closed_port = client.getsockname()[1]
+        closed = proc.wait_for(ACCESS)
+
+        # Reset: the handler's next receive fails.
+        mark = proc.mark()
+        reset_port = request_then_reset(port, b"hi")
+        was_reset = proc.wait_for(ACCESS, since=mark)
+
+        # Idle: nothing more after a first exchange, closed after idle-timeout.
+        mark = proc.mark()
+        with connect(port) as client:
+            client.sendall(b"zz")
+            assert client.recv(100) == b"zz"
+            started = time.monotonic()
+            assert client.recv(100) == b""
+            waited = time.monotonic() - started
+            idle_port = client.getsockname()[1]
+        idle = proc.wait_for(ACCESS, since=mark)
+        assert proc.stop(signal.SIGTERM) == 0
+
+    assert (int(closed["port"]), closed["bytes_in"], closed["bytes_out"], closed["outcome"]) == (
+        closed_port,
+        "5",
+        "5",
+        "closed",
+    )
+    assert float(closed["ms"]) < 5000
+    assert (int(was_reset["port"]), was_reset["bytes_in"], was_reset["bytes_out"], was_reset["outcome"]) == (
+        reset_port,
+        "2",
+        "2",
+        "reset",
+    )
+    assert (int(idle["port"]), idle["bytes_in"], idle["bytes_out"], idle["outcome"]) == (
+        idle_port,
+        "2",
+        "2",
+        "idle-timeout",
+    )
+    assert 500 <= float(idle["ms"]) < 5000
+    assert waited >= 0.4
+    assert proc.count(ACCESS) == 3
+    assert "Traceback" not in proc.log
+
+
+def test_access_log_on_a_datagram_handler_is_one_line_naming_file_and_key(tmp_path: Path) -> None:
+    manifest = write_manifest(
+        tmp_path,
+        """
+        [sockets.dns]
+        listen = "127.0.0.1:0"
+        type = "datagram"
+
+        [handlers.dns]
+        socket = "dns"
+        call = "trio_activate.examples:echo"
+        access-log = true
+        """,
+    )
+    for command in ("check", "serve"):
+        result = run_cli(command, str(manifest))
+        assert result.returncode == 2
+        assert one_line_error(result.stderr) == (
+            f"trio-activate: {manifest}: handlers.dns.access-log: "
+            "applies to stream handlers only, and this one is datagram"
+        )
+
+
+def test_check_writes_the_access_log_back(tmp_path: Path) -> None:
+    manifest = write_manifest(
+        tmp_path,
+        """
+        [sockets.web]
+        listen = "127.0.0.1:0"
+
+        [handlers.web]
+        socket = "web"
+        call = "trio_activate.examples:echo"
+        access-log = true
+        """,
+    )
+    result = run_cli("check", str(manifest))
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^access-log = true$", result.stdout, re.MULTILINE)
+    again = write_manifest(tmp_path, result.stdout, name="again.toml")
+    assert run_cli("check", str(again)).stdout.replace(str(again), str(manifest)) == result.stdout

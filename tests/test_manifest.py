@@ -22,6 +22,7 @@ from trio_activate.model.manifest import (
     SocketType,
     dump_manifest,
     load_manifest,
+    manifest_to_dict,
     parse_manifest,
 )
 
@@ -177,6 +178,25 @@ def test_max_lifetime_applies_to_a_seqpacket_socket() -> None:
     )
     (handler,) = parse(text + "max-lifetime = 60\n").handlers
     assert handler.max_lifetime == 60.0
+
+
+def test_access_log_is_off_by_default_and_read_and_written_back() -> None:
+    (handler,) = parse(MINIMAL).handlers
+    assert handler.access_log is False
+    assert "access-log = false" in dump_manifest(parse(MINIMAL))
+    manifest = parse(MINIMAL + "access-log = true\n")
+    assert manifest.handlers[0].access_log is True
+    assert manifest_to_dict(manifest)["handlers"]["echo"]["access-log"] is True
+    assert parse(dump_manifest(manifest)) == manifest
+    # Seqpacket connections take it too (their line has no byte counts).
+    seqpacket = parse(
+        "[sockets.p]\nlisten = '/run/p.sock'\ntype = 'seqpacket'\n"
+        "[handlers.p]\nsocket = 'p'\ncall = 'm:f'\naccess-log = true\n"
+    )
+    assert seqpacket.handlers[0].access_log is True
+    # Not a stream handler: not written at all, like the other stream-only keys.
+    (dns,) = [h for h in manifest_to_dict(parse(FULL))["handlers"].values() if h["kind"] == "datagram"]
+    assert "access-log" not in dns
 
 
 def test_manifest_values_are_immutable() -> None:
@@ -470,6 +490,19 @@ INVALID = {
     "max-lifetime on a listener handler": (
         MINIMAL + "kind = 'listener'\nmax-lifetime = 5\n",
         r"handlers.echo.max-lifetime: applies to stream handlers only, and this one is listener",
+    ),
+    "access-log on a datagram handler": (
+        "[sockets.d]\nlisten = '127.0.0.1:53'\ntype = 'datagram'\n"
+        "[handlers.d]\nsocket = 'd'\ncall = 'm:f'\naccess-log = true\n",
+        r"handlers.d.access-log: applies to stream handlers only, and this one is datagram",
+    ),
+    "access-log on a listener handler": (
+        MINIMAL + "kind = 'listener'\naccess-log = false\n",
+        r"handlers.echo.access-log: applies to stream handlers only, and this one is listener",
+    ),
+    "access-log not a boolean": (
+        MINIMAL + "access-log = 'yes'\n",
+        r"handlers.echo.access-log: expected true or false, got a string",
     ),
     "idle-timeout on a seqpacket socket": (
         "[sockets.p]\nlisten = '/run/p.sock'\ntype = 'seqpacket'\n"

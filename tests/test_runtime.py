@@ -581,7 +581,7 @@ async def test_serve_connection_once_takes_a_client_that_resets_as_no_failure(
     records: pytest.LogCaptureFixture,
 ) -> None:
     """Accept=yes: a client that resets is one debug line, exit status 0 (systemd would
-    otherwise count the instance as failed)."""
+    otherwise count the instance as failed), and the access line says reset."""
     records.set_level(logging.DEBUG, logger="trio_activate")
 
     async def reads_then_writes(stream: trio.SocketStream) -> None:
@@ -590,7 +590,7 @@ async def test_serve_connection_once_takes_a_client_that_resets_as_no_failure(
             await stream.send_all(b"x" * 100)
             await trio.sleep(0.001)
 
-    spec = HandlerSpec("acc", ("web",), "tests.app:web")
+    spec = HandlerSpec("acc", ("web",), "tests.app:web", access_log=True)
     with tcp_pair() as (ours, peer):
         port = peer.getsockname()[1]
         peer.sendall(b"request")
@@ -603,11 +603,17 @@ async def test_serve_connection_once_takes_a_client_that_resets_as_no_failure(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client_resets)
             assert await serve_connection_once(LoadedHandler(spec, reads_then_writes), ours) == EXIT_OK
-    [debug] = records.records
+    debug, access = records.records
     assert (debug.levelno, debug.getMessage()) == (
         logging.DEBUG,
         f"handlers.acc: client 127.0.0.1:{port} reset the connection",
     )
+    assert (access.name, access.levelno) == ("trio_activate.access", logging.INFO)
+    assert re.fullmatch(
+        rf"handler=acc socket=- peer=127\.0\.0\.1:{port} duration_ms=\d+\.\d "
+        r"bytes_in=7 bytes_out=\d+00 outcome=reset",
+        access.getMessage(),
+    ), access.getMessage()
 
 
 async def test_serve_connection_once_keeps_the_handlers_idle_timeout_and_max_lifetime(

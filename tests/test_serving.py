@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import resource
 import socket
 import struct
@@ -84,6 +85,7 @@ def stream_spec(
     idle_timeout: float | None = None,
     max_lifetime: float | None = None,
     on_full: OnFull = OnFull.WAIT,
+    access_log: bool = False,
 ) -> HandlerSpec:
     return HandlerSpec(
         "web",
@@ -95,6 +97,7 @@ def stream_spec(
         idle_timeout=idle_timeout,
         max_lifetime=max_lifetime,
         on_full=on_full,
+        access_log=access_log,
     )
 
 
@@ -791,6 +794,157 @@ async def test_the_echo_example_serves_under_idle_timeout(sockets: Sockets) -> N
         assert await exchange(listener, b"hello") == b"hello"
         server.stop_accepting()
     assert (server.accepted, server.timed_out, server.slots.active) == (1, 0, 0)
+
+
+# --- access-log ----------------------------------------------------------------
+
+ACCESS_LINE = re.compile(
+    r"handler=web socket=web peer=(?P<peer>\S+) duration_ms=(?P<ms>\d+\.\d) "
+    r"bytes_in=(?P<bytes_in>\S+) bytes_out=(?P<bytes_out>\S+) outcome=(?P<outcome>\S+)"
+)
+
+
+def access_lines(records: pytest.LogCaptureFixture) -> list[dict[str, str]]:
+    """Each access line's fields, checked against the line's shape and level."""
+    lines = []
+    for record in records.records:
+        if record.name == "trio_activate.access":
+            assert record.levelno == logging.INFO
+            found = ACCESS_LINE.fullmatch(record.getMessage())
+            assert found, record.getMessage()
+            lines.append(found.groupdict())
+    return lines
+
+
+async def test_the_access_log_is_off_by_default(sockets: Sockets, records: pytest.LogCaptureFixture) -> None:
+    got: list[object] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        got.append(stream)
+        await echo(stream)
+
+    listener = sockets.tcp()
+    server = server_for(handler, listener)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        assert await exchange(listener, b"hello") == b"hello"
+        server.stop_accepting()
+    assert records.records == []
+    # Nothing counts its bytes: the handler has the plain stream.
+    assert [type(stream) for stream in got] == [trio.SocketStream]
+
+
+async def test_an_access_line_per_connection_names_peer_duration_bytes_and_outcome(
+    sockets: Sockets, records: pytest.LogCaptureFixture
+) -> None:
+    async def fragile(stream: trio.abc.HalfCloseableStream) -> None:
+        data = await stream.receive_some(100)
+        if data == b"boom":
+            raise ValueError("handler bug")
+        await stream.send_all(data.upper())
+        await stream.send_all(memoryview(b"!!"))
+
+    listener = sockets.tcp()
+    server = server_for(fragile, listener, spec=stream_spec(access_log=True))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        with await connect(listener) as client:
+            port = client.getsockname()[1]
+            await client.send(b"hello")
+            received = b""
+            while chunk := await client.recv(100):
+                received += chunk
+            assert received == b"HELLO!!"
+        assert await exchange(listener, b"boom") == b""
+        server.stop_accepting()
+    closed, failed = access_lines(records)
+    assert closed == {
+        "peer": f"127.0.0.1:{port}",
+        "ms": closed["ms"],
+        "bytes_in": "5",
+        "bytes_out": "7",
+        "outcome": "closed",
+    }
+    assert 0 <= float(closed["ms"]) < 5000
+    assert (failed["bytes_in"], failed["bytes_out"], failed["outcome"]) == ("4", "0", "error")
+    # The handler's error is still its one error line, with its traceback.
+    [error] = [r for r in records.records if r.levelno == logging.ERROR]
+    assert error.exc_info is not None
+    # The fields, for a structured formatter.
+    [first, _] = [r for r in records.records if r.name == "trio_activate.access"]
+    assert (first.handler, first.socket, first.bytes_in, first.outcome) == ("web", "web", 5, "closed")  # type: ignore[attr-defined]
+
+
+async def test_the_access_line_of_a_reset_says_reset(
+    sockets: Sockets, records: pytest.LogCaptureFixture
+) -> None:
+    listener = sockets.tcp()
+    server = server_for(reads_then_writes, listener, spec=stream_spec(access_log=True))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        port = await request_then_reset(listener)
+        await until_idle(server)
+        server.stop_accepting()
+    [line] = access_lines(records)
+    assert (line["peer"], line["bytes_in"], line["outcome"]) == (f"127.0.0.1:{port}", "18", "reset")
+    assert int(line["bytes_out"]) >= 100
+
+
+async def test_the_access_line_of_a_timeout_and_of_a_drain_say_which(
+    sockets: Sockets, records: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A unix client (it bound no name): its pid.  Idle for 30 s, or held past max-lifetime,
+    or cancelled at the end of the drain."""
+    listener = sockets.unix()
+    server = server_for(echo, listener, spec=stream_spec(idle_timeout=30, max_lifetime=100, access_log=True))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        with await connect(listener) as client:
+            await client.send(b"hi")
+            assert await client.recv(100) == b"hi"
+            assert await client.recv(100) == b""  # idle for 30 s
+        with await connect(listener) as client:
+            for _ in range(5):
+                await client.send(b"tick")
+                assert await client.recv(100) == b"tick"
+                await trio.sleep(20)
+            assert await client.recv(100) == b""  # 100 s in all
+        with await connect(listener) as client:
+            await client.send(b"drained")
+            assert await client.recv(100) == b"drained"
+            server.stop_accepting()
+            server.set_drain_deadline(trio.current_time() + 5)
+            assert await client.recv(100) == b""
+    idle, lifetime, drained = access_lines(records)
+    peer = f"pid:{os.getpid()}"
+    assert idle == {
+        "peer": peer,
+        "ms": idle["ms"],
+        "bytes_in": "2",
+        "bytes_out": "2",
+        "outcome": "idle-timeout",
+    }
+    assert 30_000 <= float(idle["ms"]) <= 30_000 * (1 + serving.IDLE_SLACK)
+    assert (lifetime["ms"], lifetime["bytes_in"], lifetime["outcome"]) == ("100000.0", "20", "max-lifetime")
+    assert (drained["ms"], drained["bytes_out"], drained["outcome"]) == ("5000.0", "7", "cancelled")
+
+
+async def test_a_seqpacket_access_line_has_no_byte_counts(
+    sockets: Sockets, records: pytest.LogCaptureFixture
+) -> None:
+    async def handler(sock: trio.socket.SocketType) -> None:
+        await sock.send(await sock.recv(100))
+
+    listener = sockets.unix("packets.sock", socket.SOCK_SEQPACKET)
+    server = server_for(handler, listener, spec=stream_spec(access_log=True))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        with await connect(listener) as client:
+            await client.send(b"one")
+            assert await client.recv(100) == b"one"
+        server.stop_accepting()
+    [line] = access_lines(records)
+    assert (line["bytes_in"], line["bytes_out"], line["outcome"]) == ("-", "-", "closed")
 
 
 # --- accept() faults ---------------------------------------------------------

@@ -117,6 +117,13 @@ def test_a_configuration_error_is_not_restarted() -> None:
     assert "RestartPreventExitStatus=2" in service, "exit 2: the one-line error; restarting cannot help"
 
 
+def test_the_access_log_is_no_systemd_directive() -> None:
+    """``access-log`` is the runtime's: the units are the same with it on."""
+    with_log = EVERY_OPTION.replace('call = "m:f"\n', 'call = "m:f"\naccess-log = true\n')
+    assert with_log != EVERY_OPTION
+    assert units_of(with_log) == units_of(EVERY_OPTION)
+
+
 def test_watchdog_becomes_watchdog_sec() -> None:
     for value, directive in (("3", "WatchdogSec=3"), ("1.5", "WatchdogSec=1500ms")):
         text = EVERY_OPTION.replace("grace-period = 12.5", f"grace-period = 12.5\nwatchdog = {value}")

@@ -201,6 +201,8 @@ class HandlerSpec:
     max_lifetime: float | None = None
     """Seconds a connection may last at all; None: no limit."""
     on_full: OnFull = OnFull.WAIT
+    access_log: bool = False
+    """One info line per connection, at its end, on the ``trio_activate.access`` logger."""
 
     @property
     def module(self) -> str:
@@ -770,6 +772,7 @@ class _Parser:
             on_full = self.enum_value(table, "on-full", OnFull, on_full_text)
             if max_connections is None:
                 raise table.error("on-full", "applies only with max-connections, which is not set")
+        access_log = table.get("access-log", table.boolean, False)
         table.finish()
         types = self.served_types(table, name, served, sockets, earlier)
         kind = self.handler_kind(table, explicit_kind, types)
@@ -783,6 +786,7 @@ class _Parser:
             idle_timeout,
             max_lifetime,
             on_full,
+            access_log,
         )
 
     def positive_duration(self, table: _Table) -> Callable[[str, Any], float]:
@@ -865,7 +869,14 @@ class _Parser:
                     f"a {kind.value} handler cannot serve sockets.{sock_name}, a {sock_type.value} socket",
                 )
         if kind is not HandlerKind.STREAM:
-            for key in ("max-connections", "on-error", "idle-timeout", "max-lifetime", "on-full"):
+            for key in (
+                "max-connections",
+                "on-error",
+                "idle-timeout",
+                "max-lifetime",
+                "on-full",
+                "access-log",
+            ):
                 if key in table.data:
                     raise table.error(key, f"applies to stream handlers only, and this one is {kind.value}")
         seqpacket = [sock_name for sock_name, sock_type in types.items() if sock_type is SocketType.SEQPACKET]
@@ -990,6 +1001,7 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
                 handler_table["idle-timeout"] = handler.idle_timeout
             if handler.max_lifetime is not None:
                 handler_table["max-lifetime"] = handler.max_lifetime
+            handler_table["access-log"] = handler.access_log
         handlers[handler.name] = handler_table
     document: dict[str, Any] = {"service": service, "sockets": sockets}
     if handlers:

@@ -1,4 +1,4 @@
-"""The end of one connection: who the client was, and whether it went away.
+"""The end of one connection: who the client was, whether it went away, and the access line.
 
 Layer 3 (trio).
 
@@ -8,6 +8,17 @@ trio's ``BrokenResourceError`` wrapping one), and that exception is the
 client's doing.  `went_away` tells such an exception from a genuine error,
 so the runtime logs it as one debug line instead of an error with a
 traceback (and, with ``on-error = "exit"``, does not stop the service).
+
+The access log (``access-log = true`` in a stream handler's table) is one
+info line per connection at its end, on the ``trio_activate.access`` logger
+(so a program embedding the runtime, or a logging configuration, can route
+it apart)::
+
+    handler=web socket=web peer=127.0.0.1:5555 duration_ms=12.3 bytes_in=78 bytes_out=1024 outcome=closed
+
+Its bytes come from a `Traffic` the counting stream adds to, and only
+connections of a handler with the log on are counted: the others get the
+plain ``trio.SocketStream`` and pay nothing.
 
 Resource handling: nothing here opens or closes a socket; `peer_text` reads
 the peer's credentials of a socket still open.
@@ -24,13 +35,19 @@ from typing import Any
 import trio
 
 __all__ = [
+    "ACCESS_LOGGER",
     "CLIENT_GONE_ERRNOS",
+    "Outcome",
+    "Traffic",
+    "log_access",
     "log_went_away",
     "peer_text",
     "went_away",
 ]
 
 log = logging.getLogger("trio_activate")
+ACCESS_LOGGER = "trio_activate.access"
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 # What the kernel reports on a connection whose client went away, and how the
 # debug line says it.  ECONNRESET: the client reset it (SO_LINGER 0, a
@@ -50,6 +67,16 @@ CLIENT_GONE_ERRNOS: dict[int, str] = {
 }
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class Outcome:
+    """How a connection ended, as the access line says it."""
+
+    CLOSED = "closed"  # the handler returned
+    RESET = "reset"  # the client went away (see went_away)
+    CANCELLED = "cancelled"  # cancelled at the end of the drain (grace-period) or by a second SIGINT
+    ERROR = "error"  # the handler raised
+    # A limit of the manifest closed it: its key, "idle-timeout" or "max-lifetime".
 
 
 def went_away(exc: BaseException, sock: trio.socket.SocketType) -> OSError | None:
@@ -121,3 +148,46 @@ def log_went_away(
     if log.isEnabledFor(logging.DEBUG):
         what = CLIENT_GONE_ERRNOS[error.errno or errno.ECONNRESET]
         log.debug("handlers.%s: client %s%s %s", handler, peer_text(address, sock), where, what)
+
+
+class Traffic:
+    """One connection's start and the bytes its handler received and sent, for the access line.
+
+    ``counted`` is false where the runtime cannot see the bytes: a seqpacket
+    connection is handed over as the Trio socket itself; its line says ``-``.
+    """
+
+    __slots__ = ("counted", "received", "sent", "started")
+
+    def __init__(self, *, counted: bool = True) -> None:
+        self.started = trio.current_time()
+        self.counted = counted
+        self.received = 0
+        self.sent = 0
+
+
+def log_access(handler: str, socket_name: str, peer: str, traffic: Traffic, outcome: str) -> None:
+    """The access line of one connection, at its end."""
+    duration = (trio.current_time() - traffic.started) * 1000
+    bytes_in: int | str = traffic.received if traffic.counted else "-"
+    bytes_out: int | str = traffic.sent if traffic.counted else "-"
+    access_log.info(
+        "handler=%s socket=%s peer=%s duration_ms=%.1f bytes_in=%s bytes_out=%s outcome=%s",
+        handler,
+        socket_name,
+        peer,
+        duration,
+        bytes_in,
+        bytes_out,
+        outcome,
+        # The same, as fields, for a formatter that writes structured lines.
+        extra={
+            "handler": handler,
+            "socket": socket_name,
+            "peer": peer,
+            "duration_ms": round(duration, 1),
+            "bytes_in": traffic.received if traffic.counted else None,
+            "bytes_out": traffic.sent if traffic.counted else None,
+            "outcome": outcome,
+        },
+    )

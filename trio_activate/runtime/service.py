@@ -41,7 +41,7 @@ from ..model.manifest import HandlerKind, Manifest
 from ..model.records import record
 from ..system.notifier import Notifier
 from ..system.reload_outcome import announce_reload_outcome
-from .access import log_went_away, went_away
+from .access import Outcome, Traffic, log_access, log_went_away, peer_text, went_away
 from .handlers import LoadedHandler
 from .serving import Listening, StreamServer, serve_with_timeouts
 from .signals import watch_signals
@@ -361,35 +361,42 @@ async def serve_connection_once(
 async def _serve_one(handler: LoadedHandler, conn: socket.socket, scope: trio.CancelScope) -> int:
     trio_sock = trio.socket.from_stdlib_socket(conn)
     about = {"handler": handler.spec.name}
+    is_stream = conn.type == socket.SOCK_STREAM
+    spec = handler.spec
     try:
         address: Any = conn.getpeername()
     except OSError:  # ENOTCONN: the client went away before this process started
         address = None
+    traffic = Traffic(counted=is_stream) if spec.access_log else None
+    outcome = Outcome.ERROR
+    status = EXIT_OK
     try:
         with scope:
             # The handler's idle-timeout and max-lifetime apply here as in `serve`.
-            reached = await serve_with_timeouts(handler, trio_sock, is_stream=conn.type == socket.SOCK_STREAM)
+            reached = await serve_with_timeouts(handler, trio_sock, is_stream=is_stream, traffic=traffic)
         if scope.cancelled_caught:
-            log.warning(
-                "handlers.%s: the Accept=yes connection was cancelled", handler.spec.name, extra=about
-            )
+            outcome = Outcome.CANCELLED
+            log.warning("handlers.%s: the Accept=yes connection was cancelled", spec.name, extra=about)
         elif reached is not None:
-            log.info(
-                "handlers.%s: the Accept=yes connection reached its %s",
-                handler.spec.name,
-                reached,
-                extra=about,
-            )
+            outcome = reached
+            log.info("handlers.%s: the Accept=yes connection reached its %s", spec.name, reached, extra=about)
+        else:
+            outcome = Outcome.CLOSED
     except Exception as exc:
         gone = went_away(exc, trio_sock)
-        if gone is None:
-            log.exception("handlers.%s: the Accept=yes connection raised", handler.spec.name, extra=about)
-            return EXIT_FAILED
-        # The client's doing, not a failure of the service: exit status 0.
-        log_went_away(handler.spec.name, "", address, trio_sock, gone)
+        if gone is not None:
+            # The client's doing, not a failure of the service: exit status 0.
+            outcome = Outcome.RESET
+            log_went_away(spec.name, "", address, trio_sock, gone)
+        else:
+            log.exception("handlers.%s: the Accept=yes connection raised", spec.name, extra=about)
+            status = EXIT_FAILED
     finally:
+        if traffic is not None:
+            # An Accept=yes connection does not say which socket it came from.
+            log_access(spec.name, "-", peer_text(address, trio_sock), traffic, outcome)
         trio_sock.close()
-    return EXIT_OK
+    return status
 
 
 async def _limit_on_signals(

@@ -35,7 +35,9 @@ its traceback and the socket name and the server keeps serving
 (``"exit"``).  An exception that only says the client went away (a reset,
 a broken pipe, from the connection's own socket: `access.went_away` has the
 rule) is no error of the handler: one debug line naming the client, and
-``on-error`` does not apply.
+``on-error`` does not apply.  With ``access-log``, each connection's end is
+one info line (`access.log_access`); the handler then gets a
+`CountingStream`, and the others the plain ``trio.SocketStream``.
 
 ``accept()`` failing for lack of resources (``EMFILE``, ``ENFILE``,
 ``ENOBUFS``, ``ENOMEM``) is logged once per burst and retried as
@@ -61,7 +63,7 @@ import trio
 
 from ..model.manifest import OnError, OnFull
 from ..model.records import record
-from .access import log_went_away, went_away
+from .access import Outcome, Traffic, log_access, log_went_away, peer_text, went_away
 from .handlers import LoadedHandler
 
 __all__ = [
@@ -71,6 +73,7 @@ __all__ = [
     "ACCEPT_SKIP_ERRNOS",
     "IDLE_SLACK",
     "ConnectionSlots",
+    "CountingStream",
     "IdleTimedStream",
     "Listening",
     "StreamServer",
@@ -202,6 +205,54 @@ class IdleTimedStream(trio.abc.HalfCloseableStream):
         return self._stream.getsockopt(level, option, buffersize)
 
 
+class CountingStream(trio.abc.HalfCloseableStream):
+    """A connection's stream that counts the bytes received and sent into a `Traffic`, for the access log.
+
+    Wraps the ``trio.SocketStream`` (or the `IdleTimedStream`) and passes
+    every method through, as `IdleTimedStream` does; only handlers with
+    ``access-log`` get one.  Bytes sent count once ``send_all`` returned.
+
+    Resource handling: closing it closes the wrapped stream; the runtime
+    closes the socket after the handler in any case.
+    """
+
+    __slots__ = ("_stream", "_traffic", "socket")
+
+    def __init__(self, stream: trio.SocketStream | IdleTimedStream, traffic: Traffic) -> None:
+        self._stream = stream
+        self.socket = stream.socket
+        self._traffic = traffic
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self._stream.receive_some(max_bytes)
+        self._traffic.received += len(data)
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+        self._traffic.sent += data.nbytes if isinstance(data, memoryview) else len(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    def setsockopt(self, level: int, option: int, value: Any, length: int | None = None) -> None:
+        if length is None:
+            self._stream.setsockopt(level, option, value)
+        else:
+            self._stream.setsockopt(level, option, None, length)
+
+    def getsockopt(self, level: int, option: int, buffersize: int = 0) -> int | bytes:
+        if buffersize == 0:
+            return self._stream.getsockopt(level, option)
+        return self._stream.getsockopt(level, option, buffersize)
+
+
 @record
 class Listening:
     """One listening socket a stream server accepts on, and the manifest name it came under."""
@@ -276,6 +327,7 @@ class StreamServer:
         self.refused = 0
         spec = handler.spec
         self._timed = spec.idle_timeout is not None or spec.max_lifetime is not None
+        self._access_log = spec.access_log
         self._accepting = trio.CancelScope()
         self._connections: trio.Nursery | None = None
         self._capacity_logged = False
@@ -379,21 +431,27 @@ class StreamServer:
     async def _serve_connection(
         self, sock: trio.socket.SocketType, address: Any, name: str, is_stream: bool
     ) -> None:
+        traffic = Traffic(counted=is_stream) if self._access_log else None
+        outcome = Outcome.ERROR
         try:
             # trio.SocketStream takes SOCK_STREAM only: a seqpacket
             # connection is handed over as its connected Trio socket, so
             # message boundaries survive.
             if self._timed:
-                await self._serve_timed(sock, name, is_stream)
+                outcome = await self._serve_timed(sock, name, is_stream, traffic)
             elif is_stream:
-                await self.handler.function(trio.SocketStream(sock))
+                stream = trio.SocketStream(sock)
+                await self.handler.function(stream if traffic is None else CountingStream(stream, traffic))
+                outcome = Outcome.CLOSED
             else:
                 await self.handler.function(sock)
+                outcome = Outcome.CLOSED
         except trio.Cancelled:
             self.cancelled += 1
+            outcome = Outcome.CANCELLED
             raise
         except Exception as exc:
-            self._connection_failed(sock, address, name, exc)
+            outcome = self._connection_failed(sock, address, name, exc)
         except BaseExceptionGroup as group:
             # A handler that runs a nursery of its own is cancelled with a
             # group of Cancelled, maybe with errors of its own alongside.
@@ -401,38 +459,46 @@ class StreamServer:
             if cancelled is None or not (failed is None or isinstance(failed, Exception)):
                 raise
             self.cancelled += 1
+            outcome = Outcome.CANCELLED
             if failed is not None:
                 self._connection_failed(sock, address, name, failed)
             raise cancelled from None
         finally:
+            if traffic is not None:
+                log_access(self.name, name, peer_text(address, sock), traffic, outcome)
             # Sync and idempotent: no second, forced aclose of a stream the
             # handler closed already.  (After the lines above: a unix
             # client's pid is read from the open socket.)
             sock.close()
             self.slots.give_back()
 
-    async def _serve_timed(self, sock: trio.socket.SocketType, name: str, is_stream: bool) -> None:
+    async def _serve_timed(
+        self, sock: trio.socket.SocketType, name: str, is_stream: bool, traffic: Traffic | None
+    ) -> str:
         """Run the handler under the connection's own deadline: ``max-lifetime``, ``idle-timeout``."""
-        reached = await serve_with_timeouts(self.handler, sock, is_stream=is_stream)
-        if reached is not None:
-            self.timed_out += 1
-            log.debug(
-                "handlers.%s: a connection on sockets.%s reached its %s; closing it",
-                self.name,
-                name,
-                reached,
-                extra={"socket": name, "handler": self.name},
-            )
+        reached = await serve_with_timeouts(self.handler, sock, is_stream=is_stream, traffic=traffic)
+        if reached is None:
+            return Outcome.CLOSED
+        self.timed_out += 1
+        log.debug(
+            "handlers.%s: a connection on sockets.%s reached its %s; closing it",
+            self.name,
+            name,
+            reached,
+            extra={"socket": name, "handler": self.name},
+        )
+        return reached
 
     def _connection_failed(
         self, sock: trio.socket.SocketType, address: Any, name: str, exc: Exception
-    ) -> None:
+    ) -> str:
         """Log the exception of one connection's handler: the client went away, or the handler failed."""
         gone = went_away(exc, sock)
         if gone is not None:
             log_went_away(self.name, f" on sockets.{name}", address, sock, gone)
-        else:
-            self._handler_failed(name, exc)
+            return Outcome.RESET
+        self._handler_failed(name, exc)
+        return Outcome.ERROR
 
     def _handler_failed(self, name: str, exc: Exception) -> None:
         log.error(
@@ -447,13 +513,18 @@ class StreamServer:
 
 
 async def serve_with_timeouts(
-    handler: LoadedHandler, trio_sock: trio.socket.SocketType, *, is_stream: bool
+    handler: LoadedHandler,
+    trio_sock: trio.socket.SocketType,
+    *,
+    is_stream: bool,
+    traffic: Traffic | None = None,
 ) -> str | None:
     """Run ``handler`` on one connection under its ``max-lifetime`` and ``idle-timeout``.
 
     Returns the key whose limit ended the connection, or None when the
     handler returned.  The limits live in a cancel scope of their own, so a
     grace period the caller puts on an outer scope still applies unchanged.
+    With ``traffic`` (``access-log``), a stream's bytes are counted into it.
     """
     spec = handler.spec
     now = trio.current_time()
@@ -463,12 +534,12 @@ async def serve_with_timeouts(
             # Seqpacket: the manifest allows max-lifetime only.
             await handler.function(trio_sock)
         elif spec.idle_timeout is None:
-            await handler.function(trio.SocketStream(trio_sock))
+            stream = trio.SocketStream(trio_sock)
+            await handler.function(stream if traffic is None else CountingStream(stream, traffic))
         else:
             scope.deadline = min(now + spec.idle_timeout, cap)
-            await handler.function(
-                IdleTimedStream(trio.SocketStream(trio_sock), scope, spec.idle_timeout, cap)
-            )
+            idle = IdleTimedStream(trio.SocketStream(trio_sock), scope, spec.idle_timeout, cap)
+            await handler.function(idle if traffic is None else CountingStream(idle, traffic))
     if not scope.cancelled_caught:
         return None
     return "max-lifetime" if trio.current_time() >= cap else "idle-timeout"
