@@ -193,30 +193,45 @@ def test_a_reload_runs_the_code_on_disk_even_when_a_cached_pyc_passes_for_it(tmp
         assert answers[-1].version == "v2"
 
 
-def test_workers_that_die_at_import_are_retried_then_the_service_exits_2_as_they_do(tmp_path: Path) -> None:
-    write_handler(tmp_path, "v1", preamble='raise RuntimeError("no database")\n')
+def test_workers_that_cannot_import_the_handler_stop_the_service_at_once_with_2_and_one_line(
+    tmp_path: Path,
+) -> None:
+    """Status 2, a worker's configuration error: no second attempt (it would print the same line), and
+    of the two workers, which both fail at once (they wait for each other), one tells why."""
+    arrived = tmp_path / "arrived"
+    arrived.mkdir()
+    both_then_fail = textwrap.dedent(f"""\
+        import os, pathlib, time
+        folder = pathlib.Path({str(arrived)!r})
+        (folder / str(os.getpid())).write_text("")
+        deadline = time.monotonic() + 10
+        while len(list(folder.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise RuntimeError("no database")
+        """)
+    write_handler(tmp_path, "v1", preamble=both_then_fail)
     manifest = app_manifest(tmp_path, workers=2)
     with running("--log-level", "debug", "serve", manifest, cwd=tmp_path) as service:
         # 2, the workers' own status for a handler that cannot be imported: the
         # units tell systemd not to restart on it (RestartPreventExitStatus=2).
         assert service.wait() == 2
         log = service.log
-        workers = set().union(*(service.workers_of(generation) for generation in range(1, 6)))
-        assert len(workers) == 10
+        workers = service.workers_of(1)
+        assert len(workers) == 2
         assert all(is_gone(pid) for pid in workers)
-    assert log.count("importing 'app' raised RuntimeError: no database") >= 5
-    # Each worker's one-line error names the worker, on a line of its own.
-    failed = [
-        int(found[1])
-        for line in log.splitlines()
-        if (found := re.match(TEXT_LINE + r".*importing 'app' raised RuntimeError", line))
-        and found[2] == "error"
-    ]
-    assert len(failed) >= 5
-    assert set(failed) <= workers
-    assert service.count(r"error: generation \d+: worker \d+ exited with status 2 before it was ready") == 5
-    assert service.count(r"; retrying in") == 4
-    assert "giving up after 5 attempts" in log
+    assert {int(path.name) for path in arrived.iterdir()} == workers
+    assert service.workers_of(2) == set()
+    # One error line in all: the worker's own, naming it.
+    failed = re.findall(TEXT_LINE + r".*importing 'app' raised RuntimeError", log, re.M)
+    failed = [pid for pid, level in failed if level == "error"]
+    assert len(failed) == 1
+    assert int(failed[0]) in workers
+    assert service.count(r": error: ") == 1
+    stopped = (
+        r"generation 1: worker \d+ exited with status 2 before it was ready: a configuration error; stopping$"
+    )
+    assert service.count(stopped) == 1
+    assert "retrying" not in log
     assert "ready: generation" not in log
 
 

@@ -584,18 +584,20 @@ async def test_a_restart_under_way_when_a_reload_takes_over_adds_no_worker_to_th
         assert not lines(log, "replaced worker")
 
 
-async def test_five_failed_starts_in_a_row_stop_the_service_with_status_1(
-    autojump_clock: trio.testing.MockClock, log: pytest.LogCaptureFixture
+@pytest.mark.parametrize(("worker_status", "status"), [(2, 2), (3, 1)])
+async def test_five_failed_starts_in_a_row_stop_the_service_with_the_workers_configuration_error_or_1(
+    autojump_clock: trio.testing.MockClock, log: pytest.LogCaptureFixture, worker_status: int, status: int
 ) -> None:
-    broken = Script(fails_with=2)
+    """A restart is retried (the service served: an import may fail for a while), and the fifth
+    failure stops it: with 2 when the worker said 2 (its code on disk does not import), else 1."""
+    broken = Script(fails_with=worker_status)
     async with supervising(Script(dies_after=1.0), default=broken) as running:
-        status = await running.ended()
-        assert status == 1
+        assert await running.ended() == status
         workers = running.spawner.workers
         assert len(workers) == 6
-        assert [w.returncode for w in workers] == [3] + [2] * 5
+        assert [w.returncode for w in workers] == [3] + [worker_status] * 5
         assert restart_delays(workers) == [0.1, 0.2, 0.4, 0.8, 1.6]
-        assert len(lines(log, "exited with status 2 before it was ready; retrying in")) == 4
+        assert len(lines(log, f"exited with status {worker_status} before it was ready; retrying in")) == 4
         assert lines(log, "a worker failed to start 5 times in a row; stopping the service")
 
 
@@ -641,16 +643,31 @@ async def test_a_worker_silent_for_worker_timeout_is_killed_and_its_slot_restart
 # --- the first generation and the stop ---------------------------------------------
 
 
-@pytest.mark.parametrize(("worker_status", "status"), [(2, 2), (3, 1)])
 async def test_a_first_generation_that_never_starts_is_tried_five_times(
-    autojump_clock: trio.testing.MockClock, log: pytest.LogCaptureFixture, worker_status: int, status: int
+    autojump_clock: trio.testing.MockClock, log: pytest.LogCaptureFixture
 ) -> None:
-    async with supervising(default=Script(fails_with=worker_status), ready=False) as running:
-        assert await running.ended() == status
-        assert [w.returncode for w in running.spawner.workers] == [worker_status] * 5
+    async with supervising(default=Script(fails_with=3), ready=False) as running:
+        assert await running.ended() == 1
+        assert [w.returncode for w in running.spawner.workers] == [3] * 5
         # 0.1, 0.2, 0.4, 0.8 between the attempts (each start takes its 0.5 s).
         assert restart_delays(running.spawner.workers) == [0.1, 0.2, 0.4, 0.8]
         assert lines(log, "giving up after 5 attempts")
+        assert running.supervisor.current is None
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_configuration_error_at_the_first_start_stops_at_once_with_2_and_no_error_line_of_its_own(
+    autojump_clock: trio.testing.MockClock, log: pytest.LogCaptureFixture, workers: int
+) -> None:
+    """Status 2 is a worker's configuration error: another attempt would print the same line again."""
+    async with supervising(default=Script(fails_with=2), workers=workers, ready=False) as running:
+        began = trio.current_time()
+        assert await running.ended() == 2
+        assert len(running.spawner.workers) == workers
+        assert trio.current_time() == pytest.approx(began + 0.5)  # the one start, no back-off
+        assert lines(log, "a configuration error; stopping")
+        assert not lines(log, "retrying")
+        assert not [r for r in log.records if r.levelno >= logging.ERROR]
         assert running.supervisor.current is None
 
 

@@ -6,7 +6,9 @@ serve import trio, and only after the activator has run, so a self-activating
 
 Exit codes: 0 success, 1 a handler failed the service (or ``reload --wait``:
 the reload failed, or its outcome never came), 2 usage or manifest/activation
-error (one line on stderr, never a traceback).
+error (one line on stderr, never a traceback).  A supervisor exits with its
+workers' 2 (``processes.supervisor``); of the workers started together, only
+the first to fail prints its line (`_first_to_tell`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..model.manifest import Manifest, dump_manifest, load_manifest
 from ..model.private_env import (
     ACTIVATOR_CHANNEL_VARIABLE,
     DEV_VARIABLE,
+    ERROR_TOKEN_VARIABLE,
     HANDOFF_FROM_VARIABLE,
     WORKER_FDS_VARIABLE,
 )
@@ -45,6 +48,9 @@ __all__ = ["main"]
 
 log = logging.getLogger("trio_activate")
 
+# A supervisor's worker: the fd of the error token it shares with the workers started
+# with it (see _take_error_token); None elsewhere.
+_ERROR_TOKEN: int | None = None
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_ERROR = 2
@@ -96,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return command(args)
     except ActivationError as exc:
+        if not _first_to_tell():
+            # Another worker started with this one failed too and printed the same line.
+            return EXIT_ERROR
         trace = ""
         if DEV_VARIABLE in os.environ and exc.__cause__ is not None:
             # dev: where in the user's code it failed (a typo's line and caret), that code's frames only.
@@ -113,6 +122,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"{trace}trio-activate: {exc}\n")
             sys.stderr.flush()
         return EXIT_ERROR
+
+
+def _take_error_token() -> None:
+    """In a supervisor's worker: keep the error token's fd (``ERROR_TOKEN_VARIABLE``), for us alone.
+
+    Out of the environment and close-on-exec: no process the handlers start inherits it.
+    """
+    global _ERROR_TOKEN
+    text = os.environ.pop(ERROR_TOKEN_VARIABLE, None)
+    if text is None or not is_decimal(text) or len(text) > 9:
+        return
+    try:
+        os.set_inheritable(int(text), False)
+    except OSError:
+        return
+    _ERROR_TOKEN = int(text)
+
+
+def _first_to_tell() -> bool:
+    """Whether this process prints its configuration error: True, unless a worker started with it
+    took the token first (the same line, once per worker, would say nothing more)."""
+    if _ERROR_TOKEN is None:
+        return True
+    try:
+        return os.read(_ERROR_TOKEN, 1) != b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,6 +370,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # First thing (again, for an in-process main()): signals during start-up wait.
     hold_shutdown_signals()
     is_worker = settle_worker_environment()
+    if is_worker:
+        _take_error_token()
     # A supervisor's worker: the supervisor already showed the manifest's warnings.
     manifest, owned = _load_and_acquire(args.manifest, warn=not is_worker)
     try:

@@ -11,6 +11,7 @@ __all__ = [
     "ACTIVATOR_CHANNEL_VARIABLE",
     "ACTIVATOR_MARKER",
     "DEV_VARIABLE",
+    "ERROR_TOKEN_VARIABLE",
     "FRESH_CODE_VARIABLE",
     "HANDOFF_FROM_VARIABLE",
     "SOCKET_FILES_VARIABLE",
@@ -49,3 +50,8 @@ FRESH_CODE_VARIABLE = "TRIO_ACTIVATE_FRESH_CODE"
 # The unix socket files the activator created, as JSON [[name, path, st_dev, st_ino], ...],
 # so the re-exec'd process can honour remove-on-stop for files that are its own, and only those.
 SOCKET_FILES_VARIABLE = "TRIO_ACTIVATE_SOCKET_FILES"
+# Set by the supervisor for each worker it spawns: the fd of a pipe that the workers
+# started together (a generation's, or restarts under way at once) share, holding one
+# byte.  A worker that fails with a configuration error prints its line only if it
+# reads that byte: the others would print the same line again, once per worker.
+ERROR_TOKEN_VARIABLE = "TRIO_ACTIVATE_ERROR_TOKEN"

@@ -44,8 +44,14 @@ import trio
 
 from ..model.listen_env import LISTEN_VARIABLES
 from ..model.notify_message import credentials_space, parse_notify_message, parse_notify_socket, sender_pid
-from ..model.private_env import DEV_VARIABLE, FRESH_CODE_VARIABLE, SUPERVISOR_VARIABLE, WORKER_FDS_VARIABLE
-from ..model.records import record
+from ..model.private_env import (
+    DEV_VARIABLE,
+    ERROR_TOKEN_VARIABLE,
+    FRESH_CODE_VARIABLE,
+    SUPERVISOR_VARIABLE,
+    WORKER_FDS_VARIABLE,
+)
+from ..model.records import field, record
 
 __all__ = [
     "ChildProcess",
@@ -69,6 +75,7 @@ _PRIVATE = (
     "WATCHDOG_PID",
     FRESH_CODE_VARIABLE,
     SUPERVISOR_VARIABLE,
+    ERROR_TOKEN_VARIABLE,
 )
 
 
@@ -140,11 +147,13 @@ async def spawn_worker(
     environ: Mapping[str, str],
     extra_env: Mapping[str, str] | None = None,
     fresh_code: bool = False,
+    extra_fds: Sequence[int] = (),
 ) -> trio.Process:
     """Start one worker with ``command``'s sockets, reporting to ``notify_socket``.  The caller reaps it.
 
     ``fresh_code``: a reload starts it, so it imports the project's modules from
     source (``TRIO_ACTIVATE_FRESH_CODE``); ``dev`` workers always do.
+    ``extra_fds``: more fds it inherits, at the same numbers (``extra_env`` names them).
     """
     env = {k: v for k, v in environ.items() if k not in _PRIVATE}
     import json  # here, not at the top: start-up time (benchmarks/, scenario 3)
@@ -158,7 +167,7 @@ async def spawn_worker(
     env.update(extra_env or {})
     process = await trio.lowlevel.open_process(
         list(command.argv),
-        pass_fds=[fd for fd, _ in command.sockets],
+        pass_fds=[*(fd for fd, _ in command.sockets), *extra_fds],
         env=env,
         stdin=subprocess.DEVNULL,
     )
@@ -215,11 +224,21 @@ class Spawner(Protocol):
 
 
 class ProcessSpawner:
-    """The real `Spawner`: ``command`` (``trio-activate serve``) as a process, a `NotifyInbox`."""
+    """The real `Spawner`: ``command`` (``trio-activate serve``) as a process, a `NotifyInbox`.
+
+    Workers started together share an error token (``TRIO_ACTIVATE_ERROR_TOKEN``):
+    a pipe holding one byte, which the first of them to fail with a
+    configuration error reads, and then prints its one line; the others, whose
+    line would be the same, stay silent.  Together: the slots of one
+    generation as it starts; a spawn for another generation, or for a slot
+    the token has seen already (a restart, a retry), gets a fresh token, so
+    a later failure is told again.
+    """
 
     def __init__(self, command: WorkerCommand, environ: Mapping[str, str]) -> None:
         self.command = command
         self.environ = environ
+        self._token: _ErrorToken | None = None
 
     def open_inbox(self) -> NotifyInbox:
         return NotifyInbox()
@@ -232,13 +251,43 @@ class ProcessSpawner:
     async def spawn(
         self, generation: int, slot: int, *, notify_socket: str, extra_env: Mapping[str, str]
     ) -> trio.Process:
-        return await spawn_worker(
-            self.command_for(generation),
-            notify_socket=notify_socket,
-            environ=self.environ,
-            extra_env=extra_env,
-            fresh_code=generation > 1,  # a reload: the code on disk now, not a cached .pyc
-        )
+        # A duplicate of the token's fd for this spawn alone (close-on-exec here,
+        # inherited by the worker through pass_fds): another task may retire the
+        # token while this spawn runs in a thread, and closes only its own fd.
+        token = os.dup(self._error_token(generation, slot))
+        try:
+            return await spawn_worker(
+                self.command_for(generation),
+                notify_socket=notify_socket,
+                environ=self.environ,
+                extra_env={**extra_env, ERROR_TOKEN_VARIABLE: str(token)},
+                fresh_code=generation > 1,  # a reload: the code on disk now, not a cached .pyc
+                extra_fds=[token],
+            )
+        finally:
+            os.close(token)
+
+    def _error_token(self, generation: int, slot: int) -> int:
+        token = self._token
+        if token is None or token.generation != generation or slot in token.slots:
+            if token is not None:
+                os.close(token.fd)
+                self._token = None
+            read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                os.write(write_end, b"!")
+            finally:
+                os.close(write_end)
+            token = self._token = _ErrorToken(generation, read_end)
+        token.slots.add(slot)
+        return token.fd
+
+
+@record(frozen=False, eq=False)
+class _ErrorToken:
+    generation: int
+    fd: int
+    slots: set[int] = field(default_factory=set)
 
 
 P = TypeVar("P", bound=ChildProcess)

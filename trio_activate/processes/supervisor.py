@@ -498,15 +498,20 @@ class Supervisor:
             if self.dev:
                 log.error("%s; waiting for a change to try again", failure, extra=failure.about())
                 return await self._wait_for_first_dev_generation()
-            if attempt == START_ATTEMPTS:
-                log.error("%s; giving up after %d attempts", failure, attempt, extra=failure.about())
+            if failure.worker_status == EXIT_CONFIGURATION_ERROR:
                 # A worker's configuration error (it said why in one line: a
                 # handler that cannot be imported, sockets that do not match
-                # the manifest) is the supervisor's too: the same status tells
-                # the manager that restarting cannot help (the units'
-                # RestartPreventExitStatus=2).  Retried all the same, as an
-                # import can fail for a while (a database not up yet).
-                self.exit_status = 2 if failure.worker_status == EXIT_CONFIGURATION_ERROR else 1
+                # the manifest) is the supervisor's too, at once: another
+                # attempt would run the same files and print the same line,
+                # and the same status tells the manager that restarting cannot
+                # help (the units' RestartPreventExitStatus=2).  Not an error
+                # line of its own: the worker's line is the one that says why.
+                log.info("%s: a configuration error; stopping", failure, extra=failure.about())
+                self.exit_status = EXIT_CONFIGURATION_ERROR
+                return False
+            if attempt == START_ATTEMPTS:
+                log.error("%s; giving up after %d attempts", failure, attempt, extra=failure.about())
+                self.exit_status = 1
                 return False
             log.error("%s; retrying in %.1fs", failure, delay, extra=failure.about())
             with trio.move_on_after(delay):
@@ -712,7 +717,10 @@ class Supervisor:
                     failures,
                     extra=_about(generation.number, replacement),
                 )
-                self.exit_status = 1
+                # The worker's configuration error (it could not import the code
+                # on disk) is the service's: 2 tells the manager not to restart it.
+                failed_with = replacement.process.returncode
+                self.exit_status = EXIT_CONFIGURATION_ERROR if failed_with == EXIT_CONFIGURATION_ERROR else 1
                 self.stop()
                 return
             delay = generation.back_off(dead.slot, delay)
