@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
+from helpers import one_line_error, run_cli
 
 from trio_activate import __version__
 from trio_activate.cli.commands import main
@@ -103,3 +103,114 @@ def test_init_into_a_missing_folder_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "cannot write: No such file or directory" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+# --- check imports the handlers -------------------------------------------------
+
+SERVICE = '[sockets.web]\nlisten = "127.0.0.1:0"\n[handlers.web]\nsocket = "web"\ncall = "app:handle"\n'
+UDP = (
+    '[sockets.dns]\nlisten = "127.0.0.1:0"\ntype = "datagram"\n'
+    '[handlers.dns]\nsocket = "dns"\ncall = "app:handle"\n'
+)
+LISTENER = SERVICE + 'kind = "listener"\n'
+
+
+@pytest.mark.parametrize(
+    ("manifest", "module", "problem"),
+    [
+        (
+            SERVICE,
+            "async def handle():\n    pass\n",
+            "app:handle takes no argument; a stream handler is called with the stream",
+        ),
+        (
+            SERVICE,
+            "async def handle(stream, peer):\n    pass\n",
+            "app:handle cannot be called with one argument (missing a required argument: 'peer'); "
+            "a stream handler is called with the stream",
+        ),
+        (
+            UDP,
+            "async def handle(*, sock):\n    pass\n",
+            "app:handle takes no argument; a datagram handler is called with the Trio socket",
+        ),
+        (
+            LISTENER,
+            "class Server:\n    async def run(self):\n        pass\nhandle = Server().run\n",
+            "app:handle takes no argument; "
+            "a listener handler is called with the list of its trio.SocketListener",
+        ),
+    ],
+    ids=["stream-none", "stream-two", "datagram-keyword-only", "listener-bound-method"],
+)
+def test_check_imports_each_handler_and_checks_it_takes_what_its_kind_passes(
+    tmp_path: Path, manifest: str, module: str, problem: str
+) -> None:
+    (tmp_path / "svc.toml").write_text(manifest)
+    (tmp_path / "app.py").write_text(module)
+    result = run_cli("check", str(tmp_path / "svc.toml"))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    name = "dns" if manifest is UDP else "web"
+    assert one_line_error(result.stderr) == f"trio-activate: svc.toml: handlers.{name}.call: {problem}"
+    # --no-import checks the file alone, which is fine.
+    skipped = run_cli("check", "--no-import", str(tmp_path / "svc.toml"))
+    assert skipped.returncode == 0, skipped.stderr
+    assert tomllib.loads(skipped.stdout)["handlers"][name]["call"] == "app:handle"
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "async def handle(stream):\n    pass\n",
+        "async def handle(stream, *args, timeout=1, **kwargs):\n    pass\n",
+        "class Handler:\n    async def __call__(self, stream):\n        pass\nhandle = Handler()\n",
+    ],
+    ids=["plain", "extras", "callable-instance"],
+)
+def test_check_accepts_a_handler_that_takes_one_argument(tmp_path: Path, module: str) -> None:
+    (tmp_path / "svc.toml").write_text(SERVICE)
+    (tmp_path / "app.py").write_text("print('imported')\n" + module)
+    result = run_cli("check", str(tmp_path / "svc.toml"))
+    assert result.returncode == 0, result.stderr
+    # What the handler's module prints goes to stderr: stdout stays the manifest.
+    assert tomllib.loads(result.stdout)["handlers"]["web"]["call"] == "app:handle"
+    assert result.stderr == "imported\n"
+
+
+def test_check_imports_each_manifests_handlers_in_a_clean_interpreter(tmp_path: Path) -> None:
+    """Two manifests whose handlers are both ``app:handle``, from different folders: the second
+    is imported from its own folder, not taken from the first's ``app`` left imported."""
+    for folder, signature in (("good", "stream"), ("bad", "")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "svc.toml").write_text(SERVICE)
+        (tmp_path / folder / "app.py").write_text(f"async def handle({signature}):\n    pass\n")
+    result = run_cli("check", str(tmp_path / "good" / "svc.toml"), str(tmp_path / "bad" / "svc.toml"))
+    assert result.returncode == 2
+    assert one_line_error(result.stderr) == (
+        "trio-activate: svc.toml: handlers.web.call: app:handle takes no argument; "
+        "a stream handler is called with the stream"
+    )
+    assert f"# {tmp_path / 'good' / 'svc.toml'}" in result.stdout
+
+
+def test_check_says_when_a_python_path_folder_does_not_exist(tmp_path: Path) -> None:
+    (tmp_path / "svc.toml").write_text('[service]\npython-path = ["lib"]\n' + SERVICE)
+    result = run_cli("check", str(tmp_path / "svc.toml"))
+    assert result.returncode == 2
+    assert one_line_error(result.stderr) == (
+        "trio-activate: svc.toml: handlers.web.call: cannot import 'app': No module named 'app'; "
+        f"python-path folder 'lib' does not exist ({tmp_path / 'lib'})"
+    )
+    assert run_cli("check", "--no-import", str(tmp_path / "svc.toml")).returncode == 0
+
+
+def test_check_says_when_the_import_ends_the_process(tmp_path: Path) -> None:
+    (tmp_path / "svc.toml").write_text(SERVICE)
+    (tmp_path / "app.py").write_text("import os\nos._exit(7)\n")
+    result = run_cli("check", str(tmp_path / "svc.toml"))
+    assert result.returncode == 2
+    assert one_line_error(result.stderr) == (
+        "trio-activate: svc.toml: importing the handlers ended the process with status 7 "
+        "before they were checked"
+    )

@@ -325,3 +325,31 @@ def test_a_file_that_is_not_ours_survives_a_failed_start(tmp_path: Path) -> None
     assert result.returncode == 2
     assert "replaced the socket file, then failed" in result.stderr
     assert (tmp_path / "web.sock").exists()
+
+
+@pytest.mark.parametrize("options", [["workers=1"], ["workers=2"], ["workers=1", "--supervise"]])
+def test_serve_refuses_a_handler_that_takes_no_argument_at_start_in_one_line_and_exit_2(
+    tmp_path: Path, options: list[str]
+) -> None:
+    """Before, ``async def handle():`` served, and every connection then failed with a TypeError."""
+    (tmp_path / "app.py").write_text("async def handle():\n    pass\n")
+    service = tmp_path / "svc.toml"
+    service.write_text(
+        f"[service]\n{options[0]}\n"
+        '[sockets.web]\nlisten = "127.0.0.1:0"\n[handlers.web]\nsocket = "web"\ncall = "app:handle"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "trio_activate", "serve", str(service), *options[1:]],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        start_new_session=True,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    problem = "svc.toml: handlers.web.call: app:handle takes no argument; "
+    problem += "a stream handler is called with the stream"
+    assert result.stderr.count(problem) == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if problem in line or ": error: " in line]
+    assert len(errors) == 1, result.stderr
+    assert "retrying" not in result.stderr

@@ -174,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate each MANIFEST and print it normalized as TOML, every default explicit.",
     )
     check.add_argument("manifests", nargs="+", metavar="MANIFEST", type=Path)
+    check.add_argument(
+        "--no-import",
+        action="store_true",
+        help="do not import the handlers (by default each is imported, with the manifest's python-path, "
+        "and its signature checked against what its kind passes)",
+    )
     check.set_defaults(command=cmd_check)
 
     init = subcommands.add_parser(
@@ -318,6 +324,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         manifest = load_manifest(path)
         for warning in manifest.warnings:
             log.warning("%s", warning)
+        if not args.no_import:
+            from .handler_check import check_handlers_in_subprocess
+
+            check_handlers_in_subprocess(manifest)
         if len(paths) > 1:
             print(("\n" if index else "") + f"# {path}")
         sys.stdout.write(dump_manifest(manifest))

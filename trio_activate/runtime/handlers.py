@@ -2,7 +2,12 @@
 
 Layer 3 (it runs user code, which may import trio), but it does not itself
 use trio.  Every handler is imported and checked before the service signals
-readiness, so a typo fails the start, not the first connection.
+readiness, so a typo fails the start, not the first connection: it must be a
+coroutine function that takes what its kind passes, one positional argument
+(``inspect.signature(...).bind`` with a placeholder), so an
+``async def handle():`` is refused at start instead of raising a
+``TypeError`` on every connection.  ``trio-activate check`` runs the same
+checks (in a process of its own, see ``cli.handler_check``).
 
 Error handling: every problem is one ``HandlerError`` naming the manifest,
 the handler's ``call`` key and the reason, e.g.
@@ -19,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import HandlerError
-from ..model.manifest import HandlerSpec, Manifest
+from ..model.manifest import HandlerKind, HandlerSpec, Manifest
 from ..model.records import record
 from ..system.fresh_imports import import_project_code_from_source
 
@@ -66,7 +71,9 @@ def load_handler(manifest: Manifest, spec: HandlerSpec) -> LoadedHandler:
             f"{where}: cannot import {spec.module!r}: {exc.msg} ({exc.filename}, line {exc.lineno})"
         ) from exc
     except ImportError as exc:
-        raise HandlerError(f"{where}: cannot import {spec.module!r}: {exc}") from exc
+        raise HandlerError(
+            f"{where}: cannot import {spec.module!r}: {exc}{_missing_python_path(manifest)}"
+        ) from exc
     except Exception as exc:
         raise HandlerError(f"{where}: importing {spec.module!r} raised {_describe(exc)}") from exc
     for part in spec.function.split("."):
@@ -78,7 +85,52 @@ def load_handler(manifest: Manifest, spec: HandlerSpec) -> LoadedHandler:
         raise HandlerError(
             f"{where}: {spec.call!r} is {_kind_of(target)}, not a coroutine function (write `async def`)"
         )
+    problem = _call_problem(target)
+    if problem is not None:
+        raise HandlerError(f"{where}: {spec.call} {problem}; {CALLED_WITH[spec.kind]}")
     return LoadedHandler(spec, target)
+
+
+# What the runtime passes each kind of handler: one positional argument.
+CALLED_WITH = {
+    HandlerKind.STREAM: "a stream handler is called with the stream",
+    HandlerKind.DATAGRAM: "a datagram handler is called with the Trio socket",
+    HandlerKind.LISTENER: "a listener handler is called with the list of its trio.SocketListener",
+}
+
+
+def _call_problem(target: object) -> str | None:
+    """Why ``target`` cannot be called with one positional argument, or None when it can.
+
+    None too when Python cannot tell its signature (a C function): the call
+    itself will say.
+    """
+    try:
+        signature = inspect.signature(target)  # type: ignore[arg-type]  # checked callable above
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(object())
+    except TypeError as exc:
+        positional = [
+            p
+            for p in signature.parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+        ]
+        if not positional:
+            return "takes no argument"
+        return f"cannot be called with one argument ({exc})"
+    return None
+
+
+def _missing_python_path(manifest: Manifest) -> str:
+    """``"; python-path folder 'lib' does not exist (/srv/app/lib)"`` for each entry missing, else ``""``."""
+    missing = [
+        f"; python-path folder {entry!r} does not exist ({(manifest.folder / entry).resolve()})"
+        for entry in manifest.service.python_path
+        if not (manifest.folder / entry).exists()
+    ]
+    return "".join(missing)
 
 
 def _is_async_callable(target: object) -> bool:
