@@ -9,6 +9,11 @@ the reload failed, or its outcome never came), 2 usage or manifest/activation
 error (one line on stderr, never a traceback).  A supervisor exits with its
 workers' 2 (``processes.supervisor``); of the workers started together, only
 the first to fail prints its line (`_first_to_tell`).
+
+``--set KEY=VALUE`` (``serve``, ``dev``, ``check``) goes to every process that
+reads the manifest: the forked activator parses this same command line, the
+re-exec'd service runs it again, and workers and successors get it in their
+command line (``spawn.worker_argv``).
 """
 
 from __future__ import annotations
@@ -174,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate each MANIFEST and print it normalized as TOML, every default explicit.",
     )
     check.add_argument("manifests", nargs="+", metavar="MANIFEST", type=Path)
+    _add_set_option(check)
     check.add_argument(
         "--no-import",
         action="store_true",
@@ -212,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run a supervisor even with one worker (SIGHUP then reloads with zero downtime)",
     )
+    _add_set_option(serve)
     serve.set_defaults(command=cmd_serve)
 
     dev = subcommands.add_parser(
@@ -227,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument(
         "--watch", type=Path, action="append", default=[], metavar="PATH", help="also watch PATH"
     )
+    _add_set_option(dev)
     dev.set_defaults(command=cmd_dev)
 
     reload = subcommands.add_parser(
@@ -303,6 +311,19 @@ def _add_log_options(parser: argparse.ArgumentParser, *, default_level: str, def
     )
 
 
+def _add_set_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a manifest key, validated as the file is (repeatable): e.g. "
+        "--set sockets.http.listen=127.0.0.1:9000, --set service.workers=4; VALUE is read as a "
+        "TOML value when it is one (a number, true, an array, a quoted string), else as a string",
+    )
+
+
 class _SubcommandsWithLogging:
     """``add_parser`` of `subcommands`, each subcommand taking the logging options too."""
 
@@ -321,7 +342,7 @@ class _SubcommandsWithLogging:
 def cmd_check(args: argparse.Namespace) -> int:
     paths: list[Path] = args.manifests
     for index, path in enumerate(paths):
-        manifest = load_manifest(path)
+        manifest = load_manifest(path, overrides=args.overrides)
         for warning in manifest.warnings:
             log.warning("%s", warning)
         if not args.no_import:
@@ -350,7 +371,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _load_and_acquire(path: Path, *, warn: bool) -> tuple[Manifest, ServiceSockets]:
+def _load_and_acquire(path: Path, overrides: list[str], *, warn: bool) -> tuple[Manifest, ServiceSockets]:
     """The manifest and its sockets: adopted, or created by a self-activation re-exec.
 
     Runs before trio is imported, so a re-exec does not pay for it.  The fast
@@ -368,7 +389,7 @@ def _load_and_acquire(path: Path, *, warn: bool) -> tuple[Manifest, ServiceSocke
         from ..system.activator_channel import receive_from_forked_activator
 
         delivery = receive_from_forked_activator(os.environ)
-    manifest = load_manifest(path, document=delivery.document if delivery else None)
+    manifest = load_manifest(path, document=delivery.document if delivery else None, overrides=overrides)
     if warn:
         for warning in manifest.warnings:
             log.warning("%s", warning)
@@ -383,7 +404,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if is_worker:
         _take_error_token()
     # A supervisor's worker: the supervisor already showed the manifest's warnings.
-    manifest, owned = _load_and_acquire(args.manifest, warn=not is_worker)
+    manifest, owned = _load_and_acquire(args.manifest, args.overrides, warn=not is_worker)
     try:
         workers = args.workers if args.workers is not None else manifest.service.workers
         # PID 1 (a container's init) must not hand over on SIGHUP: its exit would end
@@ -399,6 +420,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 workers=workers,
                 log_level=args.log_level,
                 log_format=args.log_format,
+                overrides=args.overrides,
             )
         from ..processes.service_main import run_service
         from ..processes.spawn import WorkerCommand, worker_argv
@@ -408,9 +430,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         reload_command = None
         if not is_worker or HANDOFF_FROM_VARIABLE in os.environ:
             sockets = [(sock.fileno(), name) for name, group in owned.sockets.items() for sock in group]
-            reload_command = WorkerCommand(
-                worker_argv(str(args.manifest.absolute()), args.log_level, args.log_format), sockets
+            argv = worker_argv(
+                str(args.manifest.absolute()), args.log_level, args.log_format, overrides=args.overrides
             )
+            reload_command = WorkerCommand(argv, sockets)
         return run_service(manifest, owned, reload_command=reload_command)
     except StartInterrupted as stop:
         log.info("%s while starting: stopped before serving", stop)
@@ -435,7 +458,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     hold_shutdown_signals()
-    manifest, owned = _load_and_acquire(args.manifest, warn=True)
+    manifest, owned = _load_and_acquire(args.manifest, args.overrides, warn=True)
     # dev made these sockets: stopping removes every socket file it created.
     owned.remove_on_stop = frozenset(manifest.socket_names())
     try:
@@ -451,6 +474,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             workers=1,
             log_level=args.log_level,
             log_format=args.log_format,
+            overrides=args.overrides,
             watch=watch,
         )
     finally:
@@ -478,7 +502,7 @@ def run_forked_activator(channel_fd: int) -> int:
     # What it logs (a port chosen by the kernel, a cleanup that failed) is the service's
     # to say: the service is our parent, re-exec'd under the same PID.
     configure_logging(args.log_level, args.log_format, speaking_for=os.getppid())
-    return deliver_sockets_to_service(channel_fd, args.manifest)
+    return deliver_sockets_to_service(channel_fd, args.manifest, overrides=args.overrides)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:

@@ -30,6 +30,12 @@ exactly what the runtime will do, and parse -> dump -> parse is the identity.
 
 Socket order matters: the activator passes fds in manifest order (each socket's
 ``listen`` addresses in turn), as systemd passes a unit's ``Listen*=`` lines.
+
+Overrides (``--set KEY=VALUE`` on the command line) change the TOML document
+before it is validated, so an overridden value meets exactly the checks a
+value in the file meets; an error at an overridden key (or a table an
+override created) names ``--set`` and the key instead of the file.  See
+``apply_overrides`` for the rules.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import enum
 import math
 import re
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,6 +67,7 @@ __all__ = [
     "SocketOption",
     "SocketSpec",
     "SocketType",
+    "apply_overrides",
     "dump_manifest",
     "load_manifest",
     "manifest_from_dict",
@@ -249,20 +256,28 @@ class Manifest:
 # --- reading ---------------------------------------------------------------
 
 
-def load_manifest(path: str | Path, *, document: dict[str, Any] | None = None) -> Manifest:
+def load_manifest(
+    path: str | Path, *, document: dict[str, Any] | None = None, overrides: Sequence[str] = ()
+) -> Manifest:
     """Read and validate the manifest at ``path``.
 
     ``document``: the file's TOML, already read by ``read_manifest_document``
     (the fast start's activator does, for the service), so it is not read
-    and parsed again; it is validated all the same.
+    and parsed again; it is validated all the same.  ``overrides``: the
+    command line's ``--set KEY=VALUE`` texts, applied to the document (a
+    copy: ``document`` is left as it is) before it is validated.
 
     Error handling: every problem, including an unreadable file, is one
-    ``ManifestError`` whose message starts with the file's name.
+    ``ManifestError`` whose message starts with the file's name, or with
+    ``--set KEY`` for a problem an override brought.
     """
     path = Path(path)
     if document is None:
         document = read_manifest_document(path)
-    return _Parser(str(path), path.absolute()).parse(document)
+    overridden = Overridden()
+    if overrides:
+        document, overridden = apply_overrides(document, overrides, source=str(path))
+    return _Parser(str(path), path.absolute(), overridden).parse(document)
 
 
 def read_manifest_document(path: str | Path) -> dict[str, Any]:
@@ -296,6 +311,139 @@ def _parse_toml(text: str, where: str) -> dict[str, Any]:
 def manifest_from_dict(document: dict[str, Any], *, source: str = "<code>") -> Manifest:
     """Validate a manifest given as data (the TOML document's shape), for users without a file."""
     return _Parser(source, None).parse(document)
+
+
+# --- overrides ---------------------------------------------------------------
+
+# The tables of the top level, and for each an example of a key inside it.
+_TOP_TABLES = {
+    "service": "service.workers",
+    "sockets": "sockets.NAME.listen",
+    "handlers": "handlers.NAME.call",
+}
+_NAMED_TABLES = {"sockets": "socket", "handlers": "handler"}
+
+
+def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+    """One ``--set`` text: the dotted key's parts and the value.
+
+    ``KEY=VALUE``: KEY is a TOML dotted key (``sockets.http.listen``;
+    quoted parts as in TOML, ``sockets."a.b".listen``); VALUE is read as a
+    TOML value when it is one (a number, ``true``, an array, a quoted
+    string), else taken as the string it is (``127.0.0.1:9000``).
+    """
+    import tomllib  # only for overrides: a start without them does not pay for it
+
+    start = 0
+    while (equals := text.find("=", start)) != -1:
+        start = equals + 1
+        key_text = text[:equals]
+        if "\n" in key_text or "\r" in key_text:
+            break
+        try:
+            keyed = tomllib.loads(f"{key_text} = 0")
+        except tomllib.TOMLDecodeError:
+            continue  # an "=" inside a quoted part of the key: try the next one
+        keys: list[str] = []
+        node: Any = keyed
+        while isinstance(node, dict) and len(node) == 1:
+            ((key, node),) = node.items()
+            keys.append(key)
+        if node != 0 or isinstance(node, bool) or not keys:
+            continue
+        return tuple(keys), _override_value(text[equals + 1 :])
+    raise ManifestError(f"--set {_shorten(text)!r}: expected KEY=VALUE, e.g. --set service.workers=4")
+
+
+def _override_value(text: str) -> Any:
+    import tomllib
+
+    try:
+        document = tomllib.loads(f"value = {text}")
+    except tomllib.TOMLDecodeError:
+        return text
+    return document["value"] if document.keys() == {"value"} else text
+
+
+@record
+class Overridden:
+    """What ``--set`` changed in a document: the parser names ``--set KEY`` in an error about it."""
+
+    keys: frozenset[str] = frozenset()
+    """The keys set (an error at one or at an entry of its value is the override's)."""
+    tables: frozenset[str] = frozenset()
+    """The tables created to hold them (an error at the table itself is the override's)."""
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+    def covers(self, key_path: str) -> bool:
+        path = key_path.partition("[")[0]  # listen[1]: an entry of the value set
+        return path in self.tables or any(path == key or path.startswith(f"{key}.") for key in self.keys)
+
+
+def apply_overrides(
+    document: dict[str, Any], overrides: Sequence[str], *, source: str
+) -> tuple[dict[str, Any], Overridden]:
+    """``document`` with each ``--set KEY=VALUE`` of ``overrides`` applied, in order (the last wins).
+
+    Returns the new document (``document`` itself is not changed) and what
+    the overrides set or created, for the parser to say ``--set KEY`` in an
+    error about it.
+
+    Rules: KEY names one key inside a table, never a table itself
+    (``--set sockets=1`` is an error naming it); its first part is one of
+    the manifest's tables (``service``, ``sockets``, ``handlers``), and a
+    ``[sockets.NAME]`` or ``[handlers.NAME]`` table must be in the file: an
+    override changes a socket or a handler, it does not declare one (so a
+    misspelt name is an error with a did-you-mean, not a new socket).  What
+    the value may be is the file's rule for that key, checked by the parser.
+    ``source`` names the file in messages.
+    """
+    result = dict(document)
+    keys_set: set[str] = set()
+    created: set[str] = set()
+    for text in overrides:
+        keys, value = parse_override(text)
+        dotted = ".".join(keys)
+
+        def fail(message: str, dotted: str = dotted) -> ManifestError:
+            return ManifestError(f"--set {dotted}: {message}")
+
+        top = keys[0]
+        if top not in _TOP_TABLES:
+            close = _close_matches(top, list(_TOP_TABLES), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(_TOP_TABLES)}"
+            raise fail(f"unknown key {top!r}; {hint}")
+        # How many parts name tables: [service] is one, [sockets.NAME] two.
+        depth = 2 if top in _NAMED_TABLES else 1
+        if len(keys) <= depth:
+            raise fail(f"names a table; --set sets one key in it (e.g. --set {_TOP_TABLES[top]}=...)")
+        if top in _NAMED_TABLES:
+            declared = result.get(top)
+            names = list(declared) if isinstance(declared, dict) else []
+            if keys[1] not in names:
+                close = _close_matches(keys[1], names, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"declared: {', '.join(names) or 'none'}"
+                raise fail(
+                    f"{source} declares no {_NAMED_TABLES[top]} named {keys[1]!r} ({hint}); "
+                    "--set changes a table of the file, it does not add one"
+                )
+        node = result
+        for index, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = {}
+                created.add(".".join(keys[: index + 1]))
+            elif not isinstance(child, dict):
+                raise fail(f"{'.'.join(keys[: index + 1])} is not a table in {source}")
+            else:
+                child = dict(child)  # a copy: the caller's document stays as it was
+            node[key] = child
+            node = child
+        node[keys[-1]] = value
+        keys_set.add(dotted)
+    return result, Overridden(frozenset(keys_set), frozenset(created))
 
 
 _T = TypeVar("_T")
@@ -556,12 +704,17 @@ SOCKET_OPTIONS: tuple[SocketOption, ...] = (
 
 
 class _Parser:
-    def __init__(self, where: str, path: Path | None) -> None:
+    def __init__(self, where: str, path: Path | None, overridden: Overridden | None = None) -> None:
         self.where = where
         self.path = path
+        # Key paths set or created by --set: an error about one of them (or a key
+        # below one) is the override's, and names it instead of the file.
+        self.overridden = overridden if overridden is not None else Overridden()
         self.warnings: list[str] = []
 
     def error(self, key_path: str, message: str) -> ManifestError:
+        if self.overridden and self.overridden.covers(key_path):
+            return ManifestError(f"--set {key_path}: {message}")
         return ManifestError(f"{self.where}: {key_path}: {message}")
 
     def parse(self, document: dict[str, Any]) -> Manifest:

@@ -88,10 +88,17 @@ class WorkerCommand:
     dev: bool = False
 
 
-def worker_argv(manifest_path: str, log_level: str, log_format: str = "auto") -> list[str]:
+def worker_argv(
+    manifest_path: str, log_level: str, log_format: str = "auto", *, overrides: Sequence[str] = ()
+) -> list[str]:
     """``trio-activate serve`` for a worker: this interpreter, this package, the same manifest,
-    logging at `log_level` in `log_format` (the one its spawner resolved: they share stderr)."""
-    return [
+    logging at `log_level` in `log_format` (the one its spawner resolved: they share stderr).
+
+    ``overrides``: the ``--set KEY=VALUE`` texts the manifest was read with,
+    passed on as they came (``--set=``: a text that starts with ``-`` stays
+    the option's value).
+    """
+    argv = [
         sys.executable,
         "-m",
         "trio_activate",
@@ -102,6 +109,7 @@ def worker_argv(manifest_path: str, log_level: str, log_format: str = "auto") ->
         "serve",
         manifest_path,
     ]
+    return argv + [f"--set={text}" for text in overrides]
 
 
 class NotifyInbox:

@@ -64,13 +64,20 @@ def run_supervisor(
     workers: int,
     log_level: str,
     log_format: str = "auto",
+    overrides: Sequence[str] = (),
     watch: Sequence[Path] = (),
 ) -> int:
+    """Supervise ``workers`` workers over ``owned``'s sockets until stopped; the exit status.
+
+    ``overrides``: the ``--set`` texts the manifest was read with; every
+    worker (a reload's too, and each of ``dev``'s) reads it with them, and so
+    does ``dev`` when it follows the manifest's sockets.
+    """
     sockets = _fds_of(owned)
-    argv = worker_argv(str(manifest_path.absolute()), log_level, log_format)
+    argv = worker_argv(str(manifest_path.absolute()), log_level, log_format, overrides=overrides)
     command = WorkerCommand(argv, sockets, dev=bool(watch))
     spawner = GenerationSpawner(command, dict(os.environ))
-    follow = FollowManifest(manifest, manifest_path, owned, spawner) if watch else None
+    follow = FollowManifest(manifest, manifest_path, owned, spawner, overrides) if watch else None
     try:
         with Notifier.from_environ(unset=True) as notifier:
             supervisor = Supervisor(
@@ -137,9 +144,16 @@ class FollowManifest:
     ``change_sockets``).  See the module docstring for who owns what when."""
 
     def __init__(
-        self, manifest: Manifest, path: Path, owned: ServiceSockets, spawner: GenerationSpawner
+        self,
+        manifest: Manifest,
+        path: Path,
+        owned: ServiceSockets,
+        spawner: GenerationSpawner,
+        overrides: Sequence[str] = (),
     ) -> None:
         self.path = path
+        # The command line's --set: the manifest on disk is read with them, as at start.
+        self.overrides = overrides
         self.owned = owned
         self.spawner = spawner
         self.specs = {spec.name: spec for spec in manifest.sockets}
@@ -147,7 +161,7 @@ class FollowManifest:
         self.pending: list[ServiceSockets] = []
 
     def __call__(self, generation: int) -> SocketChange | None:
-        manifest = load_manifest(self.path)
+        manifest = load_manifest(self.path, overrides=self.overrides)
         specs = {spec.name: spec for spec in manifest.sockets}
         changed = [name for name, spec in specs.items() if not _same_socket(self.specs.get(name), spec)]
         leaving = [name for name in self.specs if name not in specs or name in changed]

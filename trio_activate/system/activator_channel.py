@@ -82,8 +82,12 @@ class Delivery:
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-def deliver_sockets_to_service(channel_fd: int, manifest_path: Path) -> int:
+def deliver_sockets_to_service(channel_fd: int, manifest_path: Path, *, overrides: Sequence[str] = ()) -> int:
     """The forked activator: create the manifest's sockets and pass them over ``channel_fd``.
+
+    ``overrides``: the command line's ``--set`` texts, applied as the service
+    applies them (the document passed on is the file's, as read: the service
+    applies the same overrides to it).
 
     Returns the activator's exit status: 0 when the service took the
     sockets, 1 otherwise.  An error goes over the channel as one line for
@@ -94,7 +98,7 @@ def deliver_sockets_to_service(channel_fd: int, manifest_path: Path) -> int:
     with socket.socket(fileno=channel_fd) as channel:
         try:
             document = read_manifest_document(manifest_path)
-            manifest = load_manifest(manifest_path, document=document)
+            manifest = load_manifest(manifest_path, document=document, overrides=overrides)
             created = create_sockets(manifest)
         except ActivationError as exc:
             _send_quietly(channel, _encode(["error", str(exc)]))
