@@ -60,6 +60,7 @@ __all__ = [
     "SOCKET_OPTIONS",
     "HandlerKind",
     "HandlerSpec",
+    "HttpSpec",
     "Manifest",
     "OnError",
     "OnFull",
@@ -167,12 +168,14 @@ class HandlerKind(enum.Enum):
 
     - ``stream``: ``await handle(stream)`` once per connection;
     - ``datagram``: ``await handle(sock)`` once per fd, for the life of the service;
-    - ``listener``: ``await run(listeners)`` once, with every listener.
+    - ``listener``: ``await run(listeners)`` once, with every listener;
+    - ``asgi``: an ASGI application, served over HTTP by hypercorn's Trio worker.
     """
 
     STREAM = "stream"
     DATAGRAM = "datagram"
     LISTENER = "listener"
+    ASGI = "asgi"
 
 
 class OnError(enum.Enum):
@@ -187,6 +190,34 @@ class OnFull(enum.Enum):
 
     WAIT = "wait"  # left in the kernel's backlog until a connection closes
     CLOSE = "close"  # accepted and closed at once
+
+
+DEFAULT_KEEP_ALIVE_TIMEOUT = 5.0
+
+
+@record
+class HttpSpec:
+    """An asgi handler's ``[handlers.NAME.http]`` table (every key optional).
+
+    File paths are as written; a relative one is resolved against the
+    manifest's folder when the handler is loaded, which is also where a
+    missing file is reported.
+    """
+
+    keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT
+    # ALPN offers h2 besides http/1.1 (TLS only: cleartext HTTP/2 is what a client asks for).
+    http2: bool = True
+    root_path: str = ""
+    server_header: bool = True
+    access_log: bool = False
+    certfile: str | None = None
+    keyfile: str | None = None
+    # Client certificates signed by these CAs are required.
+    ca_certs: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.certfile is not None
 
 
 @record
@@ -210,6 +241,10 @@ class HandlerSpec:
     on_full: OnFull = OnFull.WAIT
     access_log: bool = False
     """One info line per connection, at its end, on the ``trio_activate.access`` logger."""
+    # asgi: ``call`` names a function that returns the application.
+    factory: bool = False
+    # asgi: the [handlers.NAME.http] table, every default when it is absent.
+    http: HttpSpec | None = None
 
     @property
     def module(self) -> str:
@@ -926,9 +961,18 @@ class _Parser:
             if max_connections is None:
                 raise table.error("on-full", "applies only with max-connections, which is not set")
         access_log = table.get("access-log", table.boolean, False)
+        factory = table.get("factory", table.boolean, False)
+        http_table = table.subtable("http")
         table.finish()
         types = self.served_types(table, name, served, sockets, earlier)
         kind = self.handler_kind(table, explicit_kind, types)
+        http = None
+        if kind is HandlerKind.ASGI:
+            http = self.http(http_table) if http_table is not None else HttpSpec()
+        else:
+            for key in ("factory", "http"):
+                if key in table.data:
+                    raise table.error(key, f"applies to asgi handlers only, and this one is {kind.value}")
         return HandlerSpec(
             name,
             served,
@@ -940,7 +984,47 @@ class _Parser:
             max_lifetime,
             on_full,
             access_log,
+            factory,
+            http,
         )
+
+    def http(self, table: _Table) -> HttpSpec:
+        """An asgi handler's ``[handlers.NAME.http]`` table."""
+        keep_alive = table.get(
+            "keep-alive-timeout", self.positive_duration(table), DEFAULT_KEEP_ALIVE_TIMEOUT
+        )
+        http2 = table.get("http2", table.boolean, True)
+        root_path = table.get("root-path", table.string, "")
+        if root_path and (not root_path.startswith("/") or root_path.endswith("/")):
+            raise table.error(
+                "root-path", f"{_shorten(root_path)!r}: expected a path that starts and does not end with /"
+            )
+        server_header = table.get("server-header", table.boolean, True)
+        access_log = table.get("access-log", table.boolean, False)
+        files = {
+            key: table.get(key, self.file_path(table), None) for key in ("certfile", "keyfile", "ca-certs")
+        }
+        table.finish()
+        if (files["certfile"] is None) != (files["keyfile"] is None):
+            given, missing = ("certfile", "keyfile") if files["keyfile"] is None else ("keyfile", "certfile")
+            raise table.error(given, f"TLS needs both certfile and keyfile, and {missing} is not set")
+        if files["certfile"] is None:
+            for key in ("ca-certs", "http2"):
+                if key in table.data:
+                    raise table.error(key, "applies to TLS only: set certfile and keyfile")
+        return HttpSpec(
+            keep_alive, http2, root_path, server_header, access_log,
+            files["certfile"], files["keyfile"], files["ca-certs"],
+        )  # fmt: skip
+
+    def file_path(self, table: _Table) -> Callable[[str, Any], str]:
+        def check(key: str, value: Any) -> str:
+            text = table.string(key, value)
+            if not text or "\0" in text:
+                raise table.error(key, f"{text!r}: expected a file path")
+            return text
+
+        return check
 
     def positive_duration(self, table: _Table) -> Callable[[str, Any], float]:
         def check(key: str, value: Any) -> float:
@@ -1014,6 +1098,7 @@ class _Parser:
             HandlerKind.STREAM: {SocketType.STREAM, SocketType.SEQPACKET},
             HandlerKind.DATAGRAM: {SocketType.DATAGRAM},
             HandlerKind.LISTENER: {SocketType.STREAM},
+            HandlerKind.ASGI: {SocketType.STREAM},
         }[kind]
         for sock_name, sock_type in types.items():
             if sock_type not in fits:
@@ -1155,11 +1240,29 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
             if handler.max_lifetime is not None:
                 handler_table["max-lifetime"] = handler.max_lifetime
             handler_table["access-log"] = handler.access_log
+        if handler.kind is HandlerKind.ASGI:
+            handler_table["factory"] = handler.factory
+            if handler.http is not None:
+                handler_table["http"] = _http_to_dict(handler.http)
         handlers[handler.name] = handler_table
     document: dict[str, Any] = {"service": service, "sockets": sockets}
     if handlers:
         document["handlers"] = handlers
     return document
+
+
+def _http_to_dict(http: HttpSpec) -> dict[str, Any]:
+    table: dict[str, Any] = {
+        "keep-alive-timeout": http.keep_alive_timeout,
+        "root-path": http.root_path,
+        "server-header": http.server_header,
+        "access-log": http.access_log,
+    }
+    if http.tls:
+        table.update(http2=http.http2, certfile=http.certfile, keyfile=http.keyfile)
+        if http.ca_certs is not None:
+            table["ca-certs"] = http.ca_certs
+    return table
 
 
 def dump_manifest(manifest: Manifest) -> str:

@@ -81,6 +81,8 @@ def load_handler(manifest: Manifest, spec: HandlerSpec) -> LoadedHandler:
             target = getattr(target, part)
         except AttributeError:
             raise HandlerError(f"{where}: {spec.module!r} has no attribute {spec.function!r}") from None
+    if spec.kind is HandlerKind.ASGI:
+        return LoadedHandler(spec, _asgi_application(manifest, spec, target))
     if not _is_async_callable(target):
         raise HandlerError(
             f"{where}: {spec.call!r} is {_kind_of(target)}, not a coroutine function (write `async def`)"
@@ -131,6 +133,49 @@ def _missing_python_path(manifest: Manifest) -> str:
         if not (manifest.folder / entry).exists()
     ]
     return "".join(missing)
+
+
+def _asgi_application(manifest: Manifest, spec: HandlerSpec, target: Any) -> HandlerFunction:
+    """The ASGI application of an asgi handler (``factory``: what calling ``call`` returns).
+
+    Checks that hypercorn, which serves it, is installed (imported here, not
+    at module level: it is optional), and that each TLS file exists.
+    """
+    where = f"{manifest.source}: handlers.{spec.name}"
+    try:
+        import hypercorn.trio  # noqa: F401
+    except ImportError:
+        raise HandlerError(
+            f"{where}.kind: 'asgi' is served by hypercorn, which is not installed: "
+            "pip install 'trio-activate[asgi]'"
+        ) from None
+    if spec.http is not None:
+        for key in ("certfile", "keyfile", "ca-certs"):
+            name = getattr(spec.http, key.replace("-", "_"))
+            if name is not None and not (manifest.folder / name).is_file():
+                raise HandlerError(f"{where}.http.{key}: {name}: no such file")
+    if spec.factory:
+        if not callable(target):
+            raise HandlerError(f"{where}.call: {spec.call!r} is {_kind_of(target)}, not a factory function")
+        try:
+            target = target()
+        except Exception as exc:
+            raise HandlerError(f"{where}.call: the factory {spec.call!r} raised {_describe(exc)}") from exc
+        if inspect.isawaitable(target):
+            close = getattr(target, "close", None)
+            if close is not None:
+                close()
+            raise HandlerError(
+                f"{where}.call: the factory {spec.call!r} is async; it must return the application"
+            )
+    if not _is_async_callable(target):
+        made = "returned " if spec.factory else ""
+        hint = "; if it builds the application, set factory = true" if not spec.factory else ""
+        raise HandlerError(
+            f"{where}.call: {spec.call!r} {made or 'is '}{_kind_of(target)}, not an ASGI application{hint}"
+        )
+    function: HandlerFunction = target
+    return function
 
 
 def _is_async_callable(target: object) -> bool:

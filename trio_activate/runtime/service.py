@@ -7,6 +7,7 @@ Shape of the task tree::
     service nursery          signal watcher, watchdog
     └── handlers nursery
         ├── StreamServer.run  (one per stream handler: accept loops + a task per connection)
+        ├── AsgiServer.run    (one per asgi handler: hypercorn's Trio worker; see `asgi`)
         └── lifelong scope    datagram and listener handlers: one call each, for the whole service
 
 Lifecycle: ``serve()`` starts every handler and waits until each stream
@@ -42,6 +43,7 @@ from ..model.records import record
 from ..system.notifier import Notifier
 from ..system.reload_outcome import announce_reload_outcome
 from .access import Outcome, Traffic, log_access, log_went_away, peer_text, went_away
+from .asgi import AsgiServer
 from .handlers import LoadedHandler
 from .serving import Listening, StreamServer, serve_with_timeouts
 from .signals import watch_signals
@@ -98,6 +100,7 @@ class Service:
         self.stop_signal = StopSignal()
         self._stopping = False
         self._servers: list[StreamServer] = []
+        self._asgi_servers: list[AsgiServer] = []
         self._lifelong_scope = trio.CancelScope()
         self._handlers_scope: trio.CancelScope | None = None
         self._watchdog_scope = trio.CancelScope()
@@ -180,6 +183,10 @@ class Service:
                 server = StreamServer(item.handler, item.sockets, on_failure=self.fail)
                 self._servers.append(server)
                 await nursery.start(server.run)
+            elif item.handler.spec.kind is HandlerKind.ASGI:
+                asgi = AsgiServer(self.manifest, item.handler, item.sockets, on_failure=self.fail)
+                self._asgi_servers.append(asgi)
+                await nursery.start(asgi.run)
             else:
                 lifelong.append(item)
         if lifelong:
@@ -247,6 +254,8 @@ class Service:
         for server in self._servers:
             server.stop_accepting()
             server.set_drain_deadline(deadline)
+        for asgi in self._asgi_servers:
+            asgi.stop(deadline)
         # Handlers waiting between requests (move_on_stop) close now.
         self.stop_signal.stop()
 

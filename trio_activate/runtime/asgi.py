@@ -1,0 +1,317 @@
+"""Serving an ASGI application: hypercorn's Trio worker on the sockets the runtime adopted.
+
+Layer 3 (trio).  Hypercorn is optional (``pip install 'trio-activate[asgi]'``):
+it is imported in the functions that use it, never at module level, so a
+service without an asgi handler never imports it.
+
+How it is served: ``hypercorn.trio.run.worker_serve`` with
+``sockets=Sockets(...)``, the entry that takes sockets already listening.
+It never calls ``listen()`` on them (only its own ``trio_worker`` and the
+sockets it binds itself get ``listen(config.backlog)``), so the manifest's
+``backlog`` stays what the kernel was told.  ``fd://`` binds are not used:
+hypercorn would own those fds and ``listen(100)`` again.
+
+Lifecycle:
+
+- Ready once hypercorn serves *and* the application sent
+  ``lifespan.startup.complete`` (hypercorn reports started even when the
+  startup then fails).  An application that raises on the lifespan scope
+  without sending ``lifespan.startup.failed`` is served without lifespan,
+  as hypercorn does.  ``lifespan.startup.failed`` (or a startup timeout)
+  is a failed start: one error line, the service exits 1 without
+  ``READY=1``, and under a reload the old generation keeps serving.
+- Stop (``stop()``, from the service's stop): hypercorn stops accepting
+  at once (its shutdown trigger) and its configuration, which it reads
+  live, makes every later response carry ``Connection: close``
+  (``keep_alive_max_requests = 0``), so a keep-alive client moves to a new
+  connection, which the next generation accepts.  A connection idle at
+  that moment is closed only ``IDLE_CLOSE_DELAY`` later: its client may be
+  sending the next request right then, and that request gets an answer
+  (with ``Connection: close``) instead of a closed connection.  Requests in
+  flight get what is left of ``grace-period``; then the lifespan shutdown
+  runs, once, bounded by ``LIFESPAN_SHUTDOWN_TIMEOUT``.
+
+The delay needs one hook into hypercorn: its graceful stop sets
+``WorkerContext.terminated`` at once, which closes every idle connection.
+`_install_hook` makes ``hypercorn.trio.run`` build a ``WorkerContext``
+whose ``terminated`` is set after the delay, for a worker this module
+started (a context variable says which); any other use of hypercorn in the
+process is unchanged.  Hypercorn is pinned (``trio-activate[asgi]``), and
+``tests/test_asgi.py`` fails if the hook stops taking effect.
+
+Resource handling: hypercorn closes the sockets it is given when it stops,
+so it gets duplicates (``socket.dup()``, close-on-exec) of the listening
+sockets; the runtime's own fds keep their one owner (the caller's
+``ServiceSockets``).  The duplicates belong to `AsgiServer.run`: hypercorn
+closes them through the same socket objects when its accept loops end, and
+``run`` closes whatever it did not (a start that failed before), so no fd
+number is ever closed twice.  Connections are hypercorn's, each closed by
+the task that serves it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from contextvars import ContextVar
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ..model.manifest import HttpSpec, Manifest
+from .handlers import LoadedHandler
+from .serving import Listening
+
+if TYPE_CHECKING:
+    from hypercorn.config import Config
+
+__all__ = ["IDLE_CLOSE_DELAY", "LIFESPAN_SHUTDOWN_TIMEOUT", "AsgiServer"]
+
+log = logging.getLogger("trio_activate")
+
+# Seconds an idle keep-alive connection stays open once the stop began.
+IDLE_CLOSE_DELAY = 0.5
+# Seconds the application's lifespan shutdown may take (the supervisor's
+# SIGKILL comes 5 s after the grace period).
+LIFESPAN_SHUTDOWN_TIMEOUT = 3.0
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class _Lifespan:
+    """The application, wrapped to see what it tells hypercorn on the lifespan scope."""
+
+    def __init__(self, app: Callable[..., Awaitable[Any]]) -> None:
+        self.inner = app
+        self.complete = False
+        self.failure: str | None = None
+        self.ended = False
+        self.shutdowns = 0
+
+    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.inner(scope, receive, send)
+            return
+
+        async def watched_send(message: Message) -> None:
+            kind = message.get("type")
+            if kind == "lifespan.startup.complete":
+                self.complete = True
+            elif kind == "lifespan.startup.failed":
+                self.failure = _last_line(str(message.get("message") or "")) or "(no message)"
+            elif kind == "lifespan.shutdown.complete":
+                self.shutdowns += 1
+            await send(message)
+
+        try:
+            await self.inner(scope, receive, watched_send)
+        finally:
+            self.ended = True
+
+    @property
+    def started(self) -> bool:
+        """Served and ready: startup complete, or an application without lifespan."""
+        return self.failure is None and (self.complete or self.ended)
+
+
+def _last_line(text: str) -> str:
+    """The last non-empty line: a framework sends a whole traceback as the failure message."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+class AsgiServer:
+    """One asgi handler: its application served by hypercorn on its sockets.
+
+    ``await nursery.start(server.run)`` returns once it serves (lifespan
+    startup complete), or once its start failed (``on_failure`` was called
+    first, so the service reports no readiness).  ``stop(deadline)`` begins
+    the graceful stop; ``run`` returns when it is over.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        handler: LoadedHandler,
+        listening: Sequence[Listening],
+        *,
+        on_failure: Callable[[], None],
+    ) -> None:
+        self.handler = handler
+        self.listening = list(listening)
+        self.on_failure = on_failure
+        self.config = make_config(manifest, handler.spec.http or HttpSpec(), handler.spec.name)
+        self.lifespan = _Lifespan(handler.function)
+        self.stopping = False
+        self._stop = trio.Event()
+        self._deadline = math.inf
+
+    @property
+    def name(self) -> str:
+        return self.handler.spec.name
+
+    def stop(self, deadline: float) -> None:
+        """Stop accepting now; every later response says ``Connection: close``; drain until ``deadline``."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self._deadline = deadline
+        # Read by hypercorn on every response: a keep-alive connection ends after its next one.
+        self.config.keep_alive_max_requests = 0
+        self._stop.set()
+
+    async def before_terminated(self) -> None:
+        """Hypercorn stopped accepting; wait out the idle delay, then give the rest of the grace period."""
+        if not self.stopping:
+            return
+        now = trio.current_time()
+        await trio.sleep(max(0.0, min(IDLE_CLOSE_DELAY, self._deadline - now)))
+        self.config.graceful_timeout = max(0.0, self._deadline - trio.current_time())
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from hypercorn.app_wrappers import ASGIWrapper
+        from hypercorn.config import Sockets
+        from hypercorn.trio.run import worker_serve
+
+        _install_hook()
+        reported = False
+        duplicates: list[socket.socket] = []
+        token = _current_server.set(self)
+        try:
+            for item in self.listening:
+                duplicates.append(item.sock.dup())
+            if self.handler.spec.http is not None and self.handler.spec.http.tls:
+                sockets = Sockets(secure_sockets=duplicates, insecure_sockets=[], quic_sockets=[])
+            else:
+                sockets = Sockets(secure_sockets=[], insecure_sockets=duplicates, quic_sockets=[])
+            serve = partial(
+                worker_serve,
+                ASGIWrapper(self.lifespan.app),  # type: ignore[arg-type]
+                self.config,
+                sockets=sockets,
+                shutdown_trigger=self._stop.wait,
+            )
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve)
+                if self.lifespan.started:
+                    reported = True
+                    task_status.started()
+                # Otherwise the startup failed after hypercorn said started: its
+                # worker_serve raises next, and that is reported below.
+        except (Exception, BaseExceptionGroup) as exc:
+            cancelled: BaseException | None = None
+            failed: BaseException | None = exc
+            if isinstance(exc, BaseExceptionGroup):
+                cancelled, failed = exc.split(trio.Cancelled)
+            if failed is None:
+                raise
+            self._failed(failed, started=reported)
+            if not reported:
+                task_status.started()
+            if cancelled is not None:
+                raise cancelled from None
+            return
+        finally:
+            _current_server.reset(token)
+            for sock in duplicates:
+                sock.close()
+        if not reported:
+            if not self.stopping:
+                log.error("handlers.%s: hypercorn stopped before the application started", self.name)
+                self.on_failure()
+            task_status.started()
+        elif not self.stopping:
+            log.warning("handlers.%s: hypercorn returned; it serves no more", self.name)
+
+    def _failed(self, exc: BaseException, *, started: bool) -> None:
+        if not started:
+            if self.lifespan.failure is not None:
+                reason = f"lifespan startup failed: {self.lifespan.failure}"
+            else:
+                reason = f"the application did not start: {_describe(exc)}"
+            log.error("handlers.%s: %s", self.name, reason)
+        else:
+            log.error("handlers.%s: hypercorn failed; stopping the service", self.name, exc_info=exc)
+        self.on_failure()
+
+
+def _describe(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
+
+
+def make_config(manifest: Manifest, http: HttpSpec, name: str) -> Config:
+    """Hypercorn's configuration for one handler, from its ``[handlers.NAME.http]`` table."""
+    from hypercorn.config import Config
+
+    config = Config()
+    config.startup_timeout = manifest.service.start_timeout
+    config.shutdown_timeout = LIFESPAN_SHUTDOWN_TIMEOUT
+    config.graceful_timeout = manifest.service.grace_period
+    config.keep_alive_timeout = http.keep_alive_timeout
+    config.root_path = http.root_path
+    config.include_server_header = http.server_header
+    # Hypercorn's errors (an application's exception, with its traceback) go to
+    # the service's log; its "Running on ..." lines are left out: readiness is
+    # the runtime's "ready" line, after lifespan startup.
+    errors = logging.getLogger("trio_activate.hypercorn")
+    if not any(isinstance(f, _NoBanner) for f in errors.filters):
+        errors.addFilter(_NoBanner())
+    config.errorlog = errors
+    config.accesslog = logging.getLogger("trio_activate.access") if http.access_log else None
+    if http.tls:
+        assert http.certfile is not None
+        assert http.keyfile is not None
+        config.certfile = str(manifest.folder / http.certfile)
+        config.keyfile = str(manifest.folder / http.keyfile)
+        if http.ca_certs is not None:
+            config.ca_certs = str(manifest.folder / http.ca_certs)
+            config.verify_mode = ssl.CERT_REQUIRED
+        config.alpn_protocols = ["h2", "http/1.1"] if http.http2 else ["http/1.1"]
+    return config
+
+
+class _NoBanner(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Running on ")
+
+
+# Which AsgiServer the hypercorn worker started in this task tree belongs to.
+_current_server: ContextVar[AsgiServer | None] = ContextVar("trio_activate_asgi_server", default=None)
+
+
+def _install_hook() -> None:
+    """Make hypercorn's Trio worker set ``terminated`` through `AsgiServer.before_terminated`."""
+    import hypercorn.trio.run as run_module
+    from hypercorn.trio.worker_context import EventWrapper, WorkerContext
+
+    if getattr(run_module.WorkerContext, "trio_activate_hook", False):  # type: ignore[attr-defined]
+        return
+
+    class Terminated(EventWrapper):
+        def __init__(self, server: AsgiServer) -> None:
+            super().__init__()
+            self.server = server
+
+        async def set(self) -> None:
+            await self.server.before_terminated()
+            await super().set()
+
+    class HookedWorkerContext(WorkerContext):
+        trio_activate_hook = True
+
+        def __init__(self, max_requests: int | None) -> None:
+            super().__init__(max_requests)
+            server = _current_server.get()
+            if server is not None:
+                self.terminated = Terminated(server)
+
+    run_module.WorkerContext = HookedWorkerContext  # type: ignore[attr-defined]
