@@ -9,9 +9,12 @@ in the test's folder, and is stopped by the ``started`` harness.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -33,6 +36,7 @@ from helpers import (
     write_manifest,
 )
 
+from trio_activate import activated
 from trio_activate.errors import HandlerError, ManifestError
 from trio_activate.model.manifest import HandlerKind, HttpSpec, dump_manifest, load_manifest, parse_manifest
 from trio_activate.runtime.handlers import load_handler
@@ -378,8 +382,6 @@ def test_a_failing_startup_under_reload_leaves_the_old_generation_serving(tmp_pa
 
 def keep_alive_idle_then(port: int, delay: float) -> tuple[str, bytes]:
     """A keep-alive connection: one request, idle ``delay`` s, then a second request; the second answer."""
-    import socket
-
     request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
     with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
         conn.sendall(request)
@@ -501,3 +503,109 @@ def test_a_missing_certificate_stops_serve_in_one_line(tmp_path: Path) -> None:
     assert one_line_error(done.stderr).endswith(
         "service.toml: handlers.web.http.certfile: c.pem: no such file"
     )
+
+
+# --- activated() ---------------------------------------------------------------------------------
+
+
+async def test_activated_serve_runs_an_asgi_handler(tmp_path: Path) -> None:
+    manifest = load_manifest(asgi_manifest(tmp_path))
+    async with activated(manifest) as act:
+        port = act.sockets["web"][0].getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            statuses: list[int] = []
+
+            async def serve_it(*, task_status: trio.TaskStatus[None]) -> None:
+                statuses.append(await act.serve(task_status=task_status))
+
+            await nursery.start(serve_it)
+            async with httpx.AsyncClient() as client:
+                answer = await client.get(f"http://127.0.0.1:{port}/")
+            assert answer.text.startswith(f"hello {os.getpid()}")
+            act.shutdown()
+        assert statuses == [0]
+
+
+# --- the [handlers.NAME.http] table --------------------------------------------------------------
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made here."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    certfile, keyfile = folder / "cert.pem", folder / "key.pem"
+    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return certfile, keyfile
+
+
+@pytest.mark.parametrize("http2", [True, False])
+def test_tls_answers_http1_and_http2_by_alpn(tmp_path: Path, http2: bool) -> None:
+    certfile, _ = self_signed(tmp_path)
+    extra = '[handlers.web.http]\ncertfile = "cert.pem"\nkeyfile = "key.pem"\n'
+    if not http2:
+        extra += "http2 = false\n"
+    with serve(asgi_manifest(tmp_path, extra=extra)) as process:
+        port = ready(process)
+        url = f"https://127.0.0.1:{port}/"
+        context = ssl.create_default_context(cafile=str(certfile))
+        with httpx.Client(verify=context) as client:
+            answer = client.get(url)
+            assert (answer.status_code, answer.http_version) == (200, "HTTP/1.1")
+        with httpx.Client(verify=context, http2=True) as client:
+            answer = client.get(url)
+            expected = "HTTP/2" if http2 else "HTTP/1.1"
+            assert (answer.status_code, answer.http_version) == (200, expected)
+            assert answer.text.startswith("hello")
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+        assert process.stop() == 0
+
+
+def test_root_path_server_header_access_log_and_keep_alive_timeout(tmp_path: Path) -> None:
+    extra = (
+        '[handlers.web.http]\nroot-path = "/api"\nserver-header = false\naccess-log = true\n'
+        "keep-alive-timeout = 0.5\n"
+    )
+    with serve(asgi_manifest(tmp_path, extra=extra)) as process:
+        port = ready(process)
+        answer = httpx.get(f"http://127.0.0.1:{port}/")
+        assert answer.text.split()[-1] == "/api"
+        assert "server" not in answer.headers
+        process.wait_for(r'"GET / 1\.1" 200')
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            began = time.monotonic()
+            data = b""
+            while chunk := conn.recv(65536):  # to the EOF: the server closes the idle connection
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200")
+            assert 0.4 < time.monotonic() - began < 3
+        assert process.stop() == 0
