@@ -330,13 +330,19 @@ def test_a_handler_that_cannot_be_imported_fails_the_unit_and_the_socket_keeps_l
         "NRestarts": "0",
     }, shown
     journal = machine.journal("broken.service")
-    # The worker's line, with its PID (the supervisor's journal line names the same worker),
-    # at error priority.
+    # The worker's line, with its PID, at error priority: the one error line (the supervisor's
+    # line about the same worker is info: it stops at once, the worker said why).
     errors = machine.run("journalctl", "--no-pager", "-q", "-p", "err", "-u", "broken.service").stdout
+    said = re.findall(r"trio-activate\[\d+\]: (.*)", errors)
+    assert len(said) == 1, errors
+    found = re.match(
+        r"worker (\d+): service.toml: handlers.web.call: cannot import 'broken_app': No module named", said[0]
+    )
+    assert found, errors
     assert re.search(
-        r"worker (\d+): service.toml: handlers.web.call: cannot import 'broken_app': "
-        r"No module named.*\n.*worker \1 exited with status 2",
-        errors,
+        rf"generation 1: worker {found[1]} exited with status 2 before it was ready: "
+        r"a configuration error; stopping",
+        journal,
     ), journal
     assert "Traceback" not in journal
     assert machine.show("broken-web.socket", "ActiveState", "SubState") == {
