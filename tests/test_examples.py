@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio_websocket
 from helpers import TRIO_ACTIVATE, clean_env, require_peer, retry, started, tcp_exchange, unix_exchange
 
 import trio_activate
@@ -21,6 +22,15 @@ def udp_exchange(port: int, data: bytes) -> bytes:
         client.settimeout(1)
         client.sendto(data, ("127.0.0.1", port))
         return client.recv(4096)
+
+
+def websocket_echo(port: int, text: str) -> bytes:
+    async def exchange() -> str:
+        async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}/ws") as connection:
+            await connection.send_message(text)
+            return str(await connection.get_message())
+
+    return trio.run(exchange).encode()
 
 
 HTTP_GET = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -42,6 +52,10 @@ EXAMPLES: dict[str, list[tuple[Callable[[], bytes], Callable[[bytes], bool]]]] =
         ),
     ],
     "listener.toml": [(lambda: tcp_exchange("127.0.0.1", 7002, b"shout\n"), lambda r: r == b"SHOUT\n")],
+    "asgi.toml": [
+        (lambda: tcp_exchange("127.0.0.1", 8000, HTTP_GET), lambda r: r.endswith(b"\r\n\r\nHello, world!\n")),
+        (lambda: websocket_echo(8000, "ping"), lambda r: r == b"ping"),
+    ],
 }
 
 
