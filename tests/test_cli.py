@@ -5,8 +5,9 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import httpx
 import pytest
-from helpers import one_line_error, run_cli
+from helpers import TRIO_ACTIVATE, clean_env, one_line_error, run_cli, started
 
 from trio_activate import __version__
 from trio_activate.cli.commands import main
@@ -103,6 +104,34 @@ def test_init_into_a_missing_folder_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "cannot write: No such file or directory" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_init_asgi_writes_a_manifest_and_an_app_that_check_accepts_and_that_serve(tmp_path: Path) -> None:
+    result = run_cli("init", "--asgi", "web.toml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "wrote web.toml and app.py; check it with: trio-activate check web.toml\n"
+    manifest = load_manifest(tmp_path / "web.toml")
+    assert manifest.warnings == ()
+    (handler,) = manifest.handlers
+    assert (handler.kind.value, handler.call) == ("asgi", "app:app")
+    checked = run_cli("check", str(tmp_path / "web.toml"))
+    assert (checked.returncode, checked.stderr) == (0, "")
+    argv = [*TRIO_ACTIVATE, "serve", "web.toml", "--set", "sockets.web.listen=127.0.0.1:0"]
+    with started(argv, cwd=tmp_path, env=clean_env()) as process:
+        port = process.port("web")
+        process.wait_for("info: ready: ")
+        answer = httpx.get(f"http://127.0.0.1:{port}/hi", timeout=5)
+        assert (answer.status_code, answer.text) == (200, "Hello, world! (/hi)\n")
+        assert process.stop() == 0
+
+
+def test_init_asgi_writes_nothing_when_the_app_exists(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text("precious")
+    result = run_cli("init", "--asgi", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == "trio-activate: app.py: already exists; not overwriting it\n"
+    assert (tmp_path / "app.py").read_text() == "precious"
+    assert not (tmp_path / "service.toml").exists(), "all or nothing"
 
 
 # --- check imports the handlers -------------------------------------------------

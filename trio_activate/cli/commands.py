@@ -194,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a commented starter manifest to PATH; never overwrites a file.",
     )
     init.add_argument("path", nargs="?", default=Path("service.toml"), type=Path, metavar="PATH")
+    init.add_argument(
+        "--asgi",
+        action="store_true",
+        help="an ASGI service: the manifest and a starter application, app.py, beside it",
+    )
     init.set_defaults(command=cmd_init)
 
     serve = subcommands.add_parser(
@@ -356,18 +361,23 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from .starters import ASGI_APP, ASGI_APP_MODULE, ASGI_MANIFEST, write_new_files
+
     path: Path = args.path
+    files = [(path, (ASGI_MANIFEST if args.asgi else STARTER_MANIFEST).format(path=path))]
+    if args.asgi:
+        files.append((path.parent / ASGI_APP_MODULE, ASGI_APP.format(manifest=path.name)))
     try:
         # "x": create, and fail if anything is there, without a check-then-write race.
-        with path.open("x", encoding="utf-8") as file:
-            file.write(STARTER_MANIFEST.format(path=path))
-    except FileExistsError:
-        print(f"trio-activate: {path}: already exists; not overwriting it", file=sys.stderr)
-        return EXIT_ERROR
+        existing = write_new_files(files)
     except OSError as exc:
-        print(f"trio-activate: {path}: cannot write: {exc.strerror or exc}", file=sys.stderr)
+        print(f"trio-activate: {exc.filename or path}: cannot write: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERROR
-    print(f"wrote {path}; check it with: trio-activate check {path}", file=sys.stderr)
+    if existing is not None:
+        print(f"trio-activate: {existing}: already exists; not overwriting it", file=sys.stderr)
+        return EXIT_ERROR
+    wrote = " and ".join(str(p) for p, _ in files)
+    print(f"wrote {wrote}; check it with: trio-activate check {path}", file=sys.stderr)
     return EXIT_OK
 
 
