@@ -145,3 +145,54 @@ def test_an_interpreter_the_user_cannot_read_is_refused_naming_what_to_do(tmp_pa
         f"cannot read {venv} (mode 0700, owner root:root); install trio-activate where that user can read "
         "it (a venv outside home folders, e.g. made from /usr/bin/python3), or set [service] user"
     ]
+
+
+def tls_manifest(tmp_path: Path, key_mode: int = 0o644) -> Path:
+    """An asgi handler: its certificate outside the manifest's folder, its key absolute, its CAs inside."""
+    (tmp_path / "tls").mkdir()
+    (tmp_path / "tls").chmod(0o755)
+    for name in ("cert.pem", "key.pem"):
+        (tmp_path / "tls" / name).write_text("PEM")
+        (tmp_path / "tls" / name).chmod(0o644)
+    (tmp_path / "tls" / "key.pem").chmod(key_mode)
+    path = manifest_in(
+        tmp_path / "svc",
+        '[sockets.web]\nlisten = "127.0.0.1:8443"\n[handlers.web]\nsocket = "web"\nkind = "asgi"\n'
+        'call = "app:app"\n[handlers.web.http]\ncertfile = "../tls/cert.pem"\n'
+        f'keyfile = "{tmp_path / "tls" / "key.pem"}"\nca-certs = "ca.pem"\n',
+    )
+    (tmp_path / "svc" / "ca.pem").write_text("PEM")
+    (tmp_path / "svc" / "ca.pem").chmod(0o644)
+    return path
+
+
+def test_tls_files_are_needed_paths_each_kept_reachable(tmp_path: Path) -> None:
+    path = tls_manifest(tmp_path)
+    needed = {n.path: n.why for n in needed_paths(load_manifest(path), path, COMMAND)}
+    assert needed[str(tmp_path / "tls" / "cert.pem")] == "The TLS file handlers.web.http.certfile"
+    assert needed[str(tmp_path / "tls" / "key.pem")] == "The TLS file handlers.web.http.keyfile"
+    assert needed[str(tmp_path / "svc" / "ca.pem")] == "The TLS file handlers.web.http.ca-certs"
+    check_reachable(load_manifest(path), path, COMMAND, DYNAMIC)
+
+
+def test_a_tls_key_the_user_cannot_read_is_refused(tmp_path: Path) -> None:
+    path = tls_manifest(tmp_path, key_mode=0o600)
+    key = tmp_path / "tls" / "key.pem"
+    assert refusal(path) == (
+        f"service.toml: The TLS file handlers.web.http.keyfile {key}: the service's DynamicUser cannot read "
+        f"{key} (mode 0600, owner root:root); set [service] user or group to one that may read it "
+        "(a DynamicUser reads only what every user may)"
+    )
+    os.chown(key, NOBODY.pw_uid, 0)
+    path.write_text(f'[service]\nuser = "nobody"\n{path.read_text()}')
+    manifest = load_manifest(path)
+    check_reachable(manifest, path, COMMAND, service_user(manifest))
+
+
+def test_a_missing_tls_file_is_refused(tmp_path: Path) -> None:
+    path = tls_manifest(tmp_path)
+    (tmp_path / "tls" / "cert.pem").unlink()
+    assert refusal(path).endswith(
+        f"cannot reach {tmp_path / 'tls' / 'cert.pem'} (No such file or directory); "
+        "each worker reads it as it starts"
+    )

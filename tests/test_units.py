@@ -311,6 +311,43 @@ def test_a_needed_path_the_sandbox_hides_is_bound_back_read_only_saying_why() ->
     assert "# The manifest's folder (/tmp/svc) is hidden by PrivateTmp=: bound back, read-only." in lines
 
 
+def test_tls_files_outside_the_manifests_folder_are_bound_back_read_only_and_the_units_verify(
+    tmp_path: Path,
+) -> None:
+    """The service reads an asgi handler's TLS files: /tmp is PrivateTmp=, so each is bound back."""
+    folder = readable(tmp_path)
+    tls = folder / "tls"
+    tls.mkdir(mode=0o755)
+    for name in ("cert.pem", "key.pem", "ca.pem"):
+        (tls / name).write_text("PEM")
+        (tls / name).chmod(0o644)
+    manifest = folder / "svc" / "web.toml"
+    manifest.parent.mkdir(mode=0o755)
+    (manifest.parent / "inside.pem").write_text("PEM")
+    manifest.write_text(
+        '[sockets.web]\nlisten = "127.0.0.1:8443"\n[handlers.web]\nsocket = "web"\nkind = "asgi"\n'
+        'call = "app:app"\n[handlers.web.http]\ncertfile = "../tls/cert.pem"\n'
+        f'keyfile = "{tls / "key.pem"}"\nca-certs = "inside.pem"\n'
+    )
+    out = tmp_path / "units"
+    out.mkdir()
+    result = write_units(manifest, out)
+    assert result.returncode == 0, result.stderr
+    lines = (out / "web.service").read_text().splitlines()
+    prefix = "BindReadOnlyPaths="
+    binds = [line.removeprefix(prefix) for line in lines if line.startswith(prefix)]
+    assert str(tls / "cert.pem") in binds
+    assert str(tls / "key.pem") in binds
+    assert str(manifest.parent) in binds
+    assert str(manifest.parent / "inside.pem") not in binds, "reached through the manifest's folder"
+    assert (
+        f"# The TLS file handlers.web.http.keyfile ({tls / 'key.pem'}) is hidden by PrivateTmp=: "
+        "bound back, read-only."
+    ) in lines
+    checked = verify(out)
+    assert (checked.returncode, checked.stderr) == (0, "")
+
+
 def test_hidden_by_names_the_setting() -> None:
     assert [hidden_by(p) for p in ("/home/a", "/root", "/run/user/1/x", "/tmp/x", "/var/tmp", "/srv")] == [
         "ProtectHome=",

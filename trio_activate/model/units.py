@@ -31,9 +31,9 @@ The service runs with least privilege (see ``_sandbox``): ``User=``/``Group=``
 from ``[service] user``/``group``, else ``DynamicUser=yes``; no capabilities;
 a read-only file system with private ``/tmp`` and hidden home folders; a
 system call and address-family allow list.  systemd creates the sockets, so
-the service never needs a privilege to bind.  The folders it must read (the
-interpreter's installation, the manifest's folder, ``python-path``) come in
-as `NeededPath` facts; one the sandbox would hide is bound back read-only,
+the service never needs a privilege to bind.  The paths it must read (the
+interpreter's installation, the manifest's folder, ``python-path``, asgi
+handlers' TLS files) come in as `NeededPath` facts; one the sandbox would hide is bound back read-only,
 with a comment in the unit saying why.  ``[service] unit-extra`` lines come
 last, so a service that needs more can say so in its manifest.
 

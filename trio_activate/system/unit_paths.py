@@ -10,12 +10,17 @@ The service, under the sandbox `units` writes, reads:
   ``sys.path`` folders holding trio_activate and trio, and the command the
   unit runs (the ``trio-activate`` script);
 - the manifest, in its folder;
-- the manifest's ``python-path`` folders, where the handlers are imported from.
+- the manifest's ``python-path`` folders, where the handlers are imported from;
+- the TLS files of asgi handlers (``certfile``, ``keyfile``, ``ca-certs`` in
+  ``[handlers.NAME.http]``), read by each worker as it starts: kept
+  reachable themselves, as a folder is, since they may lie anywhere
+  (``/etc/ssl``, a home folder), and bound back alone (a file bind), not with
+  the folder holding them.
 
 Unix socket folders are not among them: systemd creates the sockets and
 passes them, and the service never opens a socket file by its path.
 
-`needed_paths` lists those paths; `units` binds back, read-only, the ones the
+`needed_paths` lists those paths (folders, and the TLS files); `units` binds back, read-only, the ones the
 sandbox hides (under ``/home``, ``/root``, ``/tmp``, ...), each on an empty
 tmpfs or private ``/tmp`` whose folders are ``0755``.  So for a bound path
 only its own mode and the modes below it count, not its parents'.
@@ -71,12 +76,13 @@ class _Access:
     path: Path
     mode: int
     why: str
-    # Folders are kept reachable (bound back when hidden); files are reached through them.
+    # Folders (and TLS files) are kept reachable (bound back when hidden); other files are
+    # reached through the folders.
     keep: bool = True
 
 
 def needed_paths(manifest: Manifest, manifest_path: Path, command: Sequence[str]) -> list[NeededPath]:
-    """The folders the service reads (see the module docstring), absolute, in a stable order."""
+    """The folders and TLS files the service reads (see the module docstring), absolute, in a stable order."""
     return [NeededPath(str(a.path), a.why) for a in _accesses(manifest, manifest_path, command) if a.keep]
 
 
@@ -100,6 +106,16 @@ def _accesses(manifest: Manifest, manifest_path: Path, command: Sequence[str]) -
     for entry in manifest.service.python_path:
         folder = Path(os.path.normpath(manifest_path.parent / entry))
         found.append(_Access(folder, READ_FOLDER, f"The python-path folder {entry!r}"))
+    for handler in manifest.handlers:
+        http = handler.http
+        if http is None:
+            continue
+        files = {"certfile": http.certfile, "keyfile": http.keyfile, "ca-certs": http.ca_certs}
+        for key, name in files.items():
+            if name is not None:
+                # As the runtime opens it: relative to the manifest's folder.
+                file = Path(os.path.normpath(manifest_path.parent / name))
+                found.append(_Access(file, READ, f"The TLS file handlers.{handler.name}.http.{key}"))
     merged: dict[Path, _Access] = {}
     for access in found:
         first = merged.get(access.path)
@@ -168,7 +184,14 @@ def check_reachable(
         if problem is None:
             continue
         blocked, info, verb = problem
-        if not access.why.startswith(("The manifest", "The python-path")):
+        if access.why.startswith("The TLS file"):
+            advice = (
+                "each worker reads it as it starts"
+                if verb == "reach"
+                else "set [service] user or group to one that may read it "
+                "(a DynamicUser reads only what every user may)"
+            )
+        elif not access.why.startswith(("The manifest", "The python-path")):
             advice = (
                 "install trio-activate where that user can read it (a venv outside home folders, "
                 "e.g. made from /usr/bin/python3), or set [service] user"
