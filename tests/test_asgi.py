@@ -29,10 +29,13 @@ from helpers import (
     TRIO_ACTIVATE,
     Process,
     clean_env,
+    free_port,
     one_line_error,
     require_peer,
+    retry,
     run_cli,
     started,
+    wait_until,
     write_manifest,
 )
 
@@ -184,16 +187,19 @@ def test_bad_asgi_keys_are_one_line_naming_file_and_key(extra: str, expected: st
             MANIFEST.replace('listen = "127.0.0.1:8080"', 'listen = "127.0.0.1:8080"\ntype = "datagram"'),
             "m.toml: handlers.web.kind: a asgi handler cannot serve sockets.web, a datagram socket",
         ),
-        (
-            MANIFEST.replace('listen = "127.0.0.1:8080"', 'listen = "127.0.0.1:8080"\naccept = true'),
-            "m.toml: sockets.web.accept: each connection is passed to its own process",
-        ),
     ],
 )
 def test_asgi_keys_elsewhere_are_refused(text: str, expected: str) -> None:
     with pytest.raises(ManifestError) as caught:
         parse_manifest(text, source="m.toml")
     assert str(caught.value).startswith(expected), str(caught.value)
+
+
+def test_an_accept_socket_may_be_served_by_an_asgi_handler() -> None:
+    text = MANIFEST.replace('listen = "127.0.0.1:8080"', 'listen = "127.0.0.1:8080"\naccept = true')
+    manifest = parse_manifest("[service]\naccept-handler = 'web'\n" + text, source="m.toml")
+    assert manifest.sockets[0].accept
+    assert manifest.service.accept_handler == "web"
 
 
 # --- loading the application ---------------------------------------------------------------------
@@ -466,6 +472,87 @@ def test_reloads_under_load_lose_no_request(tmp_path: Path, close: bool) -> None
         assert requests > 1000, out
         assert failed == 0, out
         assert process.stop() == 0
+
+
+# --- Accept=yes ----------------------------------------------------------------------------------
+
+
+def accept_peer(tmp_path: Path, *env: str) -> tuple[list[str], int]:
+    """``systemd-socket-activate --accept`` (``env`` set) on an ``accept = true`` asgi manifest; its port."""
+    peer = require_peer("systemd-socket-activate")
+    # free_port: systemd-socket-activate -l refuses port 0.
+    port = free_port()
+    manifest = asgi_manifest(tmp_path, listen=f"127.0.0.1:{port}", socket_extra="accept = true")
+    setenv = [f"--setenv={item}" for item in env]
+    argv = [peer, "--accept", "-l", f"127.0.0.1:{port}", *setenv]
+    return [*argv, *TRIO_ACTIVATE, "serve", str(manifest)], port
+
+
+def test_accept_yes_serves_each_connection_in_a_process_of_its_own_under_systemd_socket_activate(
+    tmp_path: Path,
+) -> None:
+    """The real peer accepts and forks: each connection is one process, lifespan around it, exit 0."""
+    events = tmp_path / "events"
+    argv, port = accept_peer(tmp_path, f"ASGI_EVENTS={events}")
+    with started(argv, env=clean_env()) as run:
+        answers = [retry(lambda: httpx.get(f"http://127.0.0.1:{port}/", timeout=5)) for _ in range(2)]
+        # Two requests on one keep-alive connection: one process answers both.
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            kept = [client.get("/").text for _ in range(2)]
+        wait_until(lambda: len(re.findall(r"Child \d+ died", run.log)) >= 3, what="the three children died")
+        err = run.log
+    assert [answer.status_code for answer in answers] == [200, 200]
+    pids = [answer.text.split()[1] for answer in answers]
+    spawned = re.findall(r"as PID (\d+)\.", err)
+    assert pids == spawned[:2], err
+    assert len(set(spawned)) == 3, "a process per connection"
+    assert kept == [f"hello {spawned[2]} "] * 2
+    died = re.findall(r"Child (\d+) died with code (\d+)", err)
+    assert sorted(died) == sorted((pid, "0") for pid in spawned), err
+    assert err.count("Accept=yes: serving one connection with handlers.web") == 3
+    lines = events.read_text().splitlines()
+    assert sorted(lines) == sorted(f"{what} {pid}" for pid in spawned for what in ("startup", "shutdown"))
+
+
+def test_accept_yes_a_failing_startup_closes_the_connection_unanswered_in_one_line_exit_1(
+    tmp_path: Path,
+) -> None:
+    argv, port = accept_peer(tmp_path, "ASGI_FAIL_STARTUP=1")
+    with started(argv, env=clean_env()) as run:
+        client = retry(lambda: socket.create_connection(("127.0.0.1", port), timeout=5))
+        with client:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            with contextlib.suppress(ConnectionResetError):  # closed with the request unread
+                assert client.recv(4096) == b"", "no answer"
+        wait_until(lambda: "died with code" in run.log, what="the child died")
+        err = run.log
+    assert re.search(r"Child \d+ died with code 1", err), err
+    failures = [line for line in err.splitlines() if "error:" in line]
+    assert len(failures) == 1, err
+    assert failures[0].endswith(
+        "handlers.web: lifespan startup failed: RuntimeError: the database is unreachable"
+    )
+    assert "Traceback" not in err
+
+
+def test_accept_yes_sigterm_closes_an_idle_keep_alive_connection_and_exits_0(tmp_path: Path) -> None:
+    argv, port = accept_peer(tmp_path)
+    with started(argv, env=clean_env()) as run:
+        client = retry(lambda: socket.create_connection(("127.0.0.1", port), timeout=5))
+        with client:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = b""
+            while b"hello" not in first:
+                first += client.recv(4096)
+            assert first.startswith(b"HTTP/1.1 200"), first
+            assert b"connection: close" not in first.lower()
+            (pid,) = re.findall(r"as PID (\d+)\.", run.wait_for_text("as PID"))
+            os.kill(int(pid), signal.SIGTERM)
+            began = time.monotonic()
+            assert client.recv(4096) == b"", "the idle connection is closed"
+            assert time.monotonic() - began < 3
+        wait_until(lambda: "died with code" in run.log, what="the child died")
+        assert f"Child {pid} died with code 0" in run.log, run.log
 
 
 # --- systemd units -------------------------------------------------------------------------------

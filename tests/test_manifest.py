@@ -553,7 +553,7 @@ INVALID = {
         MINIMAL.replace('listen = "127.0.0.1:7000"', 'listen = "127.0.0.1:7000"\naccept = true')
         + "kind = 'listener'\n",
         r"sockets.echo.accept: each connection is passed to its own process, which handlers.echo "
-        r"\(kind listener\) cannot serve; it needs a stream handler",
+        r"\(kind listener\) cannot serve; it needs a stream or asgi handler",
     ),
     "accept sockets of two handlers": (
         "[sockets.a]\nlisten = '127.0.0.1:1'\naccept = true\n"
@@ -564,7 +564,7 @@ INVALID = {
     ),
     "accept-handler not a stream handler": (
         "[service]\naccept-handler = 'nope'\n" + MINIMAL,
-        r"service.accept-handler: 'nope' is not a stream handler \(stream handlers: echo\)",
+        r"service.accept-handler: 'nope' is not a stream or asgi handler \(stream and asgi handlers: echo\)",
     ),
     "grace-period negative": (
         "[service]\ngrace-period = -1\n" + MINIMAL,

@@ -707,7 +707,8 @@ MODE = OptionType(_Table.mode, _octal, _octal)
 USER_OR_GROUP = OptionType(_Table.user_or_group, _as_is, str)
 
 CONNECTION_SOCKETS = Scope("stream and seqpacket sockets only", lambda s: s.type is not SocketType.DATAGRAM)
-# Accept=yes passes each connection to a process of its own, which a stream handler serves.
+# Accept=yes passes each connection to a process of its own, which a stream or asgi handler serves.
+ACCEPT_KINDS = (HandlerKind.STREAM, HandlerKind.ASGI)
 STREAM_SOCKETS = Scope(
     "stream sockets only (trio-activate serves stream connections)", lambda s: s.type is SocketType.STREAM
 )
@@ -1131,11 +1132,11 @@ class _Parser:
     def check_accept_handler(self, service: ServiceSpec, handlers: tuple[HandlerSpec, ...]) -> None:
         if service.accept_handler is None:
             return
-        streams = [h.name for h in handlers if h.kind is HandlerKind.STREAM]
+        streams = [h.name for h in handlers if h.kind in ACCEPT_KINDS]
         if service.accept_handler not in streams:
             raise self.error(
                 "service.accept-handler",
-                f"{service.accept_handler!r} is not a stream handler (stream handlers: "
+                f"{service.accept_handler!r} is not a stream or asgi handler (stream and asgi handlers: "
                 f"{', '.join(streams) or 'none'})",
             )
 
@@ -1150,11 +1151,11 @@ class _Parser:
             handler = next((h for h in handlers if spec.name in h.sockets), None)
             if handler is None:
                 continue  # warned already: no handler serves it
-            if handler.kind is not HandlerKind.STREAM:
+            if handler.kind not in ACCEPT_KINDS:
                 raise self.error(
                     f"sockets.{spec.name}.accept",
                     f"each connection is passed to its own process, which handlers.{handler.name} "
-                    f"(kind {handler.kind.value}) cannot serve; it needs a stream handler",
+                    f"(kind {handler.kind.value}) cannot serve; it needs a stream or asgi handler",
                 )
             serving.add(handler.name)
         if len(serving) > 1 and service.accept_handler is None:

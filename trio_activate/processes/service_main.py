@@ -66,7 +66,10 @@ def run_service(
             extra={"handler": handler.spec.name},
         )
         serve_once = partial(
-            serve_connection_once, grace_period=manifest.service.grace_period, handle_signals=True
+            serve_connection_once,
+            grace_period=manifest.service.grace_period,
+            handle_signals=True,
+            manifest=manifest,
         )
         return trio.run(serve_once, handler, owned.connection)
     plan = [
@@ -178,7 +181,8 @@ async def _stop_with_supervisor(service: Service, pid: int, pidfd: int | None) -
 
 
 def _accept_handler(manifest: Manifest, handlers: list[LoadedHandler]) -> LoadedHandler:
-    streams = [h for h in handlers if h.spec.kind is HandlerKind.STREAM]
+    # The handlers that can serve one passed connection: stream handlers, and asgi ones (hypercorn's).
+    streams = [h for h in handlers if h.spec.kind in (HandlerKind.STREAM, HandlerKind.ASGI)]
     wanted = manifest.service.accept_handler
     if wanted is not None:
         return next(h for h in streams if h.spec.name == wanted)
@@ -192,7 +196,7 @@ def _accept_handler(manifest: Manifest, handlers: list[LoadedHandler]) -> Loaded
     names = ", ".join(h.spec.name for h in streams) or "none"
     raise HandlerError(
         f"{manifest.source}: service.accept-handler: an Accept=yes connection was passed and the "
-        f"manifest has {len(streams)} stream handlers ({names}); set accept-handler to one of them"
+        f"manifest has {len(streams)} stream or asgi handlers ({names}); set accept-handler to one of them"
     )
 
 

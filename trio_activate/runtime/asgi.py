@@ -39,6 +39,12 @@ started (a context variable says which); any other use of hypercorn in the
 process is unchanged.  Hypercorn is pinned (``trio-activate[asgi]``), and
 ``tests/test_asgi.py`` fails if the hook stops taking effect.
 
+``Accept=yes`` (`AsgiConnection`): the one passed connection is served by
+hypercorn's per-connection server (``hypercorn.trio.tcp_server.TCPServer``,
+what its accept loop runs for each connection), with the lifespan around it
+and the same stop: ``Connection: close`` from then on, the idle connection
+closed after ``IDLE_CLOSE_DELAY``.
+
 Resource handling: hypercorn closes the sockets it is given when it stops,
 so it gets duplicates (``socket.dup()``, close-on-exec) of the listening
 sockets; the runtime's own fds keep their one owner (the caller's
@@ -69,7 +75,7 @@ from .serving import Listening
 if TYPE_CHECKING:
     from hypercorn.config import Config
 
-__all__ = ["IDLE_CLOSE_DELAY", "LIFESPAN_SHUTDOWN_TIMEOUT", "AsgiServer"]
+__all__ = ["IDLE_CLOSE_DELAY", "LIFESPAN_SHUTDOWN_TIMEOUT", "AsgiConnection", "AsgiServer"]
 
 log = logging.getLogger("trio_activate")
 
@@ -240,6 +246,97 @@ class AsgiServer:
         else:
             log.error("handlers.%s: hypercorn failed; stopping the service", self.name, exc_info=exc)
         self.on_failure()
+
+
+class AsgiConnection:
+    """``Accept=yes``: the one connection systemd accepted, served by hypercorn's per-connection server.
+
+    The lifespan runs around it, as in a listening worker: startup before
+    the first byte is read (a failed startup is one error line and exit
+    status 1, the connection closed unanswered), shutdown after the
+    connection closed.  The connection is a keep-alive one for as long as
+    its client wants (within ``keep-alive-timeout`` between requests).
+    ``stop(deadline)`` (SIGTERM) makes the next response say ``Connection:
+    close`` and closes the connection, if idle, ``IDLE_CLOSE_DELAY`` later;
+    the caller's cancel scope ends a request still running at the deadline.
+
+    Resource handling: the passed socket is the caller's; `serve` closes it
+    (through the Trio socket wrapping the same object) before it returns.
+    """
+
+    def __init__(self, manifest: Manifest, handler: LoadedHandler, conn: socket.socket) -> None:
+        self.handler = handler
+        self.conn = conn
+        self.config = make_config(manifest, handler.spec.http or HttpSpec(), handler.spec.name)
+        self.lifespan = _Lifespan(handler.function)
+        self._stop = trio.Event()
+        self._deadline = math.inf
+
+    @property
+    def name(self) -> str:
+        return self.handler.spec.name
+
+    def stop(self, deadline: float) -> None:
+        if self._stop.is_set():
+            return
+        self._deadline = deadline
+        self.config.keep_alive_max_requests = 0
+        self._stop.set()
+
+    async def serve(self, scope: trio.CancelScope) -> int:
+        """Serve the connection until it closes (or ``scope`` is cancelled); the exit status."""
+        from hypercorn.app_wrappers import ASGIWrapper
+        from hypercorn.trio.lifespan import Lifespan
+        from hypercorn.trio.tcp_server import TCPServer
+        from hypercorn.trio.worker_context import WorkerContext
+        from hypercorn.typing import ConnectionState, LifespanState
+
+        app = ASGIWrapper(self.lifespan.app)  # type: ignore[arg-type]
+        state: LifespanState = {}
+        lifespan = Lifespan(app, self.config, state)
+        context = WorkerContext(None)
+        trio_sock = trio.socket.from_stdlib_socket(self.conn)
+        started = False
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(lifespan.handle_lifespan)
+                await lifespan.wait_for_startup()
+                if not self.lifespan.started:
+                    # The failure is raised by the lifespan task, out of this nursery.
+                    await trio.sleep_forever()
+                started = True
+                nursery.start_soon(self._close_when_idle, context)
+                stream: Any = trio.SocketStream(trio_sock)
+                if self.handler.spec.http is not None and self.handler.spec.http.tls:
+                    ssl_context = self.config.create_ssl_context()
+                    assert ssl_context is not None, "certfile and keyfile are set"
+                    stream = trio.SSLStream(stream, ssl_context, server_side=True, https_compatible=True)
+                with scope:
+                    await TCPServer(app, self.config, context, ConnectionState(state.copy()), stream)
+                if scope.cancelled_caught:
+                    log.warning("handlers.%s: the Accept=yes connection was cancelled", self.name)
+                await lifespan.wait_for_shutdown()
+                nursery.cancel_scope.cancel()
+        except (Exception, BaseExceptionGroup) as exc:
+            failed = exc.split(trio.Cancelled)[1] if isinstance(exc, BaseExceptionGroup) else exc
+            if failed is None:
+                raise
+            if started:
+                log.error("handlers.%s: hypercorn failed", self.name, exc_info=failed)
+            elif self.lifespan.failure is not None:
+                log.error("handlers.%s: lifespan startup failed: %s", self.name, self.lifespan.failure)
+            else:
+                log.error("handlers.%s: the application did not start: %s", self.name, _describe(failed))
+            return 1
+        finally:
+            trio_sock.close()
+        return 0
+
+    async def _close_when_idle(self, context: Any) -> None:
+        """On stop: after the idle delay, hypercorn closes the connection if it is between requests."""
+        await self._stop.wait()
+        await trio.sleep(max(0.0, min(IDLE_CLOSE_DELAY, self._deadline - trio.current_time())))
+        await context.terminated.set()
 
 
 def _describe(exc: BaseException) -> str:

@@ -43,7 +43,7 @@ from ..model.records import record
 from ..system.notifier import Notifier
 from ..system.reload_outcome import announce_reload_outcome
 from .access import Outcome, Traffic, log_access, log_went_away, peer_text, went_away
-from .asgi import AsgiServer
+from .asgi import AsgiConnection, AsgiServer
 from .handlers import LoadedHandler
 from .serving import Listening, StreamServer, serve_with_timeouts
 from .signals import watch_signals
@@ -351,18 +351,26 @@ async def serve_connection_once(
     *,
     grace_period: float = math.inf,
     handle_signals: bool = False,
+    manifest: Manifest | None = None,
 ) -> int:
-    """``Accept=yes``: run the stream handler on the one passed connection; exit status 0 on success.
+    """``Accept=yes``: run the handler on the one passed connection; exit status 0 on success.
 
-    With ``handle_signals`` (``trio-activate serve``), SIGTERM/SIGINT give the
-    connection ``grace_period`` seconds, then cancel it, as ``serve`` does for
+    A stream handler is called with the connection; an asgi handler's
+    application is served on it by hypercorn (`AsgiConnection`: it needs
+    ``manifest``, for its configuration).  With ``handle_signals``
+    (``trio-activate serve``), SIGTERM/SIGINT give the connection
+    ``grace_period`` seconds, then cancel it, as ``serve`` does for
     connections in flight; a second SIGINT cancels at once.  Exit status 0.
     """
     scope = trio.CancelScope()
+    asgi: AsgiConnection | None = None
+    if handler.spec.kind is HandlerKind.ASGI:
+        assert manifest is not None, "an asgi handler is configured by its manifest"
+        asgi = AsgiConnection(manifest, handler, conn)
     async with trio.open_nursery() as nursery:
         if handle_signals:
-            await nursery.start(_limit_on_signals, scope, grace_period)
-        status = await _serve_one(handler, conn, scope)
+            await nursery.start(_limit_on_signals, scope, grace_period, asgi.stop if asgi else None)
+        status = await (asgi.serve(scope) if asgi is not None else _serve_one(handler, conn, scope))
         nursery.cancel_scope.cancel()
     return status
 
@@ -409,13 +417,19 @@ async def _serve_one(handler: LoadedHandler, conn: socket.socket, scope: trio.Ca
 
 
 async def _limit_on_signals(
-    scope: trio.CancelScope, grace_period: float, *, task_status: trio.TaskStatus[None]
+    scope: trio.CancelScope,
+    grace_period: float,
+    on_stop: Callable[[float], None] | None,
+    *,
+    task_status: trio.TaskStatus[None],
 ) -> None:
     limited = trio.Event()
 
     def limit() -> None:
         limited.set()
         scope.deadline = min(scope.deadline, trio.current_time() + grace_period)
+        if on_stop is not None:
+            on_stop(scope.deadline)
 
     await watch_signals(
         stop=limit,
