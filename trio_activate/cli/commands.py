@@ -61,6 +61,7 @@ EXIT_FAILED = 1
 EXIT_ERROR = 2
 # reload --wait: a new generation has start-timeout (30 s by default) to be ready.
 DEFAULT_RELOAD_WAIT = 90.0
+STATUS_TIMEOUT = 10.0
 PID_T_MAX = 2**31 - 1
 
 STARTER_MANIFEST = """\
@@ -224,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a supervisor even with one worker (SIGHUP then reloads with zero downtime)",
     )
     _add_set_option(serve)
+    _add_control_options(serve)
     serve.set_defaults(command=cmd_serve)
 
     dev = subcommands.add_parser(
@@ -240,20 +242,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--watch", type=Path, action="append", default=[], metavar="PATH", help="also watch PATH"
     )
     _add_set_option(dev)
+    _add_control_options(dev)
     dev.set_defaults(command=cmd_dev)
 
     reload = subcommands.add_parser(
         "reload",
-        help="reload a running serve with zero downtime (sends SIGHUP)",
+        help="reload a running serve with zero downtime",
         description=(
-            "Send SIGHUP to a running trio-activate serve (supervised or not), by PID or pid file. "
-            "With --wait, return once the new code serves (exit 0), or fail (exit 1) when it could "
-            "not start and the old code keeps serving."
+            "Reload a running trio-activate serve or dev (supervised or not), by PID, pid file or "
+            "control socket. With --wait (or --control), return once the new code serves (exit 0), "
+            "or fail (exit 1) when it could not start and the old code keeps serving: asked over the "
+            "service's control socket when it has one, else by SIGHUP. A PID that is not a "
+            "trio-activate service is not signalled (exit 2)."
         ),
     )
-    reload.add_argument("target", metavar="PID|PIDFILE")
+    reload.add_argument("target", nargs="?", metavar="PID|PIDFILE")
     reload.add_argument(
         "--wait", action="store_true", help="wait for the outcome; exit 1 when the new code failed"
+    )
+    reload.add_argument(
+        "--control", metavar="PATH", help="ask the control socket at PATH (implies --wait) instead of a PID"
     )
     reload.add_argument(
         "--timeout",
@@ -263,6 +271,28 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"with --wait: give up after SECONDS (default {DEFAULT_RELOAD_WAIT:g})",
     )
     reload.set_defaults(command=cmd_reload)
+
+    status = subcommands.add_parser(
+        "status",
+        help="show a running service: generation, processes, sockets, connections, reloads",
+        description=(
+            "Ask a running trio-activate serve or dev over its control socket, found by PID or pid "
+            "file (the socket it also listens on under its PID) or given with --control, and print "
+            "its generation, main and worker PIDs, sockets, connections in flight per handler, "
+            "uptime and reloads."
+        ),
+    )
+    status.add_argument("target", nargs="?", metavar="PID|PIDFILE")
+    status.add_argument("--control", metavar="PATH", help="the control socket's path")
+    status.add_argument("--json", action="store_true", help="print the status document as JSON")
+    status.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=STATUS_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up after SECONDS (default {STATUS_TIMEOUT:g})",
+    )
+    status.set_defaults(command=cmd_status)
 
     units = subcommands.add_parser(
         "systemd",
@@ -326,6 +356,20 @@ def _add_set_option(parser: argparse.ArgumentParser) -> None:
         help="override a manifest key, validated as the file is (repeatable): e.g. "
         "--set sockets.http.listen=127.0.0.1:9000, --set service.workers=4; VALUE is read as a "
         "TOML value when it is one (a number, true, an array, a quoted string), else as a string",
+    )
+
+
+def _add_control_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--control",
+        metavar="PATH",
+        help="the control socket for status and reload (default: [service] control, else "
+        "$RUNTIME_DIRECTORY/control.sock under systemd, else none)",
+    )
+    parser.add_argument(
+        "--pid-file",
+        metavar="PATH",
+        help="write the PID to signal to PATH once serving (default: [service] pid-file)",
     )
 
 
@@ -420,6 +464,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # PID 1 (a container's init) must not hand over on SIGHUP: its exit would end
         # the PID namespace, the service with it.  A supervisor keeps PID 1 across reloads.
         supervise = args.supervise or os.getpid() == 1
+        control = None
+        if not is_worker:
+            from ..processes.control import resolve_options
+
+            control = resolve_options(
+                manifest, control=args.control, pid_file=args.pid_file, environ=os.environ
+            )
         if not is_worker and owned.connection is None and (workers > 1 or supervise):
             from ..processes.supervise_main import run_supervisor
 
@@ -431,6 +482,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 log_level=args.log_level,
                 log_format=args.log_format,
                 overrides=args.overrides,
+                control=control,
             )
         from ..processes.service_main import run_service
         from ..processes.spawn import WorkerCommand, worker_argv
@@ -444,7 +496,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 str(args.manifest.absolute()), args.log_level, args.log_format, overrides=args.overrides
             )
             reload_command = WorkerCommand(argv, sockets)
-        return run_service(manifest, owned, reload_command=reload_command)
+        return run_service(manifest, owned, reload_command=reload_command, control=control)
     except StartInterrupted as stop:
         log.info("%s while starting: stopped before serving", stop)
         if is_worker:
@@ -472,8 +524,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
     # dev made these sockets: stopping removes every socket file it created.
     owned.remove_on_stop = frozenset(manifest.socket_names())
     try:
+        from ..processes.control import resolve_options
         from ..processes.supervise_main import run_supervisor
 
+        control = resolve_options(manifest, control=args.control, pid_file=args.pid_file, environ=os.environ)
         watch = [manifest.path or args.manifest]
         watch += [manifest.folder / entry for entry in manifest.service.python_path]
         watch += args.watch
@@ -486,6 +540,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             log_format=args.log_format,
             overrides=args.overrides,
             watch=watch,
+            control=control,
         )
     finally:
         owned.close()
@@ -515,25 +570,105 @@ def run_forked_activator(channel_fd: int) -> int:
     return deliver_sockets_to_service(channel_fd, args.manifest, overrides=args.overrides)
 
 
-def cmd_reload(args: argparse.Namespace) -> int:
-    target: str = args.target
+def _target_pid(target: str) -> int | str:
+    """The PID ``target`` names (a PID, or a pid file), or the one line saying why it names none."""
     if is_decimal(target):
         if not _is_pid(target):
-            print(f"trio-activate: {target[:40]!r} is not a PID", file=sys.stderr)
-            return EXIT_ERROR
-        pid = int(target)
+            return f"{target[:40]!r} is not a PID"
+        return int(target)
+    try:
+        text = Path(target).read_text().strip()
+    except OSError as exc:
+        return f"{target}: cannot read: {exc.strerror or exc}"
+    if not _is_pid(text):
+        return f"{target}: {text[:40]!r} is not a PID"
+    return int(text)
+
+
+def _control_target(args: argparse.Namespace) -> tuple[str | bytes, int | None, str] | str:
+    """Where to ask: (address, the PID that must listen there, how to name it), or the usage error."""
+    from ..model.control import abstract_name
+    from ..system.control import service_problem
+
+    target: str | None = args.target
+    if args.control is not None:
+        if target is not None:
+            return f"give a PID, a pid file or --control, not both ({target!r} and --control)"
+        return os.path.abspath(args.control), None, args.control
+    if target is None:
+        return "give the service's PID, its pid file, or --control PATH"
+    pid = _target_pid(target)
+    if isinstance(pid, str):
+        return pid
+    problem = service_problem(pid)
+    if problem is not None:
+        return f"{problem}; nothing done"
+    return abstract_name(pid), pid, f"PID {pid}"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from ..model.control import format_status
+    from ..system.control import ControlClientError, NoControlSocket, ask
+
+    where = _control_target(args)
+    if isinstance(where, str):
+        print(f"trio-activate: {where}", file=sys.stderr)
+        return EXIT_ERROR
+    address, pid, shown = where
+    try:
+        answer = ask(address, "status", timeout=args.timeout, expect_pid=pid)
+    except NoControlSocket:
+        if pid is not None:
+            exc = NoControlSocket(
+                f"{shown} has no control socket (serve --control PATH, or [service] control, gives it one)"
+            )
+        print(f"trio-activate: status: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except ControlClientError as exc:
+        print(f"trio-activate: status: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    status = answer.get("status")
+    if not answer["ok"] or not isinstance(status, dict):
+        print(f"trio-activate: status of {shown}: {answer.get('error', 'no status')}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(status))
     else:
+        sys.stdout.write(format_status(status))
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from ..system.control import ControlClientError, NoControlSocket, ask
+
+    where = _control_target(args)
+    if isinstance(where, str):
+        print(f"trio-activate: {where}", file=sys.stderr)
+        return EXIT_ERROR
+    address, pid, shown = where
+    if pid is None or args.wait:
+        # The control socket answers with the outcome: the one way to wait that needs no signal.
         try:
-            text = Path(target).read_text().strip()
-        except OSError as exc:
-            print(f"trio-activate: {target}: cannot read: {exc.strerror or exc}", file=sys.stderr)
-            return EXIT_ERROR
-        if not _is_pid(text):
-            print(f"trio-activate: {target}: {text[:40]!r} is not a PID", file=sys.stderr)
-            return EXIT_ERROR
-        pid = int(text)
-    if not args.wait:
-        return _send_sighup(pid)
+            answer = ask(address, "reload", timeout=args.timeout, expect_pid=pid)
+        except NoControlSocket as exc:
+            if pid is None:
+                print(f"trio-activate: reload: {exc}", file=sys.stderr)
+                return EXIT_ERROR
+            return _reload_by_signal(pid, args)  # no control socket: SIGHUP, and its outcome socket
+        except ControlClientError as exc:
+            print(f"trio-activate: reload: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        if not answer["ok"]:
+            print(f"trio-activate: reload of {shown} failed: {answer.get('error', '')}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"reloaded {shown}: {answer.get('message', '')}", file=sys.stderr)
+        return EXIT_OK
+    return _send_sighup(pid)
+
+
+def _reload_by_signal(pid: int, args: argparse.Namespace) -> int:
     from ..system.reload_outcome import ReloadWaiter, ReloadWaitError
 
     # systemd stops a reload in progress (a stop or restart job came) with

@@ -136,6 +136,9 @@ class ServiceSpec:
     # Seconds a serving worker's event loop may go without pinging its
     # supervisor before it is killed and replaced.
     worker_timeout: float = DEFAULT_WORKER_TIMEOUT
+    # The control socket's path and the pid file's, relative to the manifest's folder; None: none.
+    control: str | None = None
+    pid_file: str | None = None
 
 
 @record
@@ -803,6 +806,8 @@ class _Parser:
                 "group", "applies with user only (without user, DynamicUser= allocates the group)"
             )
         unit_extra: tuple[str, ...] = table.get("unit-extra", self.unit_lines(table), ())
+        control = table.get("control", self.file_path(table), None)
+        pid_file = table.get("pid-file", self.file_path(table), None)
         table.finish()
         if name is None:
             name = self.service_name("service.name", default_name, from_file_name=True)
@@ -820,6 +825,8 @@ class _Parser:
             unit_extra,
             watchdog,
             worker_timeout,
+            control=control,
+            pid_file=pid_file,
         )
 
     def service_name(self, key_path: str, name: str, *, from_file_name: bool) -> str:
@@ -1215,6 +1222,10 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
     if manifest.service.group is not None:
         service["group"] = manifest.service.group
     service["unit-extra"] = list(manifest.service.unit_extra)
+    if manifest.service.control is not None:
+        service["control"] = manifest.service.control
+    if manifest.service.pid_file is not None:
+        service["pid-file"] = manifest.service.pid_file
     sockets: dict[str, Any] = {}
     for spec in manifest.sockets:
         listen = [str(a) for a in spec.listen]

@@ -14,6 +14,7 @@ __all__ = [
     "ERROR_TOKEN_VARIABLE",
     "FRESH_CODE_VARIABLE",
     "HANDOFF_FROM_VARIABLE",
+    "HANDOFF_STATE_VARIABLE",
     "SOCKET_FILES_VARIABLE",
     "SUPERVISOR_VARIABLE",
     "WORKER_FDS_VARIABLE",
@@ -33,6 +34,10 @@ WORKER_FDS_VARIABLE = "TRIO_ACTIVATE_WORKER_FDS"
 # Set in a successor that a single-process serve hands its sockets over to on
 # SIGHUP: the predecessor's PID (see handoff.py).
 HANDOFF_FROM_VARIABLE = "TRIO_ACTIVATE_HANDOFF_FROM"
+# Set in a hand-over successor with its predecessor's control socket (the fd it
+# inherits, the file's path and identity), pid file and reload history, as JSON
+# (processes.control.Operated.successor_state).
+HANDOFF_STATE_VARIABLE = "TRIO_ACTIVATE_HANDOFF_STATE"
 # Set by the supervisor for each worker it spawns: its own PID.  The worker
 # stops when that process dies (a `kill -9`), instead of serving on, orphaned,
 # with the port bound.  A hand-over successor has none: its predecessor exits

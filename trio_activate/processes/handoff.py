@@ -65,6 +65,8 @@ async def hand_over(
     start_timeout: float,
     socket_files: Sequence[SocketFile] = (),
     environ: Mapping[str, str] | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    extra_fds: Sequence[int] = (),
 ) -> trio.Process | None:
     """Start a successor over ``command``'s sockets; the successor once it is ready, or None.
 
@@ -78,6 +80,7 @@ async def hand_over(
 
     ``socket_files``: the unix socket files this process made; the successor
     serves on them and removes them when it stops (``remove-on-stop``).
+    ``extra_env``, ``extra_fds``: more for the successor (the control socket, `control`).
     """
     try:
         with NotifyInbox() as inbox:
@@ -86,8 +89,9 @@ async def hand_over(
                     command,
                     notify_socket=inbox.address,
                     environ=os.environ if environ is None else environ,
-                    extra_env=_successor_environment(manager, socket_files),
+                    extra_env={**_successor_environment(manager, socket_files), **(extra_env or {})},
                     fresh_code=True,  # a reload: the code on disk now, not a cached .pyc
+                    extra_fds=extra_fds,
                 )
             except OSError as exc:
                 log.error("reload failed: cannot start a successor: %s", _describe(exc))

@@ -10,18 +10,23 @@ after ``run_service`` returns or raises.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
 import trio
 
 from .. import __version__
 from ..errors import HandlerError
 from ..model.address import address_from_sockname
+from ..model.control import STATUS_VERSION
 from ..model.manifest import HandlerKind, Manifest
 from ..model.private_env import FRESH_CODE_VARIABLE, SUPERVISOR_VARIABLE
+from ..model.records import record
 from ..model.text import is_decimal
 from ..runtime.handlers import LoadedHandler, load_handlers
 from ..runtime.service import HandlerSockets, Service, serve_connection_once
@@ -29,6 +34,7 @@ from ..runtime.serving import Listening
 from ..system.acquire import ServiceSockets
 from ..system.notifier import Notifier
 from ..system.start_signals import interruptible_start
+from .control import ControlOptions, Operated, handler_entries, socket_entries
 from .handoff import hand_over, stop_successor, take_handoff, wait_for_exit
 from .spawn import WorkerCommand
 
@@ -44,15 +50,39 @@ ORIGINS = {
 
 
 def run_service(
-    manifest: Manifest, owned: ServiceSockets, *, reload_command: WorkerCommand | None = None
+    manifest: Manifest,
+    owned: ServiceSockets,
+    *,
+    reload_command: WorkerCommand | None = None,
+    control: ControlOptions | None = None,
 ) -> int:
     """Serve until stopped; return the exit status.
 
     ``reload_command``: how to start a successor on SIGHUP (zero-downtime
-    hand-over); None leaves reloads to a supervisor.
+    hand-over); None leaves reloads to a supervisor.  ``control``: the control
+    socket and pid file of a process that answers for the service (not a
+    supervised worker); a hand-over successor inherits its predecessor's.
     """
     handoff = take_handoff(os.environ)
     supervisor = os.environ.pop(SUPERVISOR_VARIABLE, None)
+    operated = Operated.for_successor("single", os.environ)
+    if operated is None and control is not None and owned.connection is None:
+        operated = Operated(control, mode="single")
+    try:
+        return _run_service(manifest, owned, reload_command, handoff, supervisor, operated)
+    finally:
+        if operated is not None:
+            operated.close()
+
+
+def _run_service(
+    manifest: Manifest,
+    owned: ServiceSockets,
+    reload_command: WorkerCommand | None,
+    handoff: tuple[int, Notifier] | None,
+    supervisor: str | None,
+    operated: Operated | None,
+) -> int:
     _log_banner(manifest, owned)
     fresh_code = os.environ.pop(FRESH_CODE_VARIABLE, None) is not None
     # The user's code runs here: a stop asked for meanwhile stops the start (StartInterrupted).
@@ -85,11 +115,17 @@ def run_service(
             command = reload_command
 
             async def reloader() -> int | None:
+                fds: list[int] = []
+                env: dict[str, str] = {}
+                if operated is not None:
+                    fds, env = operated.successor_state(f"took over from process {os.getpid()}")
                 successor = await hand_over(
                     command,
                     manager=service.notifier,
                     start_timeout=manifest.service.start_timeout,
                     socket_files=owned.files,
+                    extra_env=env,
+                    extra_fds=fds,
                 )
                 if successor is None:
                     return None
@@ -97,12 +133,19 @@ def run_service(
                     # Ready just as the stop came: the stop is for the whole service.
                     await stop_successor(successor)
                     return None
+                if operated is not None:
+                    operated.handed_over_to(successor.pid)
                 return successor.pid
 
         service = Service(manifest, plan, notifier=notifier, reloader=reloader)
+        # A supervised worker: its connections in flight for the supervisor's status.
+        service.report_connections = supervisor is not None
+        if operated is not None:
+            service.on_reload_outcome = operated.history.record
         watch = _watch_supervisor(supervisor)
         try:
-            status: int = trio.run(_serve_with_signals, service, handoff, watch)
+            answering = _answering(service, owned, operated)
+            status: int = trio.run(_serve_with_signals, service, handoff, watch, answering)
         finally:
             if watch is not None and watch[1] is not None:
                 os.close(watch[1])
@@ -136,36 +179,87 @@ def _watch_supervisor(text: str | None) -> tuple[int, int | None] | None:
     return pid, pidfd
 
 
+def _answering(service: Service, owned: ServiceSockets, operated: Operated | None) -> _Answering | None:
+    if operated is None:
+        return None
+    manifest = service.manifest
+
+    def status() -> dict[str, Any]:
+        return {
+            "version": STATUS_VERSION,
+            "service": manifest.service.name,
+            "mode": operated.mode,
+            **operated.fields(),
+            "workers": [],
+            "sockets": socket_entries(owned),
+            "handlers": handler_entries(manifest, service.in_flight()),
+        }
+
+    async def reload() -> tuple[bool, str]:
+        if service.reloader is None:
+            return False, "this process does not reload: its supervisor does"
+        if service.stop_requested:
+            return False, "the service is stopping"
+        return await operated.history.next_outcome(service.start_reload)
+
+    return _Answering(operated, status, reload)
+
+
+@record
+class _Answering:
+    operated: Operated
+    status: Callable[[], dict[str, Any]]
+    reload: Callable[[], Awaitable[tuple[bool, str]]]
+
+
 async def _serve_with_signals(
-    service: Service, handoff: tuple[int, Notifier] | None, supervisor: tuple[int, int | None] | None = None
+    service: Service,
+    handoff: tuple[int, Notifier] | None,
+    supervisor: tuple[int, int | None] | None = None,
+    answering: _Answering | None = None,
 ) -> int:
-    if handoff is None and supervisor is not None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_with_supervisor, service, *supervisor)
-            status = await service.serve(handle_signals=True)
-            nursery.cancel_scope.cancel()
-        return status
-    if handoff is None:
-        return await service.serve(handle_signals=True)
-    predecessor, manager = handoff
     # A hand-over successor: READY=1 goes to the predecessor (our NOTIFY_SOCKET
     # is its private inbox); after that we speak to the service manager, which
     # hears MAINPID=<us> from the predecessor right then.  We reload only once
     # the predecessor has exited, so two reloads never overlap.
-    service.is_main = trio.Event()
     statuses: list[int] = []
-    with manager:
+    with contextlib.ExitStack() as stack:
+        if handoff is not None:
+            service.is_main = trio.Event()
+            stack.enter_context(handoff[1])
         async with trio.open_nursery() as nursery:
+            if handoff is None and supervisor is not None:
+                nursery.start_soon(_stop_with_supervisor, service, *supervisor)
 
             async def serve(*, task_status: trio.TaskStatus[None]) -> None:
                 statuses.append(await service.serve(handle_signals=True, task_status=task_status))
                 nursery.cancel_scope.cancel()
 
             await nursery.start(serve)
-            service.switch_notifier(manager)
-            await wait_for_exit(predecessor)
-            log.info("predecessor %d exited; this process is the service now", predecessor)
-            service.is_main.set()
+            if answering is not None:
+                stop_accepting = trio.Event()
+
+                async def stop_control() -> None:
+                    await service.wait_stop_requested()
+                    stop_accepting.set()
+
+                nursery.start_soon(stop_control)
+                await nursery.start(
+                    partial(
+                        answering.operated.serve,
+                        status=answering.status,
+                        reload=answering.reload,
+                        stop_accepting=stop_accepting,
+                    )
+                )
+            if handoff is not None:
+                predecessor, manager = handoff
+                service.switch_notifier(manager)
+                await wait_for_exit(predecessor)
+                log.info("predecessor %d exited; this process is the service now", predecessor)
+                service.is_main.set()
+                if answering is not None:
+                    answering.operated.owns_files = True
     return statuses[0]
 
 

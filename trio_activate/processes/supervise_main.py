@@ -32,19 +32,21 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ..errors import ActivationError
 from ..model.address import AbstractAddress, Address, InetAddress, UnixAddress, address_from_sockname
+from ..model.control import STATUS_VERSION
 from ..model.manifest import Manifest, SocketSpec, load_manifest
 from ..model.records import replace
 from ..system.acquire import ServiceSockets, create_service_sockets
 from ..system.fds import close_all
 from ..system.notifier import Notifier
+from .control import ControlOptions, Operated, handler_entries, socket_entries
 from .spawn import ProcessSpawner, WorkerCommand, worker_argv
 from .supervisor import SocketChange, Supervisor
 
@@ -66,13 +68,36 @@ def run_supervisor(
     log_format: str = "auto",
     overrides: Sequence[str] = (),
     watch: Sequence[Path] = (),
+    control: ControlOptions | None = None,
 ) -> int:
     """Supervise ``workers`` workers over ``owned``'s sockets until stopped; the exit status.
 
     ``overrides``: the ``--set`` texts the manifest was read with; every
     worker (a reload's too, and each of ``dev``'s) reads it with them, and so
-    does ``dev`` when it follows the manifest's sockets.
+    does ``dev`` when it follows the manifest's sockets.  ``control``: the
+    control socket and pid file (`control`).
     """
+    operated = Operated(control, mode="dev" if watch else "supervisor") if control is not None else None
+    try:
+        return _run_supervisor(
+            manifest, manifest_path, owned, workers, log_level, log_format, overrides, watch, operated
+        )
+    finally:
+        if operated is not None:
+            operated.close()
+
+
+def _run_supervisor(
+    manifest: Manifest,
+    manifest_path: Path,
+    owned: ServiceSockets,
+    workers: int,
+    log_level: str,
+    log_format: str,
+    overrides: Sequence[str],
+    watch: Sequence[Path],
+    operated: Operated | None,
+) -> int:
     sockets = _fds_of(owned)
     argv = worker_argv(str(manifest_path.absolute()), log_level, log_format, overrides=overrides)
     command = WorkerCommand(argv, sockets, dev=bool(watch))
@@ -98,7 +123,11 @@ def run_supervisor(
                 len(sockets),
                 ", reloading on changes" if watch else "; SIGHUP reloads",
             )
-            status: int = trio.run(_supervise, supervisor, list(watch))
+            answering = None
+            if operated is not None:
+                supervisor.on_reload_outcome = operated.history.record
+                answering = _answering(manifest, owned, supervisor, operated)
+            status: int = trio.run(_supervise, supervisor, list(watch), answering)
     finally:
         if follow is not None:
             follow.close()
@@ -288,11 +317,66 @@ def _holds(sock: socket.socket, address: Address, spec: SocketSpec, folder: Path
     return hosts[0] == hosts[1] or any(h in _ANY_HOST for h in hosts)
 
 
-async def _supervise(supervisor: Supervisor, watch: list[Path]) -> int:
+def _answering(
+    manifest: Manifest, owned: ServiceSockets, supervisor: Supervisor, operated: Operated
+) -> Callable[[], Awaitable[None]]:
+    """The control socket's task: answers once the first generation serves, until the stop."""
+
+    def status() -> dict[str, Any]:
+        workers = supervisor.workers()
+        in_flight: dict[str, int] = {}
+        for worker in workers:
+            for name, count in worker.connections.items():
+                in_flight[name] = in_flight.get(name, 0) + count
+        current = supervisor.current
+        return {
+            "version": STATUS_VERSION,
+            "service": manifest.service.name,
+            "mode": operated.mode,
+            **operated.fields(),
+            "generation": current.number if current is not None else 0,
+            "workers": [
+                {
+                    "pid": w.pid,
+                    "generation": w.generation,
+                    "ready": w.ready,
+                    "stopping": w.stopping,
+                    "in_flight": dict(w.connections),
+                }
+                for w in workers
+            ],
+            "sockets": socket_entries(owned),
+            "handlers": handler_entries(manifest, in_flight),
+        }
+
+    async def reload() -> tuple[bool, str]:
+        return await operated.history.next_outcome(lambda: supervisor.reload("control socket"))
+
+    async def answer() -> None:
+        await supervisor.serving.wait()
+        stop_accepting = trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def stop() -> None:
+                await supervisor.wait_stop()
+                stop_accepting.set()
+
+            nursery.start_soon(stop)
+            await operated.serve(status=status, reload=reload, stop_accepting=stop_accepting)
+            nursery.cancel_scope.cancel()
+
+    return answer
+
+
+async def _supervise(
+    supervisor: Supervisor, watch: list[Path], answering: Callable[[], Awaitable[None]] | None = None
+) -> int:
     stop_watching = trio.Event()
     async with trio.open_nursery() as nursery:
         if watch:
             nursery.start_soon(_reload_on_changes, supervisor, watch, stop_watching)
+        if answering is not None:
+            nursery.start_soon(answering)
         status = await supervisor.run(handle_signals=True)
         # Before cancelling: awatch waits in a thread that cancellation cannot
         # interrupt (for up to its 5 s timeout); the event ends it within one step.

@@ -109,6 +109,7 @@ from typing import Protocol
 import trio
 
 from ..errors import ActivationError
+from ..model.control import CONNECTIONS_FIELD, parse_connections
 from ..model.manifest import DEFAULT_WORKER_TIMEOUT
 from ..model.private_env import SUPERVISOR_VARIABLE
 from ..model.records import field, record
@@ -152,6 +153,8 @@ class Worker:
     last_ping: float = 0.0
     # Killed for its silence (worker-timeout): its error line said so already.
     timed_out: bool = False
+    # Its connections in flight per handler, as it last reported them (the status).
+    connections: dict[str, int] = field(default_factory=dict)
 
     @property
     def pid(self) -> int:
@@ -294,6 +297,10 @@ class Supervisor:
         self._withholding = False
         self._nursery: trio.Nursery | None = None
         self._inbox: Inbox | None = None
+        # Set once the first generation serves.
+        self.serving = trio.Event()
+        # Called with each reload's outcome, besides a waiting `reload --wait` (the control socket).
+        self.on_reload_outcome: Callable[[bool, str], object] | None = None
 
     # --- public --------------------------------------------------------------
 
@@ -319,11 +326,21 @@ class Supervisor:
                 if not await self._start_first_generation():
                     nursery.cancel_scope.cancel()
                     return self.exit_status
+                self.serving.set()
                 task_status.started()
                 await self._stop.wait()
                 await self._stop_everything()
                 nursery.cancel_scope.cancel()
         return self.exit_status
+
+    async def wait_stop(self) -> None:
+        """Return once a stop was asked for."""
+        await self._stop.wait()
+
+    def workers(self) -> list[Worker]:
+        """The live workers, oldest generation first."""
+        live = [w for w in self._workers_by_pid.values() if not w.exited]
+        return sorted(live, key=lambda w: (w.generation, w.slot, w.pid))
 
     def stop(self) -> None:
         self._stop.set()
@@ -344,7 +361,7 @@ class Supervisor:
         ``trio-activate reload --wait``.
         """
         if self._stop.is_set():
-            announce_reload_outcome(False, "the service is stopping")
+            self._tell(False, "the service is stopping")
             return False
         pending = self._pending_reload
         if pending is not None:
@@ -363,7 +380,7 @@ class Supervisor:
             if self._pending_reload is pending:
                 # Cancelled before it could run: the service stops.
                 self._pending_reload = None
-                announce_reload_outcome(False, "the service is stopping")
+                self._tell(False, "the service is stopping")
             pending.done.set()
         return pending.taken_over
 
@@ -472,7 +489,12 @@ class Supervisor:
         # have sent its SIGHUP after this reload began, so this reload's code
         # need not have what it asked for.  The follower always answers.
         if self._pending_reload is None:
-            announce_reload_outcome(taken_over, status)
+            self._tell(taken_over, status)
+
+    def _tell(self, taken_over: bool, status: str) -> None:
+        announce_reload_outcome(taken_over, status)
+        if self.on_reload_outcome is not None:
+            self.on_reload_outcome(taken_over, status)
 
     # --- generations ---------------------------------------------------------
 
@@ -792,6 +814,8 @@ class Supervisor:
                 continue
             if fields.get("READY") == "1" or fields.get("WATCHDOG") == "1":
                 worker.last_ping = trio.current_time()
+            if CONNECTIONS_FIELD in fields:
+                worker.connections = parse_connections(fields[CONNECTIONS_FIELD])
             if fields.get("STOPPING") == "1" and not worker.stopped_accepting:
                 worker.stopped_accepting = True
                 self._notify_changed()

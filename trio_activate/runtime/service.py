@@ -109,6 +109,10 @@ class Service:
         # True once a successor took over: the sockets and their files are its now.
         self.handed_over = False
         self._in_flight_at_stop = 0
+        # Called with each reload's outcome, besides a waiting `reload --wait` (the control socket).
+        self.on_reload_outcome: Callable[[bool, str], object] | None = None
+        # A supervised worker tells its supervisor its connections in flight (the supervisor's status).
+        self.report_connections = False
 
     @property
     def stop_requested(self) -> bool:
@@ -119,6 +123,10 @@ class Service:
     def name(self) -> str:
         return self.manifest.service.name
 
+    async def wait_stop_requested(self) -> None:
+        """Return once a stop was asked for."""
+        await self._stop_requested.wait()
+
     def shutdown(self) -> None:
         """Ask for a graceful stop: stop accepting, drain for grace-period, then cancel.
 
@@ -127,8 +135,48 @@ class Service:
         self._stop_requested.set()
         if self._reload_scope is not None and not self._reload_scope.cancel_called:
             log.info("reload abandoned: the service is stopping; its successor is stopped")
-            announce_reload_outcome(False, "the service is stopping")
+            self._tell_outcome(False, "the service is stopping")
             self._reload_scope.cancel()
+
+    def _tell_outcome(self, taken_over: bool, status: str) -> None:
+        announce_reload_outcome(taken_over, status)
+        if self.on_reload_outcome is not None:
+            self.on_reload_outcome(taken_over, status)
+
+    @property
+    def reloading(self) -> bool:
+        """Whether a reload is under way (one asked for now is answered by its outcome)."""
+        return self._reloading
+
+    def start_reload(self) -> None:
+        """What SIGHUP does: start a reload in the service's nursery (once serving)."""
+        self._start_reload()
+
+    def in_flight(self) -> dict[str, int | None]:
+        """Each handler's connections in flight; None where they are not counted (not a stream handler)."""
+        counts: dict[str, int | None] = {}
+        for item in self.handlers:
+            name = item.handler.spec.name
+            counts[name] = None if item.handler.spec.kind is not HandlerKind.STREAM else 0
+        for server in self._servers:
+            counts[server.name] = (counts.get(server.name) or 0) + server.slots.active
+        return counts
+
+    async def _report_connections(self) -> None:
+        """Tell the supervisor the connections in flight, when they changed, at most 4 times a second."""
+        from ..model.control import CONNECTIONS_FIELD, format_connections
+
+        last: dict[str, int] | None = None
+        while True:
+            counts = {name: count for name, count in self.in_flight().items() if count is not None}
+            if counts != last:
+                last = counts
+                try:
+                    message = notify_message.format_message({CONNECTIONS_FIELD: format_connections(counts)})
+                except ValueError:  # too many handlers for one datagram: not counted
+                    message = notify_message.format_message({CONNECTIONS_FIELD: "{}"})
+                self.notifier.send(message)
+            await trio.sleep(0.25)
 
     def cancel(self) -> None:
         """Stop now: cancel every handler without waiting for the grace period."""
@@ -153,6 +201,8 @@ class Service:
                 if handle_signals:
                     await service_nursery.start(self._watch_signals)
                 await service_nursery.start(self._serve_watchdog, self.notifier)
+                if self.report_connections:
+                    service_nursery.start_soon(self._report_connections)
                 async with trio.open_nursery() as handlers_nursery:
                     self._handlers_scope = handlers_nursery.cancel_scope
                     await self._start_handlers(handlers_nursery)
@@ -288,7 +338,11 @@ class Service:
             await serve_watchdog(notifier, task_status=task_status)
 
     async def _reload(self) -> None:
-        if self.reloader is None or self._reloading or self._stop_requested.is_set():
+        if self.reloader is None or self._reloading:
+            return
+        if self._stop_requested.is_set():
+            if self.on_reload_outcome is not None:
+                self.on_reload_outcome(False, "the service is stopping")
             return
         self._reloading = True
         self._reload_scope = trio.CancelScope()
@@ -309,7 +363,7 @@ class Service:
             if successor is None:
                 status = "Reload failed; the previous code keeps serving"
                 self.notifier.ready(status)
-                announce_reload_outcome(False, status)
+                self._tell_outcome(False, status)
                 return
             # The successor is the main process from now on: nothing more from
             # us to the manager (a STOPPING=1 would stop the whole service, a
@@ -321,7 +375,7 @@ class Service:
             self._begin_shutdown()
             log.info("handed over to process %d", successor, extra={"worker_pid": successor})
             manager.send(notify_message.mainpid(successor, ready=True))
-            announce_reload_outcome(True, f"handed over to process {successor}")
+            self._tell_outcome(True, f"handed over to process {successor}")
             self.handed_over = True
             self._reload_scope = None  # done: the stop that follows abandons nothing
             self.shutdown()
