@@ -44,6 +44,7 @@ from helpers import (
     ask,
     blocks,
     children_of,
+    fake_service,
     ignores,
     is_gone,
     loopback,
@@ -663,15 +664,19 @@ def test_reload_wait_on_a_single_process_serve_tells_the_hand_over(tmp_path: Pat
 
 
 def test_reload_wait_for_a_process_that_exits_or_never_answers_is_one_line_exit_1(tmp_path: Path) -> None:
-    # `sleep` dies of SIGHUP; the shell that ignores it never answers.
-    for argv, timeout, message in (
-        (["sleep", "30"], "30", "exited before its reload ended"),
-        (["sh", "-c", "trap '' HUP; sleep 30"], "0.5", "did not tell how its reload ended within 0.5s"),
+    # Stand-ins for a service (their command line says trio-activate serve): one dies of
+    # SIGHUP, the other ignores it and never answers.
+    for on_hup, timeout, message in (
+        ("die", "30", "exited before its reload ended"),
+        ("ignore", "0.5", "did not tell how its reload ended within 0.5s"),
     ):
-        with subprocess.Popen(argv, start_new_session=True) as target:
+        with subprocess.Popen(fake_service(tmp_path, on_hup=on_hup), start_new_session=True) as target:
             try:
-                if argv[0] == "sh":
-                    wait_until(lambda: ignores(target.pid, signal.SIGHUP), what="the shell's trap is set")
+                wait_until(
+                    lambda: ignores(target.pid, signal.SIGHUP) == (on_hup == "ignore")  # noqa: B023
+                    and "fake.toml" in Path(f"/proc/{target.pid}/cmdline").read_text(),
+                    what="the stand-in runs",
+                )
                 result = run_cli("reload", "--wait", "--timeout", timeout, str(target.pid))
             finally:
                 os.killpg(target.pid, signal.SIGKILL)
@@ -685,15 +690,17 @@ def test_reload_of_a_pid_that_names_no_process_is_one_line_and_exit_2(wait: list
     result = run_cli("reload", *wait, "4194305")
     assert (result.returncode, result.stderr) == (
         2,
-        "trio-activate: cannot signal PID 4194305: No such process\n",
+        "trio-activate: PID 4194305: no such process; nothing done\n",
     )
 
 
-def test_reload_wait_stopped_by_sigterm_exits_0_as_systemd_stops_a_reload_for_a_stop_job() -> None:
+def test_reload_wait_stopped_by_sigterm_exits_0_as_systemd_stops_a_reload_for_a_stop_job(
+    tmp_path: Path,
+) -> None:
     """systemd counts a control process killed by SIGTERM as the unit's failure (Result=signal)."""
-    with subprocess.Popen(["sh", "-c", "trap '' HUP; sleep 30"], start_new_session=True) as target:
+    with subprocess.Popen(fake_service(tmp_path, on_hup="ignore"), start_new_session=True) as target:
         try:
-            wait_until(lambda: ignores(target.pid, signal.SIGHUP), what="the shell's trap is set")
+            wait_until(lambda: ignores(target.pid, signal.SIGHUP), what="the stand-in ignores SIGHUP")
             waiter = subprocess.Popen(
                 [*TRIO_ACTIVATE, "reload", "--wait", str(target.pid)],
                 stderr=subprocess.PIPE,
@@ -721,7 +728,7 @@ def test_reload_wait_stopped_by_sigterm_exits_0_as_systemd_stops_a_reload_for_a_
         ("0\n", r"app\.pid: '0' is not a PID"),
         ("99999999999999999999999\n", r"app\.pid: '99999999999999999999999' is not a PID"),
         ("9" * 5000, rf"app\.pid: '{'9' * 40}' is not a PID"),
-        ("4194305\n", r"cannot signal PID 4194305: No such process"),
+        ("4194305\n", r"PID 4194305: no such process; nothing done"),
     ],
 )
 def test_reload_with_a_bad_pidfile_is_one_line_and_exit_2(

@@ -727,3 +727,20 @@ def receive_until(sock: socket.socket, key: str) -> list[tuple[int, dict[str, st
         messages.append(receive(sock))
         if key in messages[-1][1]:
             return messages
+
+
+# --- a stand-in for a service -------------------------------------------------
+
+
+def fake_service(folder: Path, *, on_hup: str) -> list[str]:
+    """The command line of a process that passes for ``trio-activate serve`` (its command line says
+    so) and, on SIGHUP, dies (``on_hup="die"``) or ignores it (``"ignore"``): a service that exits
+    mid-reload, or one that never answers.  ``reload`` checks the first, then signals it."""
+    script = folder / "bin" / "trio-activate"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    action = "signal.SIG_DFL" if on_hup == "die" else "signal.SIG_IGN"
+    script.write_text(
+        f"#!{sys.executable}\nimport signal, time\nsignal.signal(signal.SIGHUP, {action})\ntime.sleep(30)\n"
+    )
+    script.chmod(0o755)
+    return [str(script), "serve", "fake.toml"]
