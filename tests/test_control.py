@@ -221,7 +221,10 @@ import socket, sys
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 sock.settimeout(10)
 sock.connect(sys.argv[1].encode().replace(b"@", b"\\0", 1))
-sock.sendall(b'{"op": "reload"}\\n')
+try:
+    sock.sendall(b'{"op": "reload"}\\n')
+except BrokenPipeError:
+    pass  # refused before the request went out: the answer is there to read
 print(sock.recv(4096).decode().strip())
 """
 

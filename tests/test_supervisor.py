@@ -672,11 +672,13 @@ def test_reload_wait_for_a_process_that_exits_or_never_answers_is_one_line_exit_
     ):
         with subprocess.Popen(fake_service(tmp_path, on_hup=on_hup), start_new_session=True) as target:
             try:
-                wait_until(
-                    lambda: ignores(target.pid, signal.SIGHUP) == (on_hup == "ignore")  # noqa: B023
-                    and "fake.toml" in Path(f"/proc/{target.pid}/cmdline").read_text(),
-                    what="the stand-in runs",
-                )
+                pid, ignoring = target.pid, on_hup == "ignore"
+
+                def runs() -> bool:
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_text()  # noqa: B023
+                    return "fake.toml" in cmdline and ignores(pid, signal.SIGHUP) == ignoring  # noqa: B023
+
+                wait_until(runs, what="the stand-in runs")
                 result = run_cli("reload", "--wait", "--timeout", timeout, str(target.pid))
             finally:
                 os.killpg(target.pid, signal.SIGKILL)

@@ -220,7 +220,10 @@ def ask(address: str | bytes, op: str, *, timeout: float, expect_pid: int | None
                 raise NoControlSocket(f"{shown}: {_describe(exc)}") from None
             if expect_pid is not None and peer_credentials(sock)[0] != expect_pid:
                 raise ControlClientError(f"{shown}: another process listens there")
-            sock.sendall(encode({"op": op}))
+            # A service that refuses us answers and closes at once, perhaps before our request
+            # is sent: its answer is still there to read.
+            with contextlib.suppress(BrokenPipeError):
+                sock.sendall(encode({"op": op}))
             data = b""
             while not data.endswith(b"\n"):
                 left = deadline - time.monotonic()
