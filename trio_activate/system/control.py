@@ -293,7 +293,18 @@ def service_problem(pid: int) -> str | None:
         with open(f"/proc/{pid}/cmdline", "rb") as file:
             raw = file.read(65536)
     except FileNotFoundError:
-        return f"PID {pid}: no such process"
+        # Gone, or hidden: under /proc's hidepid=invisible (systemd's ProtectProc=invisible) a
+        # process of the same user that is not dumpable (it changed credentials, as a unit's
+        # DynamicUser= or User= service did) has no /proc entry for us, yet we may signal it.
+        # That is `ExecReload=trio-activate reload $MAINPID` in every generated unit: the
+        # manager names the PID, and the sandbox hides it.  kill(pid, 0) tells the two apart.
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return f"PID {pid}: no such process"
+        except PermissionError:
+            return f"PID {pid} is not a trio-activate service this user may signal"
+        return None
     except OSError as exc:
         return f"PID {pid}: cannot read /proc/{pid}/cmdline: {_describe(exc)}"
     argv = [part.decode(errors="replace") for part in raw.split(b"\0")]
