@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -208,6 +209,65 @@ def test_faults_quick_run_leaks_no_fd_and_recovers_from_emfile() -> None:
 def test_faults_refuses_unknown_parts() -> None:
     done = subprocess.run(
         [sys.executable, str(FAULTS), "--only", "fds,nonsense"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0
+    assert "nonsense" in done.stderr
+
+
+ASGI = BENCH / "asgi.py"
+ASGI_HEADER = (
+    "| part | load | figure | trio-activate serve | hypercorn alone | trio-activate / hypercorn "
+    "| target | met? |"
+)
+
+
+@pytest.mark.slow
+def test_asgi_quick_run_sets_both_servers_side_by_side_and_trio_activate_reloads_fail_nothing(
+    tmp_path: Path,
+) -> None:
+    """``asgi.py --quick``: throughput of the same ASGI app under ``trio-activate serve`` and
+    hypercorn alone, both loads, and 2 reloads of each under load; trio-activate's reloads fail
+    no request (a behaviour; no timing is asserted)."""
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk not installed (apt-get install wrk)")
+    out = tmp_path / "asgi.json"
+    done = subprocess.run(
+        [sys.executable, str(ASGI), "--quick", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ASGI_HEADER in done.stdout
+    assert "Machine: " in done.stdout
+    assert "load average" in done.stdout
+    data = json.loads(out.read_text())
+    assert {"hypercorn", "trio_activate", "install", "loadavg", "loadavg_end"} <= data["machine"].keys()
+    lines = data["lines"]
+    loads = ["keep-alive", "keep-alive", "Connection: close", "Connection: close"]
+    assert [(x["part"], x["load"]) for x in lines] == [("throughput", load) for load in loads] + [
+        ("reloads", load) for load in loads
+    ]
+    for line in lines[:4]:
+        samples = line["data"]["samples"]
+        assert len(samples["trio-activate"]) == len(samples["hypercorn"]) == 1
+        assert line["data"]["ratio"] > 0
+    for line in (lines[4], lines[6]):
+        ours, theirs = line["data"]["trio-activate"], line["data"]["hypercorn"]
+        assert ours["requests"] > 0
+        assert theirs["requests"] > 0
+        assert ours["failed"] == 0, line
+        assert line["met"] is True
+    for line in (lines[5], lines[7]):
+        assert (
+            len(line["data"]["trio-activate"]["times_ms"]) == len(line["data"]["hypercorn"]["times_ms"]) == 2
+        )
+
+
+def test_asgi_refuses_unknown_parts() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ASGI), "--only", "reloads,nonsense"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode != 0
     assert "nonsense" in done.stderr
