@@ -660,3 +660,47 @@ def test_importing_the_manifest_does_not_import_trio() -> None:
     code = "import sys, trio_activate.model.manifest, trio_activate; print('trio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --- [service] fd-store -----------------------------------------------------------
+
+
+def test_fd_store_is_off_by_default_and_read_and_written_back() -> None:
+    assert parse_manifest(MINIMAL, source="t.toml").service.fd_store is False
+    manifest = parse_manifest("[service]\nfd-store = true\n" + MINIMAL, source="t.toml")
+    assert manifest.service.fd_store is True
+    assert parse_manifest(dump_manifest(manifest), source="t.toml") == manifest
+
+
+@pytest.mark.parametrize(
+    ("service", "socket_keys", "message"),
+    [
+        ('fd-store = "yes"', "", r"t\.toml: service\.fd-store: expected true or false, got a string"),
+        (
+            "fd-store = true",
+            "accept = true",
+            r"t\.toml: service\.fd-store: true makes the service create its sockets itself, with no "
+            r"\.socket unit, but sockets\.echo sets accept = true",
+        ),
+    ],
+    ids=["not-a-boolean", "with-accept"],
+)
+def test_fd_store_errors_are_one_line_naming_the_key(service: str, socket_keys: str, message: str) -> None:
+    text = f"[service]\n{service}\n" + MINIMAL.replace(
+        'listen = "127.0.0.1:7000"', f'listen = "127.0.0.1:7000"\n{socket_keys}'
+    )
+    with pytest.raises(ManifestError, match=f"^{message}") as raised:
+        parse_manifest(text, source="t.toml")
+    assert "\n" not in str(raised.value)
+
+
+def test_fd_store_with_remove_on_stop_is_an_error_the_file_would_go_while_systemd_keeps_the_socket() -> None:
+    text = (
+        "[service]\nfd-store = true\n"
+        '[sockets.api]\nlisten = "/run/t/api.sock"\nremove-on-stop = true\n'
+        '[handlers.api]\nsocket = "api"\ncall = "m:f"\n'
+    )
+    with pytest.raises(
+        ManifestError, match=r"^t\.toml: service\.fd-store: .*sockets\.api sets remove-on-stop"
+    ):
+        parse_manifest(text, source="t.toml")

@@ -18,6 +18,8 @@ from trio_activate.model.notify_message import (
     NOTIFY_MESSAGE_MAX,
     NOTIFY_VARIABLES,
     extend_timeout,
+    fd_store,
+    fd_store_remove,
     format_message,
     format_notify_socket,
     mainpid,
@@ -439,3 +441,29 @@ def test_watchdog_pid_not_a_process_id_is_a_value_error(value: str) -> None:
     whether the watchdog is ours."""
     with pytest.raises(ValueError, match=f"^WATCHDOG_PID={value!r}: expected a process id"):
         watchdog_interval({"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": value}, pid=PID)
+
+
+# --- the fd store -----------------------------------------------------------------
+
+
+def test_fd_store_names_the_fds_it_carries() -> None:
+    """FDSTORE=1 with FDNAME=: the fds come back at the next start under that name."""
+    assert fd_store("web") == b"FDSTORE=1\nFDNAME=web"
+    assert parse_notify_message(fd_store("web")) == {"FDSTORE": "1", "FDNAME": "web"}
+
+
+def test_fd_store_remove_names_the_fds_to_drop() -> None:
+    assert fd_store_remove("old") == b"FDSTOREREMOVE=1\nFDNAME=old"
+
+
+@pytest.mark.parametrize("build", [fd_store, fd_store_remove])
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [("", "is empty"), ("a:b", "contains ':'"), ("caf\u00e9", "non-ASCII"), ("x" * 256, "longer than 255")],
+)
+def test_an_fd_name_systemd_would_refuse_is_an_error(
+    build: Callable[[str], bytes], name: str, problem: str
+) -> None:
+    """systemd ignores an invalid FDNAME= and stores the fds as 'stored', which no manifest finds."""
+    with pytest.raises(ValueError, match=f"^FDNAME=.*: the fd name .*{problem}"):
+        build(name)

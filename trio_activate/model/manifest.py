@@ -139,6 +139,9 @@ class ServiceSpec:
     # The control socket's path and the pid file's, relative to the manifest's folder; None: none.
     control: str | None = None
     pid_file: str | None = None
+    # Under systemd with NOTIFY_SOCKET: the sockets the service made itself go to
+    # systemd's fd store once it is ready, and come back at a restart.
+    fd_store: bool = False
 
 
 @record
@@ -770,6 +773,7 @@ class _Parser:
         handlers = self.handlers(handlers_table, sockets)
         self.check_accept_handler(service, handlers)
         self.check_accept_sockets(service, sockets, handlers)
+        self.check_fd_store(service, sockets)
         self.check_duplicate_addresses(sockets)
         return Manifest(service, sockets, handlers, path=self.path, warnings=tuple(self.warnings))
 
@@ -808,6 +812,7 @@ class _Parser:
         unit_extra: tuple[str, ...] = table.get("unit-extra", self.unit_lines(table), ())
         control = table.get("control", self.file_path(table), None)
         pid_file = table.get("pid-file", self.file_path(table), None)
+        fd_store = table.get("fd-store", table.boolean, False)
         table.finish()
         if name is None:
             name = self.service_name("service.name", default_name, from_file_name=True)
@@ -827,6 +832,7 @@ class _Parser:
             worker_timeout,
             control=control,
             pid_file=pid_file,
+            fd_store=fd_store,
         )
 
     def service_name(self, key_path: str, name: str, *, from_file_name: bool) -> str:
@@ -1172,6 +1178,26 @@ class _Parser:
                 "connection does not say which socket it came from; set accept-handler to one of them",
             )
 
+    def check_fd_store(self, service: ServiceSpec, sockets: tuple[SocketSpec, ...]) -> None:
+        """``fd-store``: the service makes its own sockets, no ``.socket`` unit, so no ``Accept=yes``."""
+        if not service.fd_store:
+            return
+        for spec in sockets:
+            if spec.accept:
+                raise self.error(
+                    "service.fd-store",
+                    f"true makes the service create its sockets itself, with no .socket unit, but "
+                    f"sockets.{spec.name} sets accept = true, which needs one (systemd accepts); "
+                    "set one of them to false",
+                )
+            if spec.remove_on_stop:
+                raise self.error(
+                    "service.fd-store",
+                    f"true keeps the sockets open in systemd across a restart, but "
+                    f"sockets.{spec.name} sets remove-on-stop = true: the socket file would be gone "
+                    "while the socket still listens; set one of them to false",
+                )
+
     # Cross-table rules
 
     def check_duplicate_addresses(self, sockets: tuple[SocketSpec, ...]) -> None:
@@ -1226,6 +1252,7 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
         service["control"] = manifest.service.control
     if manifest.service.pid_file is not None:
         service["pid-file"] = manifest.service.pid_file
+    service["fd-store"] = manifest.service.fd_store
     sockets: dict[str, Any] = {}
     for spec in manifest.sockets:
         listen = [str(a) for a in spec.listen]

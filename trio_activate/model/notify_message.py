@@ -6,7 +6,8 @@ The meaning of the three variables a service manager sets for notification,
 ``NOTIFY_SOCKET``, ``WATCHDOG_USEC`` and ``WATCHDOG_PID``, and the format of
 the datagrams sent to that socket: building them (`format_message` and one
 function per message: `ready`, `reloading`, `stopping`, `status`, `mainpid`,
-`watchdog`, `extend_timeout`) and reading them back (`parse_notify_message`,
+`watchdog`, `extend_timeout`, and for the fd store `fd_store` and
+`fd_store_remove`) and reading them back (`parse_notify_message`,
 for tests and for a supervisor that receives its workers' ``READY=1``).
 
 Layer 1: pure logic.  Nothing here makes a syscall, imports trio, reads the
@@ -78,12 +79,16 @@ import struct
 from collections.abc import Mapping
 
 from .address import UNIX_PATH_MAX
+from .listen_env import fd_name_problem
 from .text import parse_decimal, show_value
 
 __all__ = [
+    "FD_STORE_MAX_PER_MESSAGE",
     "NOTIFY_MESSAGE_MAX",
     "NOTIFY_VARIABLES",
     "extend_timeout",
+    "fd_store",
+    "fd_store_remove",
     "format_message",
     "format_notify_socket",
     "mainpid",
@@ -248,6 +253,42 @@ def extend_timeout(usec: int) -> bytes:
     if not 0 <= usec <= _UINT64_MAX:
         raise ValueError(f"EXTEND_TIMEOUT_USEC={usec}: expected 0 to {_UINT64_MAX}")
     return format_message({"EXTEND_TIMEOUT_USEC": str(usec)})
+
+
+FD_STORE_MAX_PER_MESSAGE = 253
+"""The kernel's ``SCM_MAX_FD``: at most this many fds ride one datagram."""
+
+
+def _fd_name(name: str) -> str:
+    # systemd's fdname_is_valid(): an invalid FDNAME= is ignored with a warning
+    # and the fds are stored as "stored", which no manifest name would find again.
+    problem = "is empty" if name == "" else fd_name_problem(name)
+    if problem is not None:
+        raise ValueError(f"FDNAME={show_value(name)}: the fd name {problem}")
+    return name
+
+
+def fd_store(name: str) -> bytes:
+    """``FDSTORE=1`` with ``FDNAME=`` `name`: keep the fds sent with it in the fd store.
+
+    The fds go in the same datagram as ``SCM_RIGHTS`` ancillary data (at most
+    `FD_STORE_MAX_PER_MESSAGE`); the manager keeps its own copies, which come
+    back at the service's next start in ``LISTEN_FDS``, named `name` in
+    ``LISTEN_FDNAMES``.  The unit must set ``FileDescriptorStoreMax=`` above 0,
+    or the manager closes them (and logs a warning).
+
+    Error handling: `ValueError` when `name` is empty, longer than 255
+    characters, or holds a ``:`` or a character that is not printable ASCII.
+    """
+    return format_message({"FDSTORE": "1", "FDNAME": _fd_name(name)})
+
+
+def fd_store_remove(name: str) -> bytes:
+    """``FDSTOREREMOVE=1`` with ``FDNAME=`` `name`: the manager closes every stored fd of that name.
+
+    Error handling: as `fd_store`.
+    """
+    return format_message({"FDSTOREREMOVE": "1", "FDNAME": _fd_name(name)})
 
 
 # --- reading messages -------------------------------------------------------
