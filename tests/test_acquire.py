@@ -6,7 +6,9 @@ import socket
 
 import pytest
 
-from trio_activate.system.acquire import ServiceSockets
+from trio_activate.model.listen_env import ListenFds
+from trio_activate.model.manifest import parse_manifest
+from trio_activate.system.acquire import ServiceSockets, _undeclared_names
 
 
 def test_a_failed_start_closes_queued_connections_and_keeps_listening() -> None:
@@ -55,3 +57,32 @@ def test_at_most_limit_per_socket_so_a_flood_cannot_keep_a_failed_start_alive(li
         for client in clients:
             client.close()
         owned.close()
+
+
+# --- fd-store: what goes to the manager's store --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("origin", "stored"), [("created", True), ("self-activated", True), ("passed", False)]
+)
+def test_only_sockets_the_service_made_are_stored(origin: str, stored: bool) -> None:
+    """Passed sockets (a .socket unit's, the store's own, a predecessor's) are the manager's already."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        owned = ServiceSockets({"web": [listener]}, origin, undeclared=("old",))
+        plan = owned.fd_store_plan()
+        assert dict(plan.store) == ({"web": [listener]} if stored else {})
+        assert plan.remove == ("old",)
+        owned.sockets = {}  # the plan borrowed; the test's `with` closes the listener
+
+
+def test_passed_names_the_manifest_does_not_declare_are_the_ones_to_remove() -> None:
+    """Each once, in passed order; 'unknown' and 'connection' are no names of the store's."""
+    manifest = parse_manifest(
+        '[sockets.web]\nlisten = "127.0.0.1:7000"\n[handlers.web]\nsocket = "web"\ncall = "m:f"\n',
+        source="t.toml",
+    )
+    found = ListenFds((3, 4, 5, 6, 7), ("old", "web", "old", "stored", "unknown"), True, False)
+    assert _undeclared_names(manifest, found, ()) == ("old", "stored")
+    assert _undeclared_names(manifest, found, ("old",)) == ("stored",), "an embedding program's extra names"
+    unnamed = ListenFds((3,), ("unknown",), False, False)
+    assert _undeclared_names(manifest, unnamed, ()) == ()

@@ -8,6 +8,7 @@ a socket file whose owner is gone, a receive queue that is full.
 
 from __future__ import annotations
 
+import array
 import fcntl
 import logging
 import os
@@ -25,7 +26,7 @@ import pytest
 from helpers import require_peer
 
 from trio_activate.system.fds import open_fds
-from trio_activate.system.notifier import Notifier
+from trio_activate.system.notifier import FdStorePlan, Notifier
 
 OTHER_PID = 1  # init: never the test process
 
@@ -475,3 +476,117 @@ def test_systemd_notify_sends_the_same_bytes_to_the_same_address(
         assert notifier.ready("serving 2 sockets")
     [ours] = received(sock)
     assert ours == theirs == b"READY=1\nSTATUS=serving 2 sockets"
+
+
+# --- the fd store -------------------------------------------------------------
+
+
+def received_with_fds(sock: socket.socket) -> list[tuple[bytes, list[socket.socket]]]:
+    """Every datagram waiting on `sock`, each with the fds that came with it (owned here).
+
+    recvmsg, not socket.recv_fds, which drops its flags (CPython 3.11): no MSG_DONTWAIT there.
+    """
+    datagrams = []
+    space = socket.CMSG_SPACE(253 * array.array("i").itemsize)
+    while True:
+        try:
+            data, ancillary, flags, _ = sock.recvmsg(
+                4096, space, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+            )
+        except BlockingIOError:
+            return datagrams
+        fds = array.array("i")
+        for level, kind, cdata in ancillary:
+            if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+        owned = [socket.socket(fileno=fd) for fd in fds]
+        assert not flags & socket.MSG_CTRUNC
+        datagrams.append((data, owned))
+
+
+def same_socket(one: socket.socket, other: socket.socket) -> bool:
+    return os.fstat(one.fileno()).st_ino == os.fstat(other.fileno()).st_ino
+
+
+def test_store_fds_sends_copies_of_the_listening_sockets_with_their_name(
+    receiver: tuple[socket.socket, str], tmp_path: Path
+) -> None:
+    """FDSTORE=1 and FDNAME= in one datagram with the fds as SCM_RIGHTS: the manager's copies
+    are the very listening sockets (same inode, same address), and the sender keeps its own."""
+    sock, path = receiver
+    with (
+        socket.create_server(("127.0.0.1", 0)) as tcp,
+        socket.socket(socket.AF_UNIX) as unix,
+        Notifier.from_environ({"NOTIFY_SOCKET": path}) as notifier,
+    ):
+        unix.bind(str(tmp_path / "web.sock"))
+        unix.listen()
+        assert notifier.store_fds("web", [tcp.fileno(), unix.fileno()]) is True
+        ((data, fds),) = received_with_fds(sock)
+        try:
+            assert data == b"FDSTORE=1\nFDNAME=web"
+            assert [fd.getsockname() for fd in fds] == [tcp.getsockname(), unix.getsockname()]
+            assert same_socket(fds[0], tcp)
+            assert same_socket(fds[1], unix)
+            assert {fd.fileno() for fd in fds}.isdisjoint({tcp.fileno(), unix.fileno()}), "copies"
+        finally:
+            for fd in fds:
+                fd.close()
+        assert tcp.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1, "the sender's own, still open"
+
+
+def test_more_fds_than_one_datagram_carries_go_in_several_under_the_same_name(
+    receiver: tuple[socket.socket, str],
+) -> None:
+    sock, path = receiver
+    with socket.socket() as one, Notifier.from_environ({"NOTIFY_SOCKET": path}) as notifier:
+        assert notifier.store_fds("many", [one.fileno()] * 254) is True
+        datagrams = received_with_fds(sock)
+    assert [(data, len(fds)) for data, fds in datagrams] == [
+        (b"FDSTORE=1\nFDNAME=many", 253),
+        (b"FDSTORE=1\nFDNAME=many", 1),
+    ]
+    for _, fds in datagrams:
+        for fd in fds:
+            fd.close()
+
+
+def test_the_plan_goes_once_right_before_the_first_ready(receiver: tuple[socket.socket, str]) -> None:
+    """Removals first (they free room in the store), then the sockets, then READY=1; never again."""
+    sock, path = receiver
+    with (
+        socket.create_server(("127.0.0.1", 0)) as web,
+        Notifier.from_environ({"NOTIFY_SOCKET": path}) as notifier,
+    ):
+        notifier.store_when_ready(FdStorePlan(store={"web": [web]}, remove=("old",)))
+        notifier.status("starting")
+        assert [data for data, _ in received_with_fds(sock)] == [b"STATUS=starting"], "not before ready"
+        notifier.ready()
+        notifier.ready()
+        datagrams = received_with_fds(sock)
+        assert [data for data, _ in datagrams] == [
+            b"FDSTOREREMOVE=1\nFDNAME=old",
+            b"FDSTORE=1\nFDNAME=web",
+            b"READY=1",
+            b"READY=1",
+        ]
+        assert [len(fds) for _, fds in datagrams] == [0, 1, 0, 0]
+        assert same_socket(datagrams[1][1][0], web)
+        datagrams[1][1][0].close()
+
+
+def test_a_disabled_notifier_stores_nothing_and_holds_no_plan() -> None:
+    with socket.socket() as web:
+        notifier = Notifier.from_environ({})
+        notifier.store_when_ready(FdStorePlan(store={"web": [web]}))
+        assert notifier.ready() is False
+        assert notifier.store_fds("web", [web.fileno()]) is False
+
+
+def test_a_failed_store_is_a_warning_not_an_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with (
+        socket.socket() as web,
+        Notifier.from_environ({"NOTIFY_SOCKET": str(tmp_path / "nobody")}) as notifier,
+    ):
+        assert notifier.store_fds("web", [web.fileno()]) is False
+    assert "could not send b'FDSTORE=1\\nFDNAME=web'" in caplog.text

@@ -110,6 +110,10 @@ def _run_service(
         for handler in handlers
     ]
     with Notifier.from_environ(unset=True) as notifier:
+        if manifest.service.fd_store and supervisor is None and handoff is None:
+            # The process the manager started: a worker's notifier is its supervisor's
+            # inbox, and a hand-over successor was passed its predecessor's sockets.
+            notifier.store_when_ready(owned.fd_store_plan())
         reloader = None
         if reload_command is not None:
             command = reload_command

@@ -105,6 +105,9 @@ def _run_supervisor(
     follow = FollowManifest(manifest, manifest_path, owned, spawner, overrides) if watch else None
     try:
         with Notifier.from_environ(unset=True) as notifier:
+            if manifest.service.fd_store and not watch:
+                # The supervisor is the process that talks to the manager: it stores.
+                notifier.store_when_ready(owned.fd_store_plan())
             supervisor = Supervisor(
                 command,
                 workers=workers,

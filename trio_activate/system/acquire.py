@@ -24,14 +24,18 @@ import logging
 import os
 import socket
 from collections.abc import Collection, MutableMapping, Sequence
+from typing import TYPE_CHECKING
 
-from ..model.listen_env import ListenFds, take_listen_env
+from ..model.listen_env import CONNECTION_NAME, UNKNOWN_NAME, ListenFds, take_listen_env
 from ..model.manifest import Manifest
 from ..model.private_env import ACTIVATOR_MARKER, HANDOFF_FROM_VARIABLE, SOCKET_FILES_VARIABLE
 from ..model.records import field, record
 from .activator import check_not_looping, reexec_with_new_sockets
 from .fds import close_all, own_pidfd_id
 from .passed import PassedFds, adopt
+
+if TYPE_CHECKING:
+    from .notifier import FdStorePlan
 
 __all__ = ["ServiceSockets", "SocketFile", "acquire_sockets", "create_service_sockets"]
 
@@ -68,6 +72,30 @@ class ServiceSockets:
     """Passed fds under names the manifest does not declare, taken before adoption (``extra_names``)."""
     files: list[SocketFile] = field(default_factory=list)
     remove_on_stop: frozenset[str] = frozenset()
+    undeclared: tuple[str, ...] = ()
+    """Names that were passed (and closed at adoption) which the manifest does not declare."""
+
+    def fd_store_plan(self) -> FdStorePlan:
+        """What ``[service] fd-store`` puts in the manager's fd store, and takes out of it.
+
+        Stored: the sockets this service made itself (self-activated or created
+        in-process); passed sockets never, since whoever passed them (a
+        ``.socket`` unit, the fd store itself, a predecessor) keeps them
+        already.  Removed: the passed names the manifest no longer declares.
+        The plan borrows the sockets; this set keeps owning them.
+        """
+        from .notifier import FdStorePlan  # here: start-up time (scenario 3)
+
+        made = self.origin in ("self-activated", "created")
+        if not made:
+            for name, group in self.sockets.items():
+                log.info(
+                    "fd store: sockets.%s (fd %s) was passed in LISTEN_FDS: not stored again",
+                    name,
+                    ", ".join(str(sock.fileno()) for sock in group),
+                    extra={"socket": name},
+                )
+        return FdStorePlan(store=dict(self.sockets) if made else {}, remove=self.undeclared)
 
     def never_started(self) -> None:
         """The service failed before it served: it leaves no socket file it made.
@@ -205,6 +233,7 @@ def acquire_sockets(
             reexec_with_new_sockets(manifest, pidfd_id=pidfd_id, environ=env)
         return _create_in_process(manifest)
     env.pop(ACTIVATOR_MARKER, None)
+    undeclared = _undeclared_names(manifest, found, extra_names)
     passed = PassedFds(found)
     extra: dict[str, list[socket.socket]] = {}
     try:
@@ -225,9 +254,22 @@ def acquire_sockets(
         if delivered_files is None
         else [SocketFile(name, path, file_id) for name, path, file_id in delivered_files],
         remove_on_stop=_remove_on_stop(manifest),
+        undeclared=undeclared,
     )
     adopted.sockets, adopted.connection = {}, None
     return sockets
+
+
+def _undeclared_names(manifest: Manifest, found: ListenFds, extra_names: Sequence[str]) -> tuple[str, ...]:
+    """The passed names no manifest socket claims (adoption closes their fds), each once.
+
+    ``unknown`` (no name given) and ``connection`` (an ``Accept=yes``
+    connection) are systemd's words for fds that came with no name, not names.
+    """
+    if not found.names_given:
+        return ()
+    skip = {*manifest.socket_names(), *extra_names, UNKNOWN_NAME, CONNECTION_NAME}
+    return tuple(dict.fromkeys(name for name in found.names if name not in skip))
 
 
 def _create_in_process(manifest: Manifest) -> ServiceSockets:

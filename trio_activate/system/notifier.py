@@ -15,6 +15,15 @@ methods are plain functions that are safe to call from a Trio task:
 a datagram to a unix socket is queued or refused at once (``MSG_DONTWAIT``;
 without it a full receive queue would block the whole event loop).
 
+The fd store
+------------
+`store_fds` sends ``FDSTORE=1`` and ``FDNAME=`` with the fds attached
+(``SCM_RIGHTS``, by ``sendmsg`` as `socket.send_fds` does it), `remove_stored_fds` sends
+``FDSTOREREMOVE=1``.  `store_when_ready` arranges for both to go once, right
+before the first ``READY=1`` (so the service's own readiness, and not a
+start that later fails, puts its sockets in the store, and the manager has
+them by the time ``systemctl start`` returns).
+
 Resource handling
 -----------------
 A `Notifier` owns one ``AF_UNIX``/``SOCK_DGRAM`` socket, opened with
@@ -40,21 +49,39 @@ Error handling
 
 from __future__ import annotations
 
+import array
 import logging
 import math
 import os
 import socket
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from types import TracebackType
 
 from ..model import notify_message
+from ..model.records import record
 
-__all__ = ["Notifier"]
+__all__ = ["FdStorePlan", "Notifier"]
 
 logger = logging.getLogger("trio_activate")
 
 _SHOWN_MESSAGE_BYTES = 80
+
+
+@record(eq=False)
+class FdStorePlan:
+    """What a service puts in, and takes out of, its manager's fd store.
+
+    `store`: the sockets the service made itself, by manifest name (borrowed:
+    the service owns them).  `remove`: names the manager passed back that the
+    manifest no longer declares.
+    """
+
+    store: Mapping[str, Sequence[socket.socket]]
+    remove: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.store) or bool(self.remove)
 
 
 def _show_message(message: bytes) -> str:
@@ -87,6 +114,7 @@ class Notifier:
         self._watchdog_interval = watchdog_interval
         self._sock: socket.socket | None = None
         self._closed = False
+        self._at_ready: FdStorePlan | None = None
 
     @classmethod
     def from_environ(
@@ -161,8 +189,12 @@ class Notifier:
 
     # --- sending --------------------------------------------------------------
 
-    def send(self, message: bytes) -> bool:
+    def send(self, message: bytes, fds: Sequence[int] = ()) -> bool:
         """Send `message` as one datagram; True when the kernel queued it.
+
+        `fds` ride along as ``SCM_RIGHTS`` (at most
+        `~trio_activate.model.notify_message.FD_STORE_MAX_PER_MESSAGE`): the
+        receiver gets copies, the caller keeps its own and still owns them.
 
         False when disabled (silently), and when closed or the send failed
         (with a warning).  Never raises `OSError`.
@@ -173,20 +205,82 @@ class Notifier:
         if self._closed:
             logger.warning("cannot send %s to %s: the notifier is closed", _show_message(message), where)
             return False
+        if len(fds) > notify_message.FD_STORE_MAX_PER_MESSAGE:
+            raise ValueError(
+                f"{len(fds)} fds in one message; the kernel passes at most "
+                f"{notify_message.FD_STORE_MAX_PER_MESSAGE}"
+            )
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             # MSG_NOSIGNAL as libsystemd: no SIGPIPE even where an embedding
             # program restored its default action.
-            self._sock.sendto(message, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL, self._address)
+            flags = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+            if fds:
+                # sendmsg with SCM_RIGHTS as socket.send_fds builds it: send_fds itself
+                # drops its flags and address (CPython 3.11), and this socket is unconnected.
+                rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                self._sock.sendmsg([message], rights, flags, self._address)
+            else:
+                self._sock.sendto(message, flags, self._address)
         except OSError as error:
             logger.warning("could not send %s to %s: %s", _show_message(message), where, error)
             return False
         return True
 
     def ready(self, status: str | None = None) -> bool:
-        """Send ``READY=1``, with a ``STATUS=`` line when `status` is given."""
+        """Send ``READY=1``, with a ``STATUS=`` line when `status` is given.
+
+        The first time, what `store_when_ready` arranged goes first.
+        """
+        plan, self._at_ready = self._at_ready, None
+        if plan is not None:
+            self.send_fd_store_plan(plan)
         return self.send(notify_message.ready(status))
+
+    # --- the fd store ---------------------------------------------------------
+
+    def store_fds(self, name: str, fds: Sequence[int]) -> bool:
+        """Send ``FDSTORE=1`` and ``FDNAME=`` `name` with copies of `fds` attached.
+
+        More fds than one datagram carries go in several, each named `name`.
+        The caller keeps its fds.  False (with a warning) when any send failed.
+        """
+        limit = notify_message.FD_STORE_MAX_PER_MESSAGE
+        message = notify_message.fd_store(name)
+        sent = [self.send(message, fds[start : start + limit]) for start in range(0, len(fds), limit)]
+        return all(sent)
+
+    def remove_stored_fds(self, name: str) -> bool:
+        """Send ``FDSTOREREMOVE=1`` and ``FDNAME=`` `name`: the manager closes its fds of that name."""
+        return self.send(notify_message.fd_store_remove(name))
+
+    def store_when_ready(self, plan: FdStorePlan) -> None:
+        """Send `plan` (`send_fd_store_plan`) once, right before the next ``READY=1``.
+
+        Resource handling: the plan's sockets are borrowed until then; their
+        owner must keep them open until `ready` was called (or this notifier closed).
+        """
+        self._at_ready = plan if self._address is not None else None
+
+    def send_fd_store_plan(self, plan: FdStorePlan) -> None:
+        """Remove the plan's names from the fd store, then store its sockets under their names."""
+        for name in plan.remove:
+            if self.remove_stored_fds(name):
+                logger.info(
+                    "fd store: removed %r, which the manifest no longer declares",
+                    name,
+                    extra={"socket": name},
+                )
+        for name, group in plan.store.items():
+            fds = [sock.fileno() for sock in group]
+            if self.store_fds(name, fds):
+                logger.info(
+                    "fd store: sockets.%s (fd %s) stored in the service manager's fd store",
+                    name,
+                    ", ".join(str(fd) for fd in fds),
+                    extra={"socket": name},
+                )
 
     def reloading(self) -> bool:
         """Send ``RELOADING=1`` with ``MONOTONIC_USEC`` of now (``CLOCK_MONOTONIC``,
@@ -219,6 +313,7 @@ class Notifier:
     def close(self) -> None:
         """Close the socket, if one was opened.  Idempotent."""
         self._closed = True
+        self._at_ready = None
         if self._sock is not None:
             sock, self._sock = self._sock, None
             sock.close()
