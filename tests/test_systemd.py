@@ -518,3 +518,90 @@ def test_accept_yes_serves_each_connection_in_a_process_of_its_own(
     assert "Accept=yes: serving one connection with handlers.conn" in journal
     assert "Traceback" not in journal
     machine.systemctl("stop", "per-connection-conn.socket")
+
+
+# --- the fd store -------------------------------------------------------------------
+
+FD_STORE_MANIFEST = """
+[service]
+name = "stored"
+fd-store = true
+grace-period = 5.0
+
+[sockets.web]
+listen = "127.0.0.1:7700"
+
+[sockets.admin]
+listen = "127.0.0.1:7701"
+
+[handlers.echo]
+socket = ["web", "admin"]
+call = "trio_activate.examples:echo"
+"""
+
+
+@pytest.mark.slow
+def test_fd_store_keeps_the_sockets_of_a_service_without_socket_units_across_restarts(
+    each_machine: SystemdMachine, tmp_path: Path
+) -> None:
+    """No .socket unit: the service makes its sockets, stores them once ready, and every
+    ``systemctl restart`` passes them back under their names while clients queue."""
+    machine = each_machine
+    manifest = write_manifest(tmp_path / "svc", FD_STORE_MANIFEST)
+    units = units_for(manifest, tmp_path / "units", version=machine.version)
+    assert sorted(units) == ["stored.service"], "fd-store: no .socket unit"
+    machine.install(units)
+    machine.systemctl("start", "stored.service")
+    shown = machine.show("stored.service", "MainPID", "NFileDescriptorStore", "FileDescriptorStoreMax")
+    assert (shown["NFileDescriptorStore"], shown["FileDescriptorStoreMax"]) == ("2", "2"), shown
+    journal = machine.journal("stored.service")
+    assert journal.count("stored in the service manager's fd store") == 2, journal
+    pids = {shown["MainPID"]}
+
+    with ClientLoop(machine, 7700, seconds=120) as clients:
+        for restart in range(1, 6):
+            served = clients.done
+            wait_until(lambda: clients.done >= served + 5, what="clients are served")  # noqa: B023
+            # Six starts within StartLimitIntervalSec= (10 s) would hit StartLimitBurst= (5).
+            machine.systemctl("reset-failed", "stored.service")
+            machine.systemctl("restart", "stored.service")
+            shown = machine.show("stored.service", "ActiveState", "MainPID", "NFileDescriptorStore")
+            assert shown["ActiveState"] == "active"
+            assert shown["NFileDescriptorStore"] == "2", f"restart {restart}: {shown}"
+            pids.add(shown["MainPID"])
+        served = clients.done
+        wait_until(lambda: clients.done >= served + 5, what="the last restart serves")
+    assert len(pids) == 6, "each restart started a new main process"
+    print("MEASURED", clients.done, len(clients.failures), clients.failures[:2])
+    assert clients.done > 50
+    assert clients.failures == [], f"{len(clients.failures)} of {clients.done}: {clients.failures[:3]}"
+    journal = machine.journal("stored.service")
+    # The supervisor (the main process) got them back; its workers, from it.  Two sockets:
+    # fds passed without names would fail adoption, under each other's a warning (assert_clean).
+    assert len(re.findall(r"sockets\.web \(fd [34]\) was passed in LISTEN_FDS", journal)) == 5, journal
+    assert len(re.findall(r"sockets\.admin \(fd [34]\) was passed in LISTEN_FDS", journal)) == 5, journal
+    assert len(re.findall(r"sockets\.web: 127\.0\.0\.1:7700 stream \(fd [34]\)", journal)) == 6, journal
+    assert len(re.findall(r"sockets\.admin: 127\.0\.0\.1:7701 stream \(fd [34]\)", journal)) == 6, journal
+    assert journal.count("stored in the service manager's fd store") == 2, "stored once, by the first"
+    assert round_trip(machine, ("127.0.0.1", 7701)) == b"ping\n"
+    assert_clean(machine, "stored.service")
+
+    # A socket the manifest drops: removed from the store at the next restart, and closed.
+    (tmp_path / "svc" / "service.toml").write_text(
+        FD_STORE_MANIFEST.replace('[sockets.admin]\nlisten = "127.0.0.1:7701"\n', "").replace(
+            '["web", "admin"]', '"web"'
+        )
+    )
+    machine.systemctl("reset-failed", "stored.service")
+    machine.systemctl("restart", "stored.service")
+    wait_until(
+        lambda: machine.show("stored.service", "NFileDescriptorStore")["NFileDescriptorStore"] == "1",
+        what="the dropped socket leaves the store",
+    )
+    assert "fd store: removed 'admin'" in machine.journal("stored.service")
+    with pytest.raises(ConnectionRefusedError):
+        round_trip(machine, ("127.0.0.1", 7701))
+    assert round_trip(machine, ("127.0.0.1", 7700)) == b"ping\n"
+    machine.systemctl("stop", "stored.service")
+    with pytest.raises(ConnectionRefusedError):
+        round_trip(machine, ("127.0.0.1", 7700))

@@ -555,3 +555,70 @@ def test_the_generated_exec_start_serves_under_systemd_socket_activate(tmp_path:
         process.terminate()
         _, err = process.communicate(timeout=15)
     assert process.returncode == 0, err.decode()
+
+
+# --- fd-store --------------------------------------------------------------------
+
+FD_STORE = """
+[service]
+name = "kept"
+fd-store = true
+
+[sockets.web]
+listen = ["127.0.0.1:8080", "[::1]:8080"]
+
+[sockets.api]
+listen = "/run/kept/api.sock"
+
+[handlers.web]
+socket = ["web", "api"]
+call = "m:f"
+"""
+
+
+@pytest.mark.parametrize("version", [252, 254])
+def test_fd_store_writes_no_socket_unit_and_a_store_for_every_fd(version: int) -> None:
+    """The service makes its sockets and stores them: one fd per address, no .socket unit."""
+    units = units_of(FD_STORE, systemd_version=version)
+    assert sorted(units) == ["kept.service"]
+    service = directives(units["kept.service"])
+    assert "FileDescriptorStoreMax=3" in service
+    assert not any(line.startswith(("Sockets=", "Requires=", "After=")) for line in service), service
+    # It binds its own sockets: no IP filter on them, and the unix socket's folder is writable.
+    assert "IPAddressDeny=any" not in service
+    assert "ReadWritePaths=/run/kept" in service
+    assert "NotifyAccess=main" in service
+
+
+def test_fd_store_is_preserved_across_a_stop_only_where_systemd_has_the_setting() -> None:
+    """FileDescriptorStorePreserve= came with systemd 254; 252 ignores it with a warning."""
+    assert "FileDescriptorStorePreserve=yes" in directives(
+        units_of(FD_STORE, systemd_version=254)["kept.service"]
+    )
+    for version in (252, 253, None):
+        text = units_of(FD_STORE, systemd_version=version)["kept.service"]
+        assert "FileDescriptorStorePreserve" not in text, version
+
+
+def test_without_fd_store_there_is_no_store() -> None:
+    service = units_of(EVERY_OPTION, systemd_version=254)["every.service"]
+    assert "FileDescriptorStore" not in service
+    assert "IPAddressDeny=any" in directives(service)
+
+
+def test_fd_store_with_a_privileged_port_is_an_error_naming_the_key() -> None:
+    text = FD_STORE.replace('"[::1]:8080"', '"[::1]:443"')
+    with pytest.raises(ManifestError) as raised:
+        units_of(text)
+    assert str(raised.value).startswith("<manifest>: sockets.web.listen[1]: port 443 needs a privilege")
+
+
+def test_fd_store_units_verify_cleanly(tmp_path: Path) -> None:
+    manifest = readable(tmp_path) / "kept.toml"
+    manifest.write_text(FD_STORE.replace("/run/kept/api.sock", "/run/api.sock"))
+    out = tmp_path / "units"
+    out.mkdir()
+    result = write_units(manifest, out)
+    assert result.returncode == 0, result.stderr
+    checked = verify(out)
+    assert (checked.returncode, checked.stderr) == (0, "")

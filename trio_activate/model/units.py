@@ -56,6 +56,7 @@ not kill a drain in progress.
 from __future__ import annotations
 
 import math
+import posixpath
 import socket
 from collections.abc import Sequence
 
@@ -64,10 +65,21 @@ from .address import InetAddress, UnixAddress
 from .manifest import SOCKET_OPTIONS, Manifest, SocketSpec, SocketType
 from .records import record
 
-__all__ = ["NOTIFY_RELOAD_VERSION", "NeededPath", "Unit", "hidden_by", "render_units"]
+__all__ = [
+    "FD_STORE_PRESERVE_VERSION",
+    "NOTIFY_RELOAD_VERSION",
+    "NeededPath",
+    "Unit",
+    "hidden_by",
+    "render_units",
+]
 
 # systemd 253 added Type=notify-reload.
 NOTIFY_RELOAD_VERSION = 253
+# systemd 254 added FileDescriptorStorePreserve=.
+FD_STORE_PRESERVE_VERSION = 254
+# Binding a lower port needs CAP_NET_BIND_SERVICE (net.ipv4.ip_unprivileged_port_start).
+UNPRIVILEGED_PORT_START = 1024
 # Seconds added to grace-period for TimeoutStopSec=: the drain's own margin.
 STOP_TIMEOUT_MARGIN = 10
 # systemd's DefaultTimeoutStartSec=.
@@ -135,7 +147,13 @@ def render_units(
     sockets = [(spec, _socket_unit(manifest, spec, service_name)) for spec in manifest.sockets]
     units = [unit for _, unit in sockets]
     listening = [unit.name for spec, unit in sockets if not spec.accept]
-    if listening:
+    if manifest.service.fd_store:
+        # The service makes its sockets and keeps them in systemd's fd store: no .socket
+        # unit (the manifest has no accept = true socket then).  The units were built
+        # above all the same, for their checks (absolute paths, named ports).
+        _check_fd_store_sockets(manifest)
+        units, listening = [], []
+    if listening or manifest.service.fd_store:
         units.append(
             _service_unit(
                 manifest,
@@ -221,11 +239,10 @@ def _service_unit(
         math.ceil(manifest.service.start_timeout + manifest.service.grace_period) + STOP_TIMEOUT_MARGIN
     )
     program = " ".join(_quote(word) for word in command)
-    lines = [
-        "[Unit]",
-        f"Description={service_name} (trio-activate)",
-        f"Requires={' '.join(socket_units)}",
-        f"After={' '.join(socket_units)}",
+    lines = ["[Unit]", f"Description={service_name} (trio-activate)"]
+    if socket_units:
+        lines += [f"Requires={' '.join(socket_units)}", f"After={' '.join(socket_units)}"]
+    lines += [
         "",
         "[Service]",
         f"Type={'notify-reload' if notify_reload else 'notify'}",
@@ -251,8 +268,11 @@ def _service_unit(
         # The workers ping the supervisor from their event loops; it pings systemd
         # only while all of them do, so a blocked loop gets the service restarted.
         lines.append(f"WatchdogSec={_seconds(manifest.service.watchdog)}")
+    if socket_units:
+        lines.append(f"Sockets={' '.join(socket_units)}")
+    if manifest.service.fd_store:
+        lines += _fd_store_lines(manifest, systemd_version)
     lines += [
-        f"Sockets={' '.join(socket_units)}",
         "NotifyAccess=main",
         "KillMode=mixed",
         f"TimeoutStopSec={stop_timeout}",
@@ -267,6 +287,55 @@ def _service_unit(
         "",
     ]
     return Unit(f"{service_name}.service", "\n".join(lines))
+
+
+def _fd_store_lines(manifest: Manifest, systemd_version: int | None) -> list[str]:
+    """``FileDescriptorStoreMax=`` and, where systemd has it, ``FileDescriptorStorePreserve=``.
+
+    The maximum is the number of fds the manifest makes (one per address),
+    with no margin: the service removes the names its manifest dropped
+    before it stores, and systemd skips an fd it holds already, so the store
+    never needs more; a larger one would only let a stale store grow unseen.
+    A unit older than its manifest's new sockets gets a warning from systemd
+    ("hit fd store limit") and those sockets are made anew at each start.
+    """
+    count = sum(len(spec.listen) for spec in manifest.sockets)
+    lines = [
+        "# The service creates its sockets and stores them here once ready: a restart gets",
+        "# them back in LISTEN_FDS, and clients queue in the kernel's backlog meanwhile.",
+        f"FileDescriptorStoreMax={count}",
+    ]
+    if systemd_version is not None and systemd_version >= FD_STORE_PRESERVE_VERSION:
+        lines += [
+            "# Kept across a stop and start too (a package upgrade); `systemctl clean",
+            "# --what=fdstore` on the stopped unit closes them.",
+            "FileDescriptorStorePreserve=yes",
+        ]
+    return lines
+
+
+def _check_fd_store_sockets(manifest: Manifest) -> None:
+    """With ``fd-store``, the service binds as its unprivileged user: no port below 1024."""
+    for spec in manifest.sockets:
+        for index, address in enumerate(spec.listen):
+            if isinstance(address, InetAddress) and 0 < address.port < UNPRIVILEGED_PORT_START:
+                key = f"sockets.{spec.name}.listen" + ("" if len(spec.listen) == 1 else f"[{index}]")
+                raise ManifestError(
+                    f"{manifest.source}: {key}: port {address.port} needs a privilege to bind, and with "
+                    "service.fd-store = true the unprivileged service binds it itself; use a port from "
+                    f"{UNPRIVILEGED_PORT_START}, or fd-store = false (systemd binds it in a .socket unit)"
+                )
+
+
+def _unix_folders(manifest: Manifest) -> list[str]:
+    """The folders of the manifest's unix socket files (absolute: units refuse relative paths)."""
+    folders = {
+        posixpath.dirname(address.path)
+        for spec in manifest.sockets
+        for address in spec.listen
+        if isinstance(address, UnixAddress)
+    }
+    return sorted(folders)
 
 
 def _connection_unit(
@@ -334,7 +403,10 @@ def _sandbox(manifest: Manifest, *, user: bool, needed_paths: Sequence[NeededPat
         # mount namespace of the system-only settings below (no privileges):
         # these are the ones that work unprivileged (seccomp, prctl, umask).
         return ["# Least privilege (what a user manager can apply):", *_UNPRIVILEGED]
-    lines = ["# Least privilege: systemd creates the sockets, so the service needs no privilege to bind."]
+    if service.fd_store:
+        lines = ["# Least privilege: the service binds its sockets itself (fd-store), as its own user."]
+    else:
+        lines = ["# Least privilege: systemd creates the sockets, so the service needs no privilege to bind."]
     if service.user is None:
         lines.append("DynamicUser=yes")
     else:
@@ -375,10 +447,23 @@ def _sandbox(manifest: Manifest, *, user: bool, needed_paths: Sequence[NeededPat
         "RemoveIPC=yes",
         *_UNPRIVILEGED,
         f"RestrictAddressFamilies={' '.join(_address_families(manifest))}",
-        "# Passed sockets and their connections are not filtered (checked under",
-        "# systemd 252); this stops sockets the service would open itself.",
-        "IPAddressDeny=any",
     ]
+    if service.fd_store:
+        lines += [
+            "# No IPAddressDeny=: it filters the sockets the service opens itself, and with",
+            "# fd-store those are its listening sockets.",
+        ]
+        for folder in _unix_folders(manifest):
+            lines += [
+                "# The service makes its unix socket files itself (fd-store).",
+                f"ReadWritePaths={_quote(folder)}",
+            ]
+    else:
+        lines += [
+            "# Passed sockets and their connections are not filtered (checked under",
+            "# systemd 252); this stops sockets the service would open itself.",
+            "IPAddressDeny=any",
+        ]
     return lines
 
 
