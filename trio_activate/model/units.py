@@ -16,6 +16,13 @@ Each socket option becomes the systemd.socket(5) directive its line of
 -> ``BindIPv6Only=ipv6-only`` or ``both``, ...), where the option applies;
 ``accept`` decides between ``Accept=yes`` and ``Service=``.
 
+With ``[service] fd-store = true`` there is no ``.socket`` unit: the service
+binds its sockets itself and keeps them in systemd's fd store
+(``FileDescriptorStoreMax=``, and ``FileDescriptorStorePreserve=yes`` from
+254), so the sandbox leaves out ``IPAddressDeny=`` (it filters the sockets
+the service opens, so its clients would time out: seen under 252), makes
+the unix sockets' folders writable, and refuses privileged ports.
+
 What systemd cannot express is an error naming the key: a relative unix
 path (a unit has no "manifest folder") and port 0 (a unit must name its
 port).
@@ -451,7 +458,7 @@ def _sandbox(manifest: Manifest, *, user: bool, needed_paths: Sequence[NeededPat
     if service.fd_store:
         lines += [
             "# No IPAddressDeny=: it filters the sockets the service opens itself, and with",
-            "# fd-store those are its listening sockets.",
+            "# fd-store those are its listening sockets (their clients would time out).",
         ]
         for folder in _unix_folders(manifest):
             lines += [
