@@ -156,6 +156,9 @@ class AsgiServer:
         self.config = make_config(manifest, handler.spec.http or HttpSpec(), handler.spec.name)
         self.lifespan = _Lifespan(handler.function)
         self.stopping = False
+        # Set once hypercorn's accept loops have ended (or it never served): from then on
+        # this process takes no new connection, and may say STOPPING=1.
+        self.accepting_stopped = trio.Event()
         self._stop = trio.Event()
         self._deadline = math.inf
 
@@ -175,6 +178,7 @@ class AsgiServer:
 
     async def before_terminated(self) -> None:
         """Hypercorn stopped accepting; wait out the idle delay, then give the rest of the grace period."""
+        self.accepting_stopped.set()
         if not self.stopping:
             return
         now = trio.current_time()
@@ -225,6 +229,7 @@ class AsgiServer:
                 raise cancelled from None
             return
         finally:
+            self.accepting_stopped.set()
             _current_server.reset(token)
             for sock in duplicates:
                 sock.close()

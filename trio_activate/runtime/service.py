@@ -57,6 +57,10 @@ log = logging.getLogger("trio_activate")
 EXIT_OK = 0
 EXIT_FAILED = 1
 
+# At most this long between the stop and STOPPING=1 while hypercorn's accept loops end
+# (a few scheduler steps; bounded so that a stuck one cannot hold up a reload's announcement).
+STOPPING_WAIT = 1.0
+
 
 @record
 class HandlerSockets:
@@ -294,10 +298,8 @@ class Service:
         grace = self.manifest.service.grace_period
         in_flight = self._in_flight_at_stop = sum(server.slots.active for server in self._servers)
         log.info("stopping: no longer accepting; %d connection(s) in flight get %gs", in_flight, grace)
-        self.notifier.send(
-            notify_message.format_message(
-                {"STOPPING": "1", "STATUS": f"Stopping: draining {in_flight} connection(s)"}
-            )
+        stopping = notify_message.format_message(
+            {"STOPPING": "1", "STATUS": f"Stopping: draining {in_flight} connection(s)"}
         )
         self._lifelong_scope.cancel()
         deadline = trio.current_time() + grace
@@ -306,8 +308,22 @@ class Service:
             server.set_drain_deadline(deadline)
         for asgi in self._asgi_servers:
             asgi.stop(deadline)
+        if self._asgi_servers and self._service_nursery is not None:
+            # STOPPING=1 tells a supervisor this process accepts nothing more (a reload is
+            # announced after it): a stream server stops accepting right here, but hypercorn's
+            # accept loops end a few steps after its shutdown trigger, and could take a
+            # connection meanwhile.  So it is said once they have ended.
+            self._service_nursery.start_soon(self._say_stopping_once_asgi_stopped_accepting, stopping)
+        else:
+            self.notifier.send(stopping)
         # Handlers waiting between requests (move_on_stop) close now.
         self.stop_signal.stop()
+
+    async def _say_stopping_once_asgi_stopped_accepting(self, message: bytes) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(STOPPING_WAIT):
+            for asgi in self._asgi_servers:
+                await asgi.accepting_stopped.wait()
+        self.notifier.send(message)
 
     def _report_drained(self) -> None:
         cancelled = sum(server.cancelled for server in self._servers)
