@@ -605,3 +605,78 @@ def test_fd_store_keeps_the_sockets_of_a_service_without_socket_units_across_res
     machine.systemctl("stop", "stored.service")
     with pytest.raises(ConnectionRefusedError):
         round_trip(machine, ("127.0.0.1", 7700))
+
+
+ASGI_APP = """
+VERSION = "{version}"
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({{"type": "lifespan.startup.complete"}})
+            elif message["type"] == "lifespan.shutdown":
+                await send({{"type": "lifespan.shutdown.complete"}})
+                return
+    await send({{"type": "http.response.start", "status": 200, "headers": []}})
+    await send({{"type": "http.response.body", "body": VERSION.encode()}})
+"""
+
+
+def http_get(machine: SystemdMachine, port: int) -> bytes:
+    """The body of ``GET /`` on 127.0.0.1:`port` inside the machine (HTTP/1.0: one request, no chunks)."""
+    with machine.connect(("127.0.0.1", port), timeout=15) as client:
+        client.sendall(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"200", answer
+    return body
+
+
+def test_an_asgi_app_starts_on_its_first_request_reloads_and_stops_under_systemd(
+    machine: SystemdMachine, tmp_path: Path
+) -> None:
+    """kind = "asgi" under the real manager: the .socket unit starts it, `systemctl reload` (ExecReload=
+    reload --wait) returns once the new code answers, `systemctl stop` drains and leaves nothing."""
+    folder = tmp_path / "svc"
+    folder.mkdir()
+    (folder / "web_app.py").write_text(ASGI_APP.format(version="v1"))
+    manifest = write_manifest(
+        folder,
+        """
+        [service]
+        name = "asgi"
+        workers = 2
+        grace-period = 2
+        python-path = ["."]
+
+        [sockets.web]
+        listen = "127.0.0.1:7700"
+
+        [handlers.web]
+        socket = "web"
+        kind = "asgi"
+        call = "web_app:app"
+        """,
+    )
+    units = units_for(manifest, tmp_path / "units", version=machine.version)
+    machine.install(units)
+    machine.systemctl("start", "asgi-web.socket")
+    assert http_get(machine, 7700) == b"v1"
+    machine.wait_for("asgi.service", ActiveState="active")
+    main_pid = machine.show("asgi.service", "MainPID")["MainPID"]
+
+    (folder / "web_app.py").write_text(ASGI_APP.format(version="v2"))
+    machine.systemctl("reload", "asgi.service")
+    shown = machine.show("asgi.service", "ActiveState", "MainPID", "ReloadResult")
+    assert shown == {"ActiveState": "active", "MainPID": main_pid, "ReloadResult": "success"}
+    assert {http_get(machine, 7700) for _ in range(5)} == {b"v2"}
+
+    machine.systemctl("stop", "asgi.service")
+    machine.wait_for("asgi.service", ActiveState="inactive")
+    assert machine.show("asgi.service", "Result")["Result"] == "success"
+    assert_clean(machine, "asgi.service")
