@@ -627,7 +627,7 @@ async def app(scope, receive, send):
 
 def http_get(machine: SystemdMachine, port: int) -> bytes:
     """The body of ``GET /`` on 127.0.0.1:`port` inside the machine (HTTP/1.0: one request, no chunks)."""
-    with machine.connect(("127.0.0.1", port), timeout=15) as client:
+    with machine.connect(("127.0.0.1", port), timeout=60) as client:
         client.sendall(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
         answer = b""
         while chunk := client.recv(65536):
@@ -650,8 +650,9 @@ def test_an_asgi_app_starts_on_its_first_request_reloads_and_stops_under_systemd
         """
         [service]
         name = "asgi"
-        workers = 2
         grace-period = 2
+        # Generous: a worker imports hypercorn and trio, slow on a loaded 2-core machine.
+        start-timeout = 60
         python-path = ["."]
 
         [sockets.web]
