@@ -144,7 +144,41 @@ CAPACITY_BACKOFF = 0.1
 IDLE_SLACK = 0.125
 
 
-class IdleTimedStream(trio.abc.HalfCloseableStream):
+class _WrappedStream(trio.abc.HalfCloseableStream):
+    """What a stream wrapping a connection's ``trio.SocketStream`` passes through unchanged.
+
+    ``socket``, ``setsockopt`` and ``getsockopt`` are the wrapped stream's, as
+    on a ``trio.SocketStream`` (which is final, so a wrapper cannot be one);
+    subclasses add what they do to ``receive_some`` and ``send_all``.
+    """
+
+    __slots__ = ("_stream", "socket")
+
+    _stream: trio.SocketStream | IdleTimedStream
+    socket: trio.socket.SocketType
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    def setsockopt(self, level: int, option: int, value: Any, length: int | None = None) -> None:
+        if length is None:
+            self._stream.setsockopt(level, option, value)
+        else:
+            self._stream.setsockopt(level, option, None, length)
+
+    def getsockopt(self, level: int, option: int, buffersize: int = 0) -> int | bytes:
+        if buffersize == 0:
+            return self._stream.getsockopt(level, option)
+        return self._stream.getsockopt(level, option, buffersize)
+
+
+class IdleTimedStream(_WrappedStream):
     """The ``trio.SocketStream`` of one connection, for a handler with an ``idle-timeout``.
 
     Every stream method passes through to the wrapped stream; a
@@ -158,7 +192,7 @@ class IdleTimedStream(trio.abc.HalfCloseableStream):
     closes the socket after the handler in any case.
     """
 
-    __slots__ = ("_cap", "_expires", "_idle", "_scope", "_stream", "socket")
+    __slots__ = ("_cap", "_expires", "_idle", "_scope")
 
     def __init__(
         self, stream: trio.SocketStream, scope: trio.CancelScope, idle_timeout: float, cap: float
@@ -184,28 +218,8 @@ class IdleTimedStream(trio.abc.HalfCloseableStream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._stream.send_all(data)
 
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
 
-    async def send_eof(self) -> None:
-        await self._stream.send_eof()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
-
-    def setsockopt(self, level: int, option: int, value: Any, length: int | None = None) -> None:
-        if length is None:
-            self._stream.setsockopt(level, option, value)
-        else:
-            self._stream.setsockopt(level, option, None, length)
-
-    def getsockopt(self, level: int, option: int, buffersize: int = 0) -> int | bytes:
-        if buffersize == 0:
-            return self._stream.getsockopt(level, option)
-        return self._stream.getsockopt(level, option, buffersize)
-
-
-class CountingStream(trio.abc.HalfCloseableStream):
+class CountingStream(_WrappedStream):
     """A connection's stream that counts the bytes received and sent into a `Traffic`, for the access log.
 
     Wraps the ``trio.SocketStream`` (or the `IdleTimedStream`) and passes
@@ -216,7 +230,7 @@ class CountingStream(trio.abc.HalfCloseableStream):
     closes the socket after the handler in any case.
     """
 
-    __slots__ = ("_stream", "_traffic", "socket")
+    __slots__ = ("_traffic",)
 
     def __init__(self, stream: trio.SocketStream | IdleTimedStream, traffic: Traffic) -> None:
         self._stream = stream
@@ -231,26 +245,6 @@ class CountingStream(trio.abc.HalfCloseableStream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._stream.send_all(data)
         self._traffic.sent += data.nbytes if isinstance(data, memoryview) else len(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self._stream.send_eof()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
-
-    def setsockopt(self, level: int, option: int, value: Any, length: int | None = None) -> None:
-        if length is None:
-            self._stream.setsockopt(level, option, value)
-        else:
-            self._stream.setsockopt(level, option, None, length)
-
-    def getsockopt(self, level: int, option: int, buffersize: int = 0) -> int | bytes:
-        if buffersize == 0:
-            return self._stream.getsockopt(level, option)
-        return self._stream.getsockopt(level, option, buffersize)
 
 
 @record
