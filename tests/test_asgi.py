@@ -36,6 +36,7 @@ from helpers import (
     run_cli,
     started,
     wait_until,
+    write_asgi_app,
     write_manifest,
 )
 
@@ -700,28 +701,11 @@ def test_root_path_server_header_access_log_and_keep_alive_timeout(tmp_path: Pat
 
 # --- dev ---------------------------------------------------------------------------------------------
 
-PLAIN_APP = """
-VERSION = "{version}"
-
-
-async def app(scope, receive, send):
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({{"type": "lifespan.startup.complete"}})
-            elif message["type"] == "lifespan.shutdown":
-                await send({{"type": "lifespan.shutdown.complete"}})
-                return
-    await send({{"type": "http.response.start", "status": 200, "headers": []}})
-    await send({{"type": "http.response.body", "body": VERSION.encode()}})
-"""
-
 
 def test_dev_reloads_an_asgi_app_when_its_code_changes(tmp_path: Path) -> None:
     """`dev` with an asgi handler: each change to the app's file is served by the next generation, and
     only by it once the reload is announced."""
-    (tmp_path / "plain_app.py").write_text(PLAIN_APP.format(version="v1"))
+    write_asgi_app(tmp_path / "plain_app.py", "v1")
     manifest = write_manifest(
         tmp_path,
         """
@@ -744,7 +728,7 @@ def test_dev_reloads_an_asgi_app_when_its_code_changes(tmp_path: Path) -> None:
         assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).text == "v1"
         for generation in (2, 3, 4):
             mark = process.mark()
-            (tmp_path / "plain_app.py").write_text(PLAIN_APP.format(version=f"v{generation}"))
+            write_asgi_app(tmp_path / "plain_app.py", f"v{generation}")
             process.wait_for(rf"reloaded: generation {generation} serving", since=mark)
             # Once the reload is announced, every new connection gets the new code: the old
             # generation said STOPPING=1 only after hypercorn's accept loops had ended.

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import wait_until, write_manifest
+from helpers import wait_until, write_asgi_app, write_manifest
 from helpers.systemd import (
     CONFIG,
     UNCLEAN,
@@ -607,24 +607,6 @@ def test_fd_store_keeps_the_sockets_of_a_service_without_socket_units_across_res
         round_trip(machine, ("127.0.0.1", 7700))
 
 
-ASGI_APP = """
-VERSION = "{version}"
-
-
-async def app(scope, receive, send):
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({{"type": "lifespan.startup.complete"}})
-            elif message["type"] == "lifespan.shutdown":
-                await send({{"type": "lifespan.shutdown.complete"}})
-                return
-    await send({{"type": "http.response.start", "status": 200, "headers": []}})
-    await send({{"type": "http.response.body", "body": VERSION.encode()}})
-"""
-
-
 def http_get(machine: SystemdMachine, port: int) -> bytes:
     """The body of ``GET /`` on 127.0.0.1:`port` inside the machine (HTTP/1.0: one request, no chunks)."""
     with machine.connect(("127.0.0.1", port), timeout=60) as client:
@@ -644,7 +626,7 @@ def test_an_asgi_app_starts_on_its_first_request_reloads_and_stops_under_systemd
     reload --wait) returns once the new code answers, `systemctl stop` drains and leaves nothing."""
     folder = tmp_path / "svc"
     folder.mkdir()
-    (folder / "web_app.py").write_text(ASGI_APP.format(version="v1"))
+    write_asgi_app(folder / "web_app.py", "v1")
     manifest = write_manifest(
         folder,
         """
@@ -671,7 +653,7 @@ def test_an_asgi_app_starts_on_its_first_request_reloads_and_stops_under_systemd
     machine.wait_for("asgi.service", ActiveState="active")
     main_pid = machine.show("asgi.service", "MainPID")["MainPID"]
 
-    (folder / "web_app.py").write_text(ASGI_APP.format(version="v2"))
+    write_asgi_app(folder / "web_app.py", "v2")
     machine.systemctl("reload", "asgi.service")
     shown = machine.show("asgi.service", "ActiveState", "MainPID", "ReloadResult")
     assert shown == {"ActiveState": "active", "MainPID": main_pid, "ReloadResult": "success"}

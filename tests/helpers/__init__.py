@@ -744,3 +744,26 @@ def fake_service(folder: Path, *, on_hup: str) -> list[str]:
     )
     script.chmod(0o755)
     return [str(script), "serve", "fake.toml"]
+
+
+VERSIONED_ASGI_APP = """
+VERSION = "{version}"
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({{"type": "lifespan.startup.complete"}})
+            elif message["type"] == "lifespan.shutdown":
+                await send({{"type": "lifespan.shutdown.complete"}})
+                return
+    await send({{"type": "http.response.start", "status": 200, "headers": []}})
+    await send({{"type": "http.response.body", "body": VERSION.encode()}})
+"""
+
+
+def write_asgi_app(path: Path, version: str) -> None:
+    """A plain ASGI app at `path` (lifespan answered) whose every answer is `version`."""
+    path.write_text(VERSIONED_ASGI_APP.format(version=version))
