@@ -720,6 +720,47 @@ def test_reload_wait_stopped_by_sigterm_exits_0_as_systemd_stops_a_reload_for_a_
             os.killpg(target.pid, signal.SIGKILL)
 
 
+SILENT_CONTROL = """\
+import os, socket, sys, time
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(b"\\0trio-activate/control/%d" % os.getpid())
+server.listen()
+print("listening", flush=True)
+connection, _ = server.accept()
+print(connection.recv(4096).decode().strip(), flush=True)
+time.sleep(30)
+"""
+
+
+def test_reload_wait_over_the_control_socket_stopped_by_sigterm_exits_0_too(tmp_path: Path) -> None:
+    """Under systemd every unit's service has a control socket: ExecReload= waits on it, and a stop
+    job's SIGTERM must end the wait as it ends the wait for SIGHUP's outcome (not as Result=signal)."""
+    script = tmp_path / "bin" / "trio-activate"
+    script.parent.mkdir()
+    script.write_text(f"#!{sys.executable}\n{SILENT_CONTROL}")
+    script.chmod(0o755)
+    command = [str(script), "serve", "fake.toml"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True) as target:
+        try:
+            assert target.stdout is not None
+            assert target.stdout.readline() == "listening\n"
+            waiter = subprocess.Popen(
+                [*TRIO_ACTIVATE, "reload", "--wait", str(target.pid)],
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            with waiter:
+                assert target.stdout.readline() == '{"op": "reload"}\n', "it asks the control socket"
+                waiter.send_signal(signal.SIGTERM)
+                assert waiter.wait(timeout=TIMEOUT) == 0
+                assert waiter.stderr is not None
+                rest = waiter.stderr.read()
+            assert rest == f"trio-activate: reload of PID {target.pid}: no longer waiting (SIGTERM)\n"
+        finally:
+            os.killpg(target.pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -649,6 +649,10 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     address, pid, shown = where
     if pid is None or args.wait:
+        # systemd stops a reload in progress (a stop or restart job came) with
+        # SIGTERM, and counts a control process killed by it as the unit's failure
+        # (Result=signal).  The reload did not fail: the service is stopping.
+        signal.signal(signal.SIGTERM, _raise_interrupted)
         # The control socket answers with the outcome: the one way to wait that needs no signal.
         try:
             answer = ask(address, "reload", timeout=args.timeout, expect_pid=pid)
@@ -660,6 +664,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
         except ControlClientError as exc:
             print(f"trio-activate: reload: {exc}", file=sys.stderr)
             return EXIT_FAILED
+        except _Interrupted:
+            print(f"trio-activate: reload of {shown}: no longer waiting (SIGTERM)", file=sys.stderr)
+            return EXIT_OK
         if not answer["ok"]:
             print(f"trio-activate: reload of {shown} failed: {answer.get('error', '')}", file=sys.stderr)
             return EXIT_FAILED
@@ -671,10 +678,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def _reload_by_signal(pid: int, args: argparse.Namespace) -> int:
     from ..system.reload_outcome import ReloadWaiter, ReloadWaitError
 
-    # systemd stops a reload in progress (a stop or restart job came) with
-    # SIGTERM, and counts a control process killed by it as the unit's failure
-    # (Result=signal).  The reload did not fail: the service is stopping.
-    signal.signal(signal.SIGTERM, _raise_interrupted)
+    # SIGTERM raises _Interrupted here too (see cmd_reload).
     try:
         # Bound before the signal, so the outcome cannot arrive before we listen.
         with ReloadWaiter(pid) as waiter:
