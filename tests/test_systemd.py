@@ -14,15 +14,17 @@ turns that skip into a failure.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from helpers import wait_until, write_asgi_app, write_manifest
+from helpers import TRIO_ACTIVATE, wait_until, write_asgi_app, write_manifest
 from helpers.systemd import (
     CONFIG,
     UNCLEAN,
@@ -194,7 +196,9 @@ def test_reloads_lose_no_connection_and_restart_and_stop_drain_in_flight_work(
     assert clients.failures == []
     journal = machine.journal("reloading.service")
     assert journal.count("systemd[1]: Reloaded reloading.service") == 10, journal
-    assert journal.count("reload (SIGHUP): starting generation") == 10, "one reload per systemctl reload"
+    # ExecReload= asks over the control socket in the unit's runtime directory; no signal starts one.
+    assert journal.count("reload (control socket): starting generation") == 10, "one per systemctl reload"
+    assert "reload (SIGHUP)" not in journal
 
     for action in ("restart", "stop"):
         with machine.connect(("127.0.0.1", 7100)) as in_flight:
@@ -663,3 +667,103 @@ def test_an_asgi_app_starts_on_its_first_request_reloads_and_stops_under_systemd
     machine.wait_for("asgi.service", ActiveState="inactive")
     assert machine.show("asgi.service", "Result")["Result"] == "success"
     assert_clean(machine, "asgi.service")
+
+
+# --- the control socket -------------------------------------------------------------
+
+
+def control_status(machine: SystemdMachine, *target: str, as_owner_of: str | None = None) -> dict[str, Any]:
+    """``trio-activate status --json TARGET`` inside the machine: as root, or with `as_owner_of` (a PID
+    of the service) as the service's user in the service's own namespaces, as ``ExecReload=`` runs."""
+    command = [*TRIO_ACTIVATE, "status", "--json", *target]
+    if as_owner_of is not None:
+        owner = machine.run("stat", "-c", "%u %g", f"/proc/{as_owner_of}").stdout.split()
+        command = ["nsenter", "-t", as_owner_of, "-a", "-S", owner[0], "-G", owner[1], *command]
+    result = machine.run(*command)
+    status = json.loads(result.stdout)
+    assert isinstance(status, dict), result.stdout
+    return status
+
+
+def cgroup_processes(machine: SystemdMachine, unit: str) -> set[int]:
+    cgroup = machine.show(unit, "ControlGroup")["ControlGroup"]
+    return {int(pid) for pid in machine.run("cat", f"/sys/fs/cgroup{cgroup}/cgroup.procs").stdout.split()}
+
+
+def test_the_control_socket_is_in_the_runtime_directory_and_answers_status_and_reload_under_systemd(
+    each_machine: SystemdMachine, tmp_path: Path
+) -> None:
+    """No manifest key: the unit's RuntimeDirectory= gives the supervisor $RUNTIME_DIRECTORY/control.sock
+    (0600); `status` finds it by MainPID and by path, `systemctl reload` waits on it, and `systemctl
+    stop` leaves neither the socket, the folder nor a process."""
+    machine = each_machine
+    folder = tmp_path / "svc"
+    manifest = one_socket_manifest(
+        folder,
+        "controlled",
+        7800,
+        "versioned_app:handle",
+        service_keys="workers = 2\ngrace-period = 5.0",
+    )
+    app = folder / "versioned_app.py"
+    app.write_text("async def handle(stream):\n    await stream.send_all(b'v1\\n')\n")
+    assert "control =" not in manifest.read_text(), "no manifest key: the default"
+    main_pid = start_by_first_connection(machine, manifest, tmp_path / "units", 7800, answer=b"v1\n")
+    path = "/run/controlled/control.sock"
+
+    owner = machine.run("stat", "-c", "%u", f"/proc/{main_pid}").stdout.strip()
+    assert owner != "0"
+    assert machine.run("stat", "-c", "%a %u %F", path).stdout.split() == ["600", owner, "socket"]
+    assert machine.run("stat", "-c", "%a %u", "/run/controlled").stdout.split() == ["700", owner]
+    # Any other user is kept out by the modes, before the service's own check of the peer's uid.
+    stranger = machine.run(
+        *("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c"),
+        f"import socket; socket.socket(socket.AF_UNIX).connect({path!r})",
+        check=False,
+    )
+    assert "PermissionError" in stranger.stderr, stranger
+
+    first = control_status(machine, main_pid)
+    assert control_status(machine, "--control", path)["workers"] == first["workers"]
+    assert control_status(machine, "--control", path, as_owner_of=main_pid)["workers"] == first["workers"]
+    assert (first["mode"], first["pid"], first["generation"], first["control"]) == (
+        "supervisor",
+        int(main_pid),
+        1,
+        path,
+    )
+    assert first["last_reload"] is None
+    assert [(s["name"], s["address"], s["type"]) for s in first["sockets"]] == [
+        ("web", "127.0.0.1:7800", "stream")
+    ]
+    workers = {worker["pid"] for worker in first["workers"]}
+    assert len(workers) == 2
+    assert cgroup_processes(machine, "controlled.service") == {int(main_pid), *workers}
+
+    app.write_text("async def handle(stream):\n    await stream.send_all(b'v2\\n')\n")
+    machine.systemctl("reload", "controlled.service")
+    second = control_status(machine, main_pid)
+    assert (second["generation"], second["last_reload"]["ok"]) == (2, True), second
+    new_workers = {worker["pid"] for worker in second["workers"] if worker["generation"] == 2}
+    assert len(new_workers) == 2
+    assert not new_workers & workers
+    wait_until(
+        lambda: cgroup_processes(machine, "controlled.service") == {int(main_pid), *new_workers},
+        what="generation 1 drains and leaves the cgroup",
+    )
+    assert round_trip(machine, ("127.0.0.1", 7800)) == b"v2\n"
+
+    app.write_text("async def handle(stream) this is not Python\n")
+    assert machine.systemctl("reload", "controlled.service", check=False).returncode != 0
+    failed = control_status(machine, "--control", path)
+    assert failed["generation"] == 2, failed
+    assert failed["last_reload"]["ok"] is False, failed
+    assert failed["last_reload"]["message"].endswith("still serving generation 2"), failed
+    assert {worker["pid"] for worker in failed["workers"]} == new_workers
+    assert round_trip(machine, ("127.0.0.1", 7800)) == b"v2\n"
+
+    machine.systemctl("stop", "controlled.service")
+    assert machine.show("controlled.service", "Result")["Result"] == "success"
+    assert machine.run("test", "-e", "/run/controlled", check=False).returncode == 1, "folder removed"
+    assert service_processes(machine) == ""
+    assert_clean(machine, "controlled.service", errors_expected=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import socket
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from helpers import free_port, require_peer
+from helpers.systemd_versions import SYSTEMD_254_VARIABLE, systemd_254_root
 
 from trio_activate.errors import ManifestError
 from trio_activate.model.manifest import load_manifest, parse_manifest
@@ -621,4 +623,91 @@ def test_fd_store_units_verify_cleanly(tmp_path: Path) -> None:
     result = write_units(manifest, out)
     assert result.returncode == 0, result.stderr
     checked = verify(out)
+    assert (checked.returncode, checked.stderr) == (0, "")
+
+
+# --- the runtime directory: the control socket's default home ------------------------
+
+
+def runtime_lines(text: str, **options: object) -> list[str]:
+    return [line for line in service_lines(text, **options) if line.startswith("RuntimeDirectory")]
+
+
+def test_every_service_gets_a_runtime_directory_named_after_it_for_its_control_socket() -> None:
+    """systemd sets RUNTIME_DIRECTORY, so the service makes $RUNTIME_DIRECTORY/control.sock without a
+    manifest key: a folder of the service's user's (0700), removed at each stop and restart."""
+    wanted = ["RuntimeDirectory=service", "RuntimeDirectoryMode=0700", "RuntimeDirectoryPreserve=no"]
+    assert runtime_lines(ECHO) == wanted
+    assert runtime_lines('[service]\nuser = "www"\n' + ECHO) == wanted
+    assert runtime_lines(ECHO, user=True) == wanted, "a user manager makes it in $XDG_RUNTIME_DIR"
+    assert runtime_lines(ECHO, name="other")[0] == "RuntimeDirectory=other", "named as the unit is"
+    # systemd 254 reads RuntimeDirectory=a:b as folder a and a symlink b.
+    assert runtime_lines(ECHO, name="web:blue")[0] == "RuntimeDirectory=web_blue"
+    fd_store = FD_STORE.replace("/run/kept/api.sock", "/srv/api.sock")
+    assert runtime_lines(fd_store)[0] == "RuntimeDirectory=kept"
+
+
+def test_a_connection_template_has_no_runtime_directory() -> None:
+    """Each Accept=yes instance would share it, and the first to stop would remove it from the others."""
+    units = units_of(ECHO + "accept = true\n")
+    assert list(units) == ["service-echo.socket", "service-echo@.service"]
+    assert "RuntimeDirectory" not in units["service-echo@.service"]
+
+
+@pytest.mark.parametrize(
+    ("listen", "user", "folder"),
+    [
+        ("/run/service/web.sock", False, "service/control"),
+        ("/var/run/service/web.sock", False, "service/control"),
+        ("/run/service/deeper/web.sock", False, "service/control"),
+        ("/run/user/1000/service/web.sock", True, "service/control"),
+        # Not the service's folder: the runtime directory is /run/service itself.
+        ("/run/service.sock", False, "service"),
+        ("/run/services/web.sock", False, "service"),
+        ("/srv/run/service/web.sock", False, "service"),
+        ("/run/user/1000/service/web.sock", False, "service"),
+        ("/run/service/web.sock", True, "service"),
+        ("@service", False, "service"),
+    ],
+)
+def test_socket_files_in_the_services_run_folder_keep_it_and_the_control_socket_goes_inside(
+    listen: str, user: bool, folder: str
+) -> None:
+    """systemd would make their folder 0700 (clients locked out) and remove it, socket files and all,
+    at every stop: the runtime directory becomes NAME/control, inside it."""
+    assert (
+        runtime_lines(f'[sockets.web]\nlisten = "{listen}"\n', user=user)[0] == f"RuntimeDirectory={folder}"
+    )
+
+
+def systemd_analyze_254() -> list[str]:
+    """systemd 254's systemd-analyze, run from where .ci/fetch-systemd-254 unpacked it."""
+    root = systemd_254_root()
+    if root is None:
+        if os.environ.get("REQUIRE_INTEROP_PEERS"):
+            pytest.fail(f"{SYSTEMD_254_VARIABLE} is unset, and REQUIRE_INTEROP_PEERS is set")
+        pytest.skip(f"{SYSTEMD_254_VARIABLE} is not set (.ci/fetch-systemd-254 unpacks 254)")
+    library = root / "usr/lib/x86_64-linux-gnu/systemd"
+    return ["env", f"LD_LIBRARY_PATH={library}", str(root / "usr/bin/systemd-analyze")]
+
+
+@pytest.mark.parametrize("version", [252, 254])
+@pytest.mark.parametrize(
+    "text",
+    [ECHO, EVERY_OPTION, FD_STORE.replace("/run/kept/api.sock", "/run/api.sock")],
+    ids=["plain", "sockets-in-the-run-folder", "fd-store"],
+)
+def test_the_runtime_directory_verifies_cleanly_under_each_version(
+    tmp_path: Path, text: str, version: int
+) -> None:
+    analyze = [require_peer("systemd-analyze")] if version == 252 else systemd_analyze_254()
+    manifest = readable(tmp_path) / "service.toml"
+    manifest.write_text(text)
+    out = tmp_path / "units"
+    out.mkdir()
+    result = write_units(manifest, out, "--systemd-version", str(version))
+    assert result.returncode == 0, result.stderr
+    assert "RuntimeDirectory=" in "".join(path.read_text() for path in out.glob("*.service"))
+    names = sorted(str(path) for path in out.iterdir())
+    checked = subprocess.run([*analyze, "verify", *names], capture_output=True, text=True, timeout=60)
     assert (checked.returncode, checked.stderr) == (0, "")

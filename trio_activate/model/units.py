@@ -44,8 +44,16 @@ handlers' TLS files) come in as `NeededPath` facts; one the sandbox would hide i
 with a comment in the unit saying why.  ``[service] unit-extra`` lines come
 last, so a service that needs more can say so in its manifest.
 
+Every ``.service`` has a runtime directory (see `runtime_directory`):
+systemd makes it at each start, writable under the read-only sandbox and
+owned by the service's user, and names it in ``RUNTIME_DIRECTORY``, where
+the service makes its control socket (``control.sock``) unless the manifest
+names another; ``status`` and ``reload --wait`` need no manifest key.
+
 ``systemctl reload`` reports the outcome through ``ExecReload=trio-activate
-reload --wait $MAINPID``, which sends SIGHUP, returns once the new
+reload --wait $MAINPID``, which asks the supervisor over its control socket
+(at the abstract name of its PID: every process of a unit shares one network
+namespace, ``PrivateNetwork=`` too, seen under 252), returns once the new
 generation serves and fails when it could not start.  Where systemd has it
 (253+) the type is ``Type=notify-reload`` (the supervisor sends
 ``RELOADING=1`` then ``READY=1``), but that alone cannot fail a reload:
@@ -64,6 +72,7 @@ from __future__ import annotations
 
 import math
 import posixpath
+import re
 import socket
 from collections.abc import Sequence
 
@@ -79,6 +88,7 @@ __all__ = [
     "Unit",
     "hidden_by",
     "render_units",
+    "runtime_directory",
 ]
 
 # systemd 253 added Type=notify-reload.
@@ -91,6 +101,12 @@ UNPRIVILEGED_PORT_START = 1024
 STOP_TIMEOUT_MARGIN = 10
 # systemd's DefaultTimeoutStartSec=.
 DEFAULT_TIMEOUT_START = 90
+# Where RuntimeDirectory= puts its folders: a system manager's /run (and its old name,
+# /var/run, a symlink), a user manager's $XDG_RUNTIME_DIR.
+SYSTEM_RUNTIME_ROOTS = ("/run", "/var/run")
+USER_RUNTIME_ROOT = re.compile(r"/run/user/[0-9]+")
+# The runtime directory's own folder when the manifest's socket files share the service's name.
+CONTROL_SUBFOLDER = "control"
 
 _LISTEN_DIRECTIVE = {
     SocketType.STREAM: "ListenStream",
@@ -271,6 +287,7 @@ def _service_unit(
     if reload_wait + STOP_TIMEOUT_MARGIN > DEFAULT_TIMEOUT_START:
         # systemd bounds ExecReload= by the start timeout.
         lines.append(f"TimeoutStartSec={reload_wait + STOP_TIMEOUT_MARGIN}")
+    lines += _runtime_directory_lines(manifest, service_name, user=user)
     if manifest.service.watchdog is not None:
         # The workers ping the supervisor from their event loops; it pings systemd
         # only while all of them do, so a blocked loop gets the service restarted.
@@ -294,6 +311,52 @@ def _service_unit(
         "",
     ]
     return Unit(f"{service_name}.service", "\n".join(lines))
+
+
+def runtime_directory(manifest: Manifest, service_name: str, *, user: bool = False) -> str:
+    """The ``RuntimeDirectory=`` of the service ``service_name``: its name, relative to ``/run``
+    (a user manager's ``$XDG_RUNTIME_DIR``).
+
+    The service's name, with a ``:`` (which ``--name`` allows) as ``_``:
+    from 254 on systemd reads ``RuntimeDirectory=a:b`` as folder ``a`` and a
+    symlink ``b``.  When the manifest's unix socket files lie in that folder
+    (``/run/echo/echo.sock`` for service ``echo``), the folder is theirs,
+    made by the ``.socket`` units (or the ``fd-store`` service) and used by
+    their clients, so the runtime directory is a folder inside it,
+    ``NAME/control``: systemd would otherwise make theirs ``0700``, the
+    service's user's, and remove it, socket files and all, at every stop.
+    """
+    name = service_name.replace(":", "_")
+    for spec in manifest.sockets:
+        for address in spec.listen:
+            if isinstance(address, UnixAddress) and _in_runtime_folder(address.path, name, user=user):
+                return f"{name}/{CONTROL_SUBFOLDER}"
+    return name
+
+
+def _in_runtime_folder(path: str, name: str, *, user: bool) -> bool:
+    folder = posixpath.dirname(posixpath.normpath(path))
+    while folder not in ("/", ""):
+        parent, last = posixpath.split(folder)
+        if last == name and (USER_RUNTIME_ROOT.fullmatch(parent) if user else parent in SYSTEM_RUNTIME_ROOTS):
+            return True
+        folder = parent
+    return False
+
+
+def _runtime_directory_lines(manifest: Manifest, service_name: str, *, user: bool) -> list[str]:
+    """``RuntimeDirectory=`` and its mode and lifetime, with the reasons (see `runtime_directory`)."""
+    return [
+        "# The service's control socket for `trio-activate status` and `reload` is",
+        "# $RUNTIME_DIRECTORY/control.sock (0600) unless the manifest names one: systemd makes",
+        "# the folder at each start, writable, the service user's and closed to others (0700).",
+        f"RuntimeDirectory={_escape_specifiers(runtime_directory(manifest, service_name, user=user))}",
+        "RuntimeDirectoryMode=0700",
+        "# Removed at each stop and restart (a SIGKILL included): every main process makes its",
+        "# control socket anew (the fd store keeps only the listening sockets), so nothing in the",
+        "# folder can outlive the process that answered there, and no stale file is found at start.",
+        "RuntimeDirectoryPreserve=no",
+    ]
 
 
 def _fd_store_lines(manifest: Manifest, systemd_version: int | None) -> list[str]:
