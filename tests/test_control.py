@@ -316,7 +316,7 @@ def test_malformed_oversized_early_closed_and_silent_requests_are_one_line_each_
         assert json.loads(answers["not json"])["error"].startswith("malformed request: not JSON")
         assert json.loads(answers["unknown op"]) == {
             "ok": False,
-            "error": 'malformed request: op "explode": expected one of status, reload',
+            "error": 'malformed request: op "explode": expected one of status, reload, takeover',
         }
         assert "expected a JSON object" in json.loads(answers["not an object"])["error"]
         if answers["oversized"]:

@@ -134,9 +134,11 @@ class Recorder:
         self._step(f"inspect {name}")
         return DEFAULT_STEPS.inspect_fd(fd, name)
 
-    def match_passed(self, manifest: Manifest, found: Sequence[PassedSocket], names_given: bool) -> Match:
+    def match_passed(
+        self, manifest: Manifest, found: Sequence[PassedSocket], names_given: bool, missing_ok: bool
+    ) -> Match:
         self._step("match")
-        return DEFAULT_STEPS.match_passed(manifest, found, names_given)
+        return DEFAULT_STEPS.match_passed(manifest, found, names_given, missing_ok)
 
     def wrap(self, fd: int) -> socket.socket:
         self._step(f"wrap {self.names.get(fd, fd)}")

@@ -42,10 +42,12 @@ from ..model.private_env import (
 from ..model.text import is_decimal
 from ..system.activator import settle_worker_environment
 from ..system.fast_start import hold_shutdown_signals
+from ..system.fds import close_all
 from .logs import configure_logging
 
 if TYPE_CHECKING:
     from ..system.acquire import ServiceSockets
+    from ..system.takeover import TakenOver
 
 # Layer 2 only up to the re-exec: trio is imported by `serve` after it.
 
@@ -226,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_set_option(serve)
     _add_control_options(serve)
+    serve.add_argument(
+        "--takeover",
+        metavar="PATH",
+        help="take the listening sockets (and the control socket) over from the service whose control "
+        "socket is PATH; it stops accepting and drains once this process serves",
+    )
     serve.set_defaults(command=cmd_serve)
 
     dev = subcommands.add_parser(
@@ -457,8 +465,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     is_worker = settle_worker_environment()
     if is_worker:
         _take_error_token()
-    # A supervisor's worker: the supervisor already showed the manifest's warnings.
-    manifest, owned = _load_and_acquire(args.manifest, args.overrides, warn=not is_worker)
+    taken = None
+    if args.takeover is not None:
+        manifest, taken = _load_and_take_over(
+            args.manifest, args.overrides, args.takeover, is_worker=is_worker
+        )
+        owned = taken.sockets
+    else:
+        # A supervisor's worker: the supervisor already showed the manifest's warnings.
+        manifest, owned = _load_and_acquire(args.manifest, args.overrides, warn=not is_worker)
     try:
         workers = args.workers if args.workers is not None else manifest.service.workers
         # PID 1 (a container's init) must not hand over on SIGHUP: its exit would end
@@ -483,6 +498,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 log_format=args.log_format,
                 overrides=args.overrides,
                 control=control,
+                takeover=taken,
             )
         from ..processes.service_main import run_service
         from ..processes.spawn import WorkerCommand, worker_argv
@@ -496,15 +512,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 str(args.manifest.absolute()), args.log_level, args.log_format, overrides=args.overrides
             )
             reload_command = WorkerCommand(argv, sockets)
-        return run_service(manifest, owned, reload_command=reload_command, control=control)
+        return run_service(manifest, owned, reload_command=reload_command, control=control, takeover=taken)
     except StartInterrupted as stop:
         log.info("%s while starting: stopped before serving", stop)
+        if taken is not None:
+            taken.fail(f"{stop} while starting")
         if is_worker:
             owned.files = []
         else:
             owned.never_started()
         return EXIT_OK
-    except ActivationError:
+    except ActivationError as exc:
+        if taken is not None:
+            taken.fail(str(exc))
         if is_worker:
             # A supervisor's worker or a hand-over successor: the socket files still
             # serve whoever started it, remove-on-stop or not.
@@ -515,7 +535,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
             owned.close_queued_clients()
         raise
     finally:
-        owned.close()
+        close_all([owned.close, *([taken.close] if taken is not None else [])])
+
+
+def _load_and_take_over(
+    path: Path, overrides: list[str], control_path: str, *, is_worker: bool
+) -> tuple[Manifest, TakenOver]:
+    """``serve --takeover``: the manifest, and the sockets of the service that answers at ``control_path``."""
+    from ..system.takeover import take_over
+
+    if is_worker or any(name in os.environ for name in ("LISTEN_FDS", "LISTEN_PID")):
+        raise ActivationError(
+            f"--takeover {control_path}: sockets were passed to this process already (LISTEN_FDS); "
+            "take them over from a service, or adopt what was passed, not both"
+        )
+    manifest = load_manifest(path, overrides=overrides)
+    for warning in manifest.warnings:
+        log.warning("%s", warning)
+    return manifest, take_over(os.path.abspath(control_path), manifest)
 
 
 def cmd_dev(args: argparse.Namespace) -> int:

@@ -14,6 +14,8 @@ the peer still listens) with an error and closed::
     {"op": "status"}   ->  {"ok": true, "status": {...the status document...}}
     {"op": "reload"}   ->  {"ok": true, "message": "Generation 2: 2 worker(s) (..)"}
                        or  {"ok": false, "error": "Reload failed: ...; still serving generation 1"}
+    {"op": "takeover"} ->  the offer, then the listening sockets' fds: see `model.takeover`
+                           (the connection stays open until the new process serves)
     anything else      ->  {"ok": false, "error": "<what is wrong, one line>"}
 
 ``reload`` answers once the reload's outcome is known: the new generation
@@ -70,7 +72,7 @@ __all__ = [
 ]
 
 CONTROL_FILE_NAME = "control.sock"
-OPS = ("status", "reload")
+OPS = ("status", "reload", "takeover")
 REQUEST_MAX = 4096
 REQUEST_TIMEOUT = 5.0
 # An answer is read up to this size by the client (a status of many workers and sockets).

@@ -122,6 +122,8 @@ class Match:
     """Fds no manifest socket claims; the caller closes them."""
     warnings: tuple[str, ...]
     """One line each, for the log."""
+    missing: tuple[str, ...] = ()
+    """Manifest sockets no fd was passed for, in manifest order (only with ``missing_ok``)."""
 
 
 _FAMILY_WORDS: dict[int, str] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6", socket.AF_UNIX: "unix"}
@@ -323,11 +325,17 @@ def _passed_names(passed: Sequence[PassedSocket], names_given: bool) -> str:
     return f"the fds passed are named {shown}"
 
 
-def match_passed(manifest: Manifest, passed: Sequence[PassedSocket], *, names_given: bool) -> Match:
+def match_passed(
+    manifest: Manifest, passed: Sequence[PassedSocket], *, names_given: bool, missing_ok: bool = False
+) -> Match:
     """Assign each passed fd to a manifest socket, the connection, or nobody.
 
     `names_given` is `ListenFds.names_given`: False means ``LISTEN_FDNAMES``
-    was absent, and every fd counts as ``"unknown"``.
+    was absent, and every fd counts as ``"unknown"``.  `missing_ok`: a
+    manifest socket no fd was passed for is listed in `Match.missing` (the
+    caller creates it) instead of being an error: for fds that come from a
+    store or a predecessor filled under an older manifest (the fd store, a
+    takeover), not from socket units that must match the manifest.
 
     Error handling: raises `AdoptionError` (see the module docstring for the
     rules).  Resource handling: none; only fd numbers are handled.
@@ -381,7 +389,7 @@ def match_passed(manifest: Manifest, passed: Sequence[PassedSocket], *, names_gi
     connection = connections[0].fd if connections else None
 
     missing = [spec.name for spec in manifest.sockets if spec.name not in by_socket]
-    if missing and connection is None:
+    if missing and connection is None and not missing_ok:
         sockets = ", ".join(f"sockets.{name}" for name in missing)
         raise AdoptionError(
             f"{manifest.source}: no fd was passed for {sockets}; {_passed_names(passed, names_given)}; "
@@ -394,4 +402,5 @@ def match_passed(manifest: Manifest, passed: Sequence[PassedSocket], *, names_gi
         connection=connection,
         unclaimed=tuple(unclaimed),
         warnings=tuple(warnings),
+        missing=tuple(missing) if connection is None else (),
     )

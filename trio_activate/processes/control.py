@@ -36,7 +36,7 @@ from ..model.address import address_from_sockname
 from ..model.manifest import HandlerKind, Manifest
 from ..model.private_env import HANDOFF_STATE_VARIABLE
 from ..model.records import record
-from ..runtime.control import ReloadHistory, serve_control
+from ..runtime.control import ReloadHistory, Takeover, serve_control
 from ..system.acquire import ServiceSockets
 from ..system.control import ControlSocket, remove_pid_file, write_pid_file
 
@@ -111,23 +111,36 @@ class Operated:
         if isinstance(control, dict):
             self.control = ControlSocket.adopt(control)
 
-    def successor_state(self, successor_message: str) -> tuple[list[int], dict[str, str]]:
-        """The fds a hand-over successor inherits and its private variable, as if the reload
-        under way took over with ``successor_message``."""
+    @classmethod
+    def for_takeover(cls, options: ControlOptions, *, mode: str, inherited: Mapping[str, Any]) -> Operated:
+        """A process that took a running service over (``serve --takeover``): the old one's history
+        and control socket; its own pid file if it names one, else the old one's."""
+        operated = cls(ControlOptions(), mode=mode, inherited=inherited)
+        if options.pid_file is not None:
+            operated.pid_file, operated.pid_file_where = options.pid_file, options.pid_file_where
+        return operated
+
+    def inheritance(self, message: str) -> tuple[int | None, dict[str, Any]]:
+        """What a process that takes over from this one inherits, as if it took over with
+        ``message``: the control socket's fd (None: none), and the state that describes it all."""
         state: dict[str, Any] = {
             "generation": self.history.generation + 1,
             "reloads": self.history.reloads + 1,
             "started": self.history.started,
-            "last_reload": {"ok": True, "message": successor_message, "at": time.time()},
+            "last_reload": {"ok": True, "message": message, "at": time.time()},
             "pid_file": self.pid_file,
             "control": None,
         }
-        fds = []
+        fd = None
         if self.control is not None:
-            fd, described = self.control.handover()
-            fds.append(fd)
-            state["control"] = described
-        return fds, {HANDOFF_STATE_VARIABLE: json.dumps(state)}
+            fd, state["control"] = self.control.handover()
+        return fd, state
+
+    def successor_state(self, successor_message: str) -> tuple[list[int], dict[str, str]]:
+        """The fds a hand-over successor inherits and its private variable, as if the reload
+        under way took over with ``successor_message``."""
+        fd, state = self.inheritance(successor_message)
+        return ([] if fd is None else [fd]), {HANDOFF_STATE_VARIABLE: json.dumps(state)}
 
     def fields(self) -> dict[str, Any]:
         """The status document's fields about this process."""
@@ -157,6 +170,7 @@ class Operated:
         status: Callable[[], dict[str, Any]],
         reload: Callable[[], Awaitable[tuple[bool, str]]],
         stop_accepting: trio.Event,
+        takeover: Takeover | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serving now: write the pid file, answer the control socket until cancelled."""
@@ -172,6 +186,7 @@ class Operated:
             status=status,
             reload=reload,
             stop_accepting=stop_accepting,
+            takeover=takeover,
             task_status=task_status,
         )
 

@@ -28,15 +28,18 @@ from ..model.manifest import HandlerKind, Manifest
 from ..model.private_env import FRESH_CODE_VARIABLE, SUPERVISOR_VARIABLE
 from ..model.records import record
 from ..model.text import is_decimal
+from ..runtime.control import Takeover
 from ..runtime.handlers import LoadedHandler, load_handlers
 from ..runtime.service import HandlerSockets, Service, serve_connection_once
 from ..runtime.serving import Listening
 from ..system.acquire import ServiceSockets
 from ..system.notifier import Notifier
 from ..system.start_signals import interruptible_start
+from ..system.takeover import TakenOver
 from .control import ControlOptions, Operated, handler_entries, socket_entries
 from .handoff import hand_over, stop_successor, take_handoff, wait_for_exit
 from .spawn import WorkerCommand
+from .takeover import confirm, giving_away
 
 __all__ = ["run_service"]
 
@@ -46,6 +49,7 @@ ORIGINS = {
     "passed": "passed in LISTEN_FDS",
     "self-activated": "created by the internal activator",
     "created": "created in-process",
+    "taken over": "taken over from a running service",
 }
 
 
@@ -55,21 +59,26 @@ def run_service(
     *,
     reload_command: WorkerCommand | None = None,
     control: ControlOptions | None = None,
+    takeover: TakenOver | None = None,
 ) -> int:
     """Serve until stopped; return the exit status.
 
     ``reload_command``: how to start a successor on SIGHUP (zero-downtime
     hand-over); None leaves reloads to a supervisor.  ``control``: the control
     socket and pid file of a process that answers for the service (not a
-    supervised worker); a hand-over successor inherits its predecessor's.
+    supervised worker); a hand-over successor inherits its predecessor's, and
+    a process that took the sockets over (``takeover``) the old process's.
     """
     handoff = take_handoff(os.environ)
     supervisor = os.environ.pop(SUPERVISOR_VARIABLE, None)
     operated = Operated.for_successor("single", os.environ)
-    if operated is None and control is not None and owned.connection is None:
+    if takeover is not None:
+        inherited = takeover.inherited_state()
+        operated = Operated.for_takeover(control or ControlOptions(), mode="single", inherited=inherited)
+    elif operated is None and control is not None and owned.connection is None:
         operated = Operated(control, mode="single")
     try:
-        return _run_service(manifest, owned, reload_command, handoff, supervisor, operated)
+        return _run_service(manifest, owned, reload_command, handoff, supervisor, operated, takeover)
     finally:
         if operated is not None:
             operated.close()
@@ -82,6 +91,7 @@ def _run_service(
     handoff: tuple[int, Notifier] | None,
     supervisor: str | None,
     operated: Operated | None,
+    takeover: TakenOver | None = None,
 ) -> int:
     _log_banner(manifest, owned)
     fresh_code = os.environ.pop(FRESH_CODE_VARIABLE, None) is not None
@@ -148,7 +158,7 @@ def _run_service(
             service.on_reload_outcome = operated.history.record
         watch = _watch_supervisor(supervisor)
         try:
-            answering = _answering(service, owned, operated)
+            answering = _answering(service, owned, operated, takeover)
             status: int = trio.run(_serve_with_signals, service, handoff, watch, answering)
         finally:
             if watch is not None and watch[1] is not None:
@@ -183,10 +193,21 @@ def _watch_supervisor(text: str | None) -> tuple[int, int | None] | None:
     return pid, pidfd
 
 
-def _answering(service: Service, owned: ServiceSockets, operated: Operated | None) -> _Answering | None:
+def _answering(
+    service: Service, owned: ServiceSockets, operated: Operated | None, takeover: TakenOver | None
+) -> _Answering | None:
     if operated is None:
         return None
     manifest = service.manifest
+
+    def busy() -> str | None:
+        if service.stop_requested:
+            return "the service is stopping"
+        if service.reloading:
+            return "a reload is under way"
+        if service.is_main is not None and not service.is_main.is_set():
+            return "this process is taking over from its predecessor"
+        return None
 
     def status() -> dict[str, Any]:
         return {
@@ -206,7 +227,8 @@ def _answering(service: Service, owned: ServiceSockets, operated: Operated | Non
             return False, "the service is stopping"
         return await operated.history.next_outcome(service.start_reload)
 
-    return _Answering(operated, status, reload)
+    give = giving_away(manifest, owned, operated, busy=busy, stop=service.shutdown)
+    return _Answering(operated, status, reload, give, takeover)
 
 
 @record
@@ -214,6 +236,9 @@ class _Answering:
     operated: Operated
     status: Callable[[], dict[str, Any]]
     reload: Callable[[], Awaitable[tuple[bool, str]]]
+    give: Takeover
+    takeover: TakenOver | None
+    """The old process to confirm to once serving (``serve --takeover``)."""
 
 
 async def _serve_with_signals(
@@ -227,6 +252,7 @@ async def _serve_with_signals(
     # hears MAINPID=<us> from the predecessor right then.  We reload only once
     # the predecessor has exited, so two reloads never overlap.
     statuses: list[int] = []
+    takeover_failed = False
     with contextlib.ExitStack() as stack:
         if handoff is not None:
             service.is_main = trio.Event()
@@ -240,6 +266,15 @@ async def _serve_with_signals(
                 nursery.cancel_scope.cancel()
 
             await nursery.start(serve)
+            if (
+                answering is not None
+                and answering.takeover is not None
+                and not await confirm(answering.takeover, answering.operated)
+            ):
+                # The old process serves on (or stopped): this one must not answer for it.
+                takeover_failed = True
+                service.shutdown()
+                answering = None
             if answering is not None:
                 stop_accepting = trio.Event()
 
@@ -254,6 +289,7 @@ async def _serve_with_signals(
                         status=answering.status,
                         reload=answering.reload,
                         stop_accepting=stop_accepting,
+                        takeover=answering.give,
                     )
                 )
             if handoff is not None:
@@ -264,7 +300,7 @@ async def _serve_with_signals(
                 service.is_main.set()
                 if answering is not None:
                     answering.operated.owns_files = True
-    return statuses[0]
+    return 1 if takeover_failed else statuses[0]
 
 
 async def _stop_with_supervisor(service: Service, pid: int, pidfd: int | None) -> None:

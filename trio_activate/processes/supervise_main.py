@@ -46,9 +46,11 @@ from ..model.records import replace
 from ..system.acquire import ServiceSockets, create_service_sockets
 from ..system.fds import close_all
 from ..system.notifier import Notifier
+from ..system.takeover import TakenOver
 from .control import ControlOptions, Operated, handler_entries, socket_entries
 from .spawn import ProcessSpawner, WorkerCommand, worker_argv
 from .supervisor import SocketChange, Supervisor
+from .takeover import confirm, giving_away
 
 if TYPE_CHECKING:
     from watchfiles import Change
@@ -69,18 +71,35 @@ def run_supervisor(
     overrides: Sequence[str] = (),
     watch: Sequence[Path] = (),
     control: ControlOptions | None = None,
+    takeover: TakenOver | None = None,
 ) -> int:
     """Supervise ``workers`` workers over ``owned``'s sockets until stopped; the exit status.
 
     ``overrides``: the ``--set`` texts the manifest was read with; every
     worker (a reload's too, and each of ``dev``'s) reads it with them, and so
     does ``dev`` when it follows the manifest's sockets.  ``control``: the
-    control socket and pid file (`control`).
+    control socket and pid file (`control`).  ``takeover``: the sockets were
+    taken over from a running service, confirmed once the first generation serves.
     """
-    operated = Operated(control, mode="dev" if watch else "supervisor") if control is not None else None
+    mode = "dev" if watch else "supervisor"
+    operated = None
+    if takeover is not None:
+        inherited = takeover.inherited_state()
+        operated = Operated.for_takeover(control or ControlOptions(), mode=mode, inherited=inherited)
+    elif control is not None:
+        operated = Operated(control, mode=mode)
     try:
         return _run_supervisor(
-            manifest, manifest_path, owned, workers, log_level, log_format, overrides, watch, operated
+            manifest,
+            manifest_path,
+            owned,
+            workers,
+            log_level,
+            log_format,
+            overrides,
+            watch,
+            operated,
+            takeover,
         )
     finally:
         if operated is not None:
@@ -97,6 +116,7 @@ def _run_supervisor(
     overrides: Sequence[str],
     watch: Sequence[Path],
     operated: Operated | None,
+    takeover: TakenOver | None = None,
 ) -> int:
     sockets = _fds_of(owned)
     argv = worker_argv(str(manifest_path.absolute()), log_level, log_format, overrides=overrides)
@@ -129,7 +149,7 @@ def _run_supervisor(
             answering = None
             if operated is not None:
                 supervisor.on_reload_outcome = operated.history.record
-                answering = _answering(manifest, owned, supervisor, operated)
+                answering = _answering(manifest, owned, supervisor, operated, takeover, dev=bool(watch))
             status: int = trio.run(_supervise, supervisor, list(watch), answering)
     finally:
         if follow is not None:
@@ -321,9 +341,19 @@ def _holds(sock: socket.socket, address: Address, spec: SocketSpec, folder: Path
 
 
 def _answering(
-    manifest: Manifest, owned: ServiceSockets, supervisor: Supervisor, operated: Operated
+    manifest: Manifest,
+    owned: ServiceSockets,
+    supervisor: Supervisor,
+    operated: Operated,
+    takeover: TakenOver | None,
+    *,
+    dev: bool,
 ) -> Callable[[], Awaitable[None]]:
-    """The control socket's task: answers once the first generation serves, until the stop."""
+    """The control socket's task: answers once the first generation serves, until the stop.
+
+    ``takeover``: first, have the old process confirm (`takeover.confirm`); if
+    it does not, the supervisor stops (exit 1) and nothing is answered.
+    """
 
     def status() -> dict[str, Any]:
         workers = supervisor.workers()
@@ -355,8 +385,22 @@ def _answering(
     async def reload() -> tuple[bool, str]:
         return await operated.history.next_outcome(lambda: supervisor.reload("control socket"))
 
+    def busy() -> str | None:
+        if supervisor.stop_requested:
+            return "the service is stopping"
+        if supervisor.reloading:
+            return "a reload is under way"
+        return None
+
+    give = None if dev else giving_away(manifest, owned, operated, busy=busy, stop=supervisor.stop)
+
     async def answer() -> None:
         await supervisor.serving.wait()
+        if takeover is not None and not await confirm(takeover, operated):
+            # The old process serves on (or stopped): this one must not answer for it.
+            supervisor.exit_status = 1
+            supervisor.stop()
+            return
         stop_accepting = trio.Event()
         async with trio.open_nursery() as nursery:
 
@@ -365,7 +409,7 @@ def _answering(
                 stop_accepting.set()
 
             nursery.start_soon(stop)
-            await operated.serve(status=status, reload=reload, stop_accepting=stop_accepting)
+            await operated.serve(status=status, reload=reload, stop_accepting=stop_accepting, takeover=give)
             nursery.cancel_scope.cancel()
 
     return answer

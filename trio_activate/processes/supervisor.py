@@ -342,6 +342,15 @@ class Supervisor:
         live = [w for w in self._workers_by_pid.values() if not w.exited]
         return sorted(live, key=lambda w: (w.generation, w.slot, w.pid))
 
+    @property
+    def reloading(self) -> bool:
+        """Whether a reload is under way or asked for."""
+        return self._reload_lock.locked() or self._pending_reload is not None
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
     def stop(self) -> None:
         self._stop.set()
         if self._first_start is not None:

@@ -29,13 +29,17 @@ from typing import Any
 import trio
 
 from ..model.control import REQUEST_MAX, REQUEST_TIMEOUT, ControlRequestError, encode, parse_request
+from ..model.records import record
 from ..system.control import peer_credentials
 
-__all__ = ["CONCURRENT", "ReloadHistory", "serve_control"]
+__all__ = ["CONCURRENT", "ReloadHistory", "Takeover", "serve_control"]
 
 log = logging.getLogger("trio_activate")
 
 CONCURRENT = 16
+
+# A takeover's part of the exchange, given the connection, the peer's PID and who it is (for logs).
+Takeover = Callable[[trio.socket.SocketType, int, str], Awaitable[None]]
 
 
 class ReloadHistory:
@@ -100,16 +104,20 @@ async def serve_control(
     status: Callable[[], dict[str, Any]],
     reload: Callable[[], Awaitable[tuple[bool, str]]],
     stop_accepting: trio.Event,
+    takeover: Takeover | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Answer the control socket until cancelled; stop accepting once ``stop_accepting`` is set
-    (the requests in flight are still answered)."""
+    (the requests in flight are still answered).  ``takeover``: gives the sockets to a new process
+    (None: this process refuses, a ``dev`` run)."""
     limiter = trio.Semaphore(CONCURRENT)
     async with trio.open_nursery() as connections, trio.open_nursery() as accept_loops:
         for sock in listeners:
             sock.setblocking(False)
             listener = trio.socket.from_stdlib_socket(sock)
-            accept_loops.start_soon(_accept_loop, listener, connections, limiter, status, reload)
+            accept_loops.start_soon(
+                _accept_loop, listener, connections, limiter, _Ops(status, reload, takeover)
+            )
 
         async def stop() -> None:
             await stop_accepting.wait()
@@ -123,8 +131,7 @@ async def _accept_loop(
     listener: trio.socket.SocketType,
     connections: trio.Nursery,
     limiter: trio.Semaphore,
-    status: Callable[[], dict[str, Any]],
-    reload: Callable[[], Awaitable[tuple[bool, str]]],
+    ops: _Ops,
 ) -> None:
     while True:
         await limiter.acquire()
@@ -141,22 +148,26 @@ async def _accept_loop(
             raise
         # From here the task owns the connection; if it cannot be started, close it now.
         try:
-            connections.start_soon(_answer, conn, limiter, status, reload)
+            connections.start_soon(_answer, conn, limiter, ops)
         except BaseException:
             conn.close()
             limiter.release()
             raise
 
 
-async def _answer(
-    conn: trio.socket.SocketType,
-    limiter: trio.Semaphore,
-    status: Callable[[], dict[str, Any]],
-    reload: Callable[[], Awaitable[tuple[bool, str]]],
-) -> None:
+@record
+class _Ops:
+    """What the control socket's requests call."""
+
+    status: Callable[[], dict[str, Any]]
+    reload: Callable[[], Awaitable[tuple[bool, str]]]
+    takeover: Takeover | None
+
+
+async def _answer(conn: trio.socket.SocketType, limiter: trio.Semaphore, ops: _Ops) -> None:
     try:
         with conn:
-            await _answer_one(conn, status, reload)
+            await _answer_one(conn, ops)
     except Exception:
         # The control socket must never take the service down with it.
         log.exception("control: answering a request failed")
@@ -164,11 +175,7 @@ async def _answer(
         limiter.release()
 
 
-async def _answer_one(
-    conn: trio.socket.SocketType,
-    status: Callable[[], dict[str, Any]],
-    reload: Callable[[], Awaitable[tuple[bool, str]]],
-) -> None:
+async def _answer_one(conn: trio.socket.SocketType, ops: _Ops) -> None:
     try:
         pid, uid, _gid = peer_credentials(conn)
     except OSError as exc:
@@ -192,10 +199,17 @@ async def _answer_one(
         await _send(conn, {"ok": False, "error": f"malformed request: {exc}"})
         return
     if op == "status":
-        await _send(conn, {"ok": True, "status": status()})
+        await _send(conn, {"ok": True, "status": ops.status()})
+        return
+    if op == "takeover":
+        if ops.takeover is None:
+            log.warning("control: %s asks for the sockets; a dev run does not give them away", who)
+            await _send(conn, {"ok": False, "error": "a dev run does not give its sockets away"})
+            return
+        await ops.takeover(conn, pid, who)
         return
     log.info("control: %s asks for a reload", who)
-    taken_over, message = await reload()
+    taken_over, message = await ops.reload()
     if taken_over:
         await _send(conn, {"ok": True, "message": message})
     else:

@@ -28,7 +28,12 @@ from typing import TYPE_CHECKING
 
 from ..model.listen_env import CONNECTION_NAME, UNKNOWN_NAME, ListenFds, take_listen_env
 from ..model.manifest import Manifest
-from ..model.private_env import ACTIVATOR_MARKER, HANDOFF_FROM_VARIABLE, SOCKET_FILES_VARIABLE
+from ..model.private_env import (
+    ACTIVATOR_MARKER,
+    HANDOFF_FROM_VARIABLE,
+    SOCKET_FILES_VARIABLE,
+    SUPERVISOR_VARIABLE,
+)
 from ..model.records import field, record
 from .activator import check_not_looping, reexec_with_new_sockets
 from .fds import close_all, own_pidfd_id
@@ -37,7 +42,7 @@ from .passed import PassedFds, adopt
 if TYPE_CHECKING:
     from .notifier import FdStorePlan
 
-__all__ = ["ServiceSockets", "SocketFile", "acquire_sockets", "create_service_sockets"]
+__all__ = ["ServiceSockets", "SocketFile", "acquire_sockets", "adopt_then_create", "create_service_sockets"]
 
 log = logging.getLogger("trio_activate")
 # close_queued_clients: at most this many per socket.
@@ -66,7 +71,8 @@ class ServiceSockets:
 
     sockets: dict[str, list[socket.socket]]
     origin: str
-    """"systemd" style passing ("passed"), "self-activated", or "created" in-process."""
+    """"systemd" style passing ("passed"), "self-activated", "created" in-process, or "taken over"
+    from a running service (`takeover`)."""
     connection: socket.socket | None = None
     extra: dict[str, list[socket.socket]] = field(default_factory=dict)
     """Passed fds under names the manifest does not declare, taken before adoption (``extra_names``)."""
@@ -74,6 +80,8 @@ class ServiceSockets:
     remove_on_stop: frozenset[str] = frozenset()
     undeclared: tuple[str, ...] = ()
     """Names that were passed (and closed at adoption) which the manifest does not declare."""
+    created: frozenset[str] = frozenset()
+    """Sockets of a passed (or taken over) set that no fd came for, so this process made them."""
 
     def fd_store_plan(self) -> FdStorePlan:
         """What ``[service] fd-store`` puts in the manager's fd store, and takes out of it.
@@ -89,13 +97,16 @@ class ServiceSockets:
         made = self.origin in ("self-activated", "created")
         if not made:
             for name, group in self.sockets.items():
+                if name in self.created:
+                    continue
                 log.info(
                     "fd store: sockets.%s (fd %s) was passed in LISTEN_FDS: not stored again",
                     name,
                     ", ".join(str(sock.fileno()) for sock in group),
                     extra={"socket": name},
                 )
-        return FdStorePlan(store=dict(self.sockets) if made else {}, remove=self.undeclared)
+        stored = dict(self.sockets) if made else {n: g for n, g in self.sockets.items() if n in self.created}
+        return FdStorePlan(store=stored, remove=self.undeclared)
 
     def never_started(self) -> None:
         """The service failed before it served: it leaves no socket file it made.
@@ -126,6 +137,9 @@ class ServiceSockets:
         """
         import select  # here: start-up time (scenario 3)
 
+        if self.origin == "taken over":
+            # Those clients queue for the process this one took the sockets from, which serves on.
+            return 0
         closed = 0
         for group in self.sockets.values():
             for sock in group:
@@ -234,6 +248,16 @@ def acquire_sockets(
         return _create_in_process(manifest)
     env.pop(ACTIVATOR_MARKER, None)
     undeclared = _undeclared_names(manifest, found, extra_names)
+    # The fd store holds what an older manifest declared: a socket added since is made here (and
+    # stored).  Only by the process the manager started: a worker or a hand-over successor is
+    # passed every socket by whoever started it, so a missing one is an error there.
+    create_missing = (
+        manifest.service.fd_store
+        and found.names_given
+        and not self_activated
+        and SUPERVISOR_VARIABLE not in env
+        and HANDOFF_FROM_VARIABLE not in env
+    )
     passed = PassedFds(found)
     extra: dict[str, list[socket.socket]] = {}
     try:
@@ -241,23 +265,64 @@ def acquire_sockets(
             taken = passed.take(name)
             if taken:
                 extra[name] = taken
-        adopted = adopt(manifest, passed)
+        sockets = adopt_then_create(
+            manifest,
+            passed,
+            origin="self-activated" if self_activated else "passed",
+            create_missing=create_missing,
+        )
     except BaseException:
         close_all([passed.close, *(sock.close for group in extra.values() for sock in group)])
         raise
-    sockets = ServiceSockets(
-        sockets=adopted.sockets,
-        origin="self-activated" if self_activated else "passed",
-        connection=adopted.connection,
-        extra=extra,
-        files=_parse_socket_files(files_text)
+    sockets.extra = extra
+    sockets.files = (
+        _parse_socket_files(files_text)
         if delivered_files is None
-        else [SocketFile(name, path, file_id) for name, path, file_id in delivered_files],
-        remove_on_stop=_remove_on_stop(manifest),
-        undeclared=undeclared,
+        else [SocketFile(name, path, file_id) for name, path, file_id in delivered_files]
+    ) + sockets.files
+    sockets.undeclared = undeclared
+    return sockets
+
+
+def adopt_then_create(
+    manifest: Manifest, passed: PassedFds, *, origin: str, create_missing: bool
+) -> ServiceSockets:
+    """Adopt ``passed`` as ``manifest``'s sockets (`passed.adopt`, every check); with
+    ``create_missing``, create the manifest's sockets that no fd was passed for.
+
+    All or nothing: if adoption or a creation fails, every fd of ``passed``
+    and every socket created is closed (a socket file made is removed)
+    before the error propagates.  The returned set's ``created`` names the
+    sockets made here; its ``remove-on-stop`` is the manifest's (it applies to
+    the socket files the set is given, and to those it made).
+    """
+    adopted = adopt(manifest, passed, missing_ok=create_missing)
+    sockets = ServiceSockets(
+        adopted.sockets, origin, connection=adopted.connection, remove_on_stop=_remove_on_stop(manifest)
     )
     adopted.sockets, adopted.connection = {}, None
+    if not adopted.missing:
+        return sockets
+    try:
+        added = create_service_sockets(manifest, adopted.missing)
+    except BaseException:
+        sockets.close()
+        raise
+    for name in adopted.missing:
+        shown = ", ".join(_bound(sock) for sock in added.sockets.get(name, []))
+        log.info("sockets.%s: no fd was passed for it (new in the manifest): created on %s", name, shown)
+    sockets.absorb(added)
+    sockets.created = frozenset(adopted.missing)
     return sockets
+
+
+def _bound(sock: socket.socket) -> str:
+    from ..model.address import address_from_sockname
+
+    try:
+        return str(address_from_sockname(sock.family, sock.getsockname()))
+    except OSError:
+        return "?"
 
 
 def _undeclared_names(manifest: Manifest, found: ListenFds, extra_names: Sequence[str]) -> tuple[str, ...]:

@@ -60,6 +60,8 @@ PASSING_VARIABLES = (
 # The options the CLI's parser takes before the command, each with a value.
 _OPTIONS_WITH_VALUE = ("--log-level", "--log-format")
 _OPTIONS_WITH_EQUALS = tuple(f"{option}=" for option in _OPTIONS_WITH_VALUE)
+# ``--takeover`` and every abbreviation the CLI's parser accepts (no other option of serve begins so).
+_TAKEOVER_PREFIX = "--t"
 # The forked activator's exit status when it failed in a way it could not report.
 ACTIVATOR_CRASHED = 70  # EX_SOFTWARE
 
@@ -103,10 +105,13 @@ def serving_command(args: Sequence[str]) -> str | None:
 
 
 def fast_start_applies(args: Sequence[str], environ: Mapping[str, str]) -> bool:
-    """True when this process serves, nothing was passed to it, and it may fork."""
+    """True when this process serves, nothing was passed to it, it makes its sockets, and it may fork."""
     if serving_command(args) is None:
         return False
     if any(name in environ for name in PASSING_VARIABLES):
+        return False
+    if any(arg.startswith(_TAKEOVER_PREFIX) for arg in args):
+        # ``serve --takeover``: the sockets come from a running service, which holds their addresses.
         return False
     return _single_threaded()
 

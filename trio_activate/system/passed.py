@@ -63,8 +63,8 @@ def _set_cloexec(fd: int, name: str) -> None:
     fds.set_cloexec(fd, name=name)
 
 
-def _match(manifest: Manifest, passed: Sequence[PassedSocket], names_given: bool) -> Match:
-    return match_passed(manifest, passed, names_given=names_given)
+def _match(manifest: Manifest, passed: Sequence[PassedSocket], names_given: bool, missing_ok: bool) -> Match:
+    return match_passed(manifest, passed, names_given=names_given, missing_ok=missing_ok)
 
 
 def _wrap(fd: int) -> socket.socket:
@@ -84,7 +84,7 @@ class AdoptSteps:
 
     set_cloexec: Callable[[int, str], None] = _set_cloexec
     inspect_fd: Callable[[int, str], PassedSocket] = fds.inspect_fd
-    match_passed: Callable[[Manifest, Sequence[PassedSocket], bool], Match] = _match
+    match_passed: Callable[[Manifest, Sequence[PassedSocket], bool, bool], Match] = _match
     wrap: Callable[[int], socket.socket] = _wrap
     close_fd: Callable[[int], None] = os.close
 
@@ -246,6 +246,8 @@ class Adopted:
     """The ``Accept=yes`` connection, if one was passed."""
     warnings: tuple[str, ...] = ()
     """What `adopt` logged: address mismatches and unclaimed fds."""
+    missing: tuple[str, ...] = ()
+    """Manifest sockets no fd was passed for (only with ``missing_ok``): the caller creates them."""
 
     def _all(self) -> Iterator[socket.socket]:
         if self.connection is not None:
@@ -282,6 +284,7 @@ def adopt(
     *,
     log: _Log = logger,
     steps: AdoptSteps | None = None,
+    missing_ok: bool = False,
 ) -> Adopted:
     """Check the passed fds against `manifest` and wrap the ones it claims.
 
@@ -304,7 +307,8 @@ def adopt(
     errors while closing are attached to it as notes.
 
     Error handling: `AdoptionError` for an fd that is not open, not a socket,
-    or does not fit the manifest.
+    or does not fit the manifest, or for a manifest socket no fd was passed
+    for, unless `missing_ok` (then it is in `Adopted.missing`).
     """
     if isinstance(listen, PassedFds):
         if steps is not None:
@@ -320,7 +324,7 @@ def adopt(
         for fd, _ in passed.remaining():
             passed._set_cloexec(fd)
         found = [passed._inspect(fd) for fd, _ in passed.remaining()]
-        match = passed.steps.match_passed(manifest, found, passed.names_given)
+        match = passed.steps.match_passed(manifest, found, passed.names_given, missing_ok)
         for warning in match.warnings:
             log.warning("%s", warning)
         if match.connection is not None:
@@ -336,6 +340,7 @@ def adopt(
         _close_after_failure(adopted, passed, exc)
         raise
     adopted.warnings = match.warnings
+    adopted.missing = match.missing
     _log_adopted(found, match)
     return adopted
 
