@@ -194,3 +194,61 @@ def test_passed_sockets_are_never_stored_and_names_the_manifest_dropped_are_remo
             socket.create_connection(("127.0.0.1", old), timeout=10).close()
         assert "fd store: sockets.web (fd 3) was passed in LISTEN_FDS: not stored again" in process.log
         assert f"pid {process.pid}, 1 socket passed in LISTEN_FDS" in process.log
+
+
+def test_a_socket_added_to_the_manifest_since_the_store_was_filled_is_created_and_stored(
+    manager: socket.socket, short_dir: Path
+) -> None:
+    """The store passes back what an older manifest declared: the socket added since is made here,
+    served, and stored (FDSTORE=1 with its fd); the passed one is not stored again."""
+    peer = require_peer("systemd-socket-activate")
+    web = free_port()
+    manifest = write_manifest(
+        short_dir,
+        f"""
+        [service]
+        fd-store = true
+
+        [sockets.web]
+        listen = "127.0.0.1:{web}"
+
+        [sockets.added]
+        listen = "127.0.0.1:0"
+
+        [handlers.echo]
+        socket = ["web", "added"]
+        call = "trio_activate.examples:echo"
+        """,
+    )
+    command = [
+        peer,
+        "-l",
+        f"127.0.0.1:{web}",
+        "--fdname=web",
+        "-E",
+        f"NOTIFY_SOCKET={short_dir / 'notify.sock'}",
+        *TRIO_ACTIVATE,
+        "serve",
+        str(manifest),
+    ]
+    with started(command, env=clean_env()) as process:
+        process.wait_for_text("Listening on")
+        with socket.create_connection(("127.0.0.1", web), timeout=10) as client:
+            client.sendall(b"hello\n")
+            assert client.recv(100) == b"hello\n"
+        messages = messages_until_ready(manager)
+        try:
+            stored = [(data, fds) for _, data, fds in messages if b"FDSTORE=1" in data.splitlines()]
+            assert [data for data, _ in stored] == [b"FDSTORE=1\nFDNAME=added"]
+            (added,) = stored[0][1]
+            port = added.getsockname()[1]
+        finally:
+            close_all(messages)
+        found = process.wait_for(
+            r"sockets\.added: no fd was passed for it \(new in the manifest\): created on 127\.0\.0\.1:(\d+)"
+        )
+        assert int(found[1]) == port
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"new\n")
+            assert client.recv(100) == b"new\n"
+        assert "fd store: sockets.web (fd 3) was passed in LISTEN_FDS: not stored again" in process.log

@@ -53,12 +53,18 @@ class TakenOver:
     """The sockets taken over, and what comes with them; see the module docstring."""
 
     def __init__(
-        self, sockets: ServiceSockets, link: socket.socket, offer: Offer, control_fd: int | None, where: str
+        self,
+        sockets: ServiceSockets,
+        link: socket.socket,
+        offer: Offer,
+        control_fd: int | None,
+        declared: frozenset[str],
     ) -> None:
         self.sockets = sockets
         self.link = link
         self.offer = offer
-        self.where = where
+        self.declared = declared
+        """The manifest's socket names: a file of any other socket is no one's once confirmed."""
         self._control_fd = control_fd
 
     def inherited_state(self) -> dict[str, Any]:
@@ -74,8 +80,20 @@ class TakenOver:
 
     def confirmed(self) -> None:
         """The old process confirmed: its socket files are ours now (removed at our stop, as the
-        manifest says), and the connection has served its purpose."""
-        self.sockets.files += [SocketFile(name, path, file_id) for name, path, file_id in self.offer.files]
+        manifest says), and the connection has served its purpose.
+
+        The file of a socket this manifest dropped is removed now: its fd was closed at adoption,
+        and the old process, which no longer accepts, was its last listener (as ``dev`` removes a
+        socket it no longer serves once the old generation is done with it).
+        """
+        from .create import remove_socket_file_if_same
+
+        for name, path, file_id in self.offer.files:
+            if name in self.declared:
+                self.sockets.files.append(SocketFile(name, path, file_id))
+            else:
+                log.info("sockets.%s: the manifest no longer declares it: removing %s", name, path)
+                remove_socket_file_if_same(path, file_id)
         self.link.close()
 
     def fail(self, reason: str) -> None:
@@ -132,7 +150,7 @@ def take_over(path: str, manifest: Manifest, *, timeout: float = TAKEOVER_TIMEOU
         offer.service,
         path,
     )
-    return TakenOver(sockets, link, offer, control_fd, where)
+    return TakenOver(sockets, link, offer, control_fd, frozenset(manifest.socket_names()))
 
 
 def _receive(link: socket.socket, path: str, received: list[int], timeout: float) -> Offer:
