@@ -15,6 +15,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -606,3 +607,43 @@ def test_takeover_of_nobody_is_one_line(short_dir: Path) -> None:
     )
     # It made no socket of its own: port 0 would have been bound by a fast start.
     assert "listening on" not in result.stderr
+
+
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
+def test_a_new_release_killed_or_stopped_while_starting_leaves_the_old_one_serving(
+    short_dir: Path, fault: str
+) -> None:
+    """The new process holds the fds and hangs in its handler's import: killed, the old process
+    sees the connection close; stopped, its start-timeout runs out.  Either way it serves on."""
+    write_handler(short_dir, "v1")
+    manifest = _manifest(short_dir)
+    manifest.write_text(manifest.read_text().replace("start-timeout = 20.0", "start-timeout = 2.0"))
+    (short_dir / "slow_app.py").write_text("import time\n\ntime.sleep(60)\n")
+    slow = write_manifest(
+        short_dir,
+        manifest.read_text().replace('call = "app:handle"', 'call = "slow_app:handle"', 1),
+        name="slow.toml",
+    )
+    with _serve(short_dir, manifest) as old:
+        port = old.port()
+        old.wait_for(r"ready: ")
+        before = _fds(old.pid)
+        since = old.mark()
+        with _take_over(short_dir, slow) as new:
+            new.wait_for(r"took 2 socket\(s\) over from process")
+            if fault == "SIGKILL":
+                new.send_signal(signal.SIGKILL)
+                expected = "it closed the connection before it served"
+            else:
+                new.send_signal(signal.SIGSTOP)
+                expected = r"it did not say it serves within 2s \(start-timeout\)"
+            old.wait_for(
+                rf"warning: takeover by PID {new.pid} \(uid \d+\) failed: {expected}; serving on", since=since
+            )
+            assert ask(loopback(port), "after").pid == old.pid
+            assert ask(short_dir / "app.sock", "local").pid == old.pid
+            wait_until(lambda: _fds(old.pid) == before, what="the old process's fds as before")
+        assert old.poll() is None
+        assert _status(short_dir / "ctl.sock")["pid"] == old.pid
+        assert old.stop() == 0
+    assert not (short_dir / "app.sock").exists()
