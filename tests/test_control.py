@@ -361,7 +361,14 @@ def test_status_of_a_service_without_a_control_socket_says_so(short_dir: Path) -
         assert result.returncode == 2
         assert result.stderr == (
             f"trio-activate: status: PID {service.pid} has no control socket "
-            "(serve --control PATH, or [service] control, gives it one)\n"
+            "(serve --control PATH, or [service] control, gives it one), "
+            "or it listens in another network namespace (give --control PATH)\n"
+        )
+        # A path where nobody listens: the same, one line.
+        missing = run_cli("status", "--control", str(short_dir / "none.sock"))
+        assert missing.returncode == 2
+        assert (
+            missing.stderr == f"trio-activate: status: {short_dir / 'none.sock'}: No such file or directory\n"
         )
         # reload --wait without one: by signal, as before.
         reloaded = run_cli("reload", "--wait", str(service.pid))

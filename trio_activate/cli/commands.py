@@ -656,12 +656,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     address, pid, shown = where
     try:
         answer = ask(address, "status", timeout=args.timeout, expect_pid=pid)
-    except NoControlSocket:
+    except NoControlSocket as exc:
+        problem = str(exc)
         if pid is not None:
-            exc = NoControlSocket(
-                f"{shown} has no control socket (serve --control PATH, or [service] control, gives it one)"
+            problem = (
+                f"{shown} has no control socket (serve --control PATH, or [service] control, gives it one), "
+                "or it listens in another network namespace (give --control PATH)"
             )
-        print(f"trio-activate: status: {exc}", file=sys.stderr)
+        print(f"trio-activate: status: {problem}", file=sys.stderr)
         return EXIT_ERROR
     except ControlClientError as exc:
         print(f"trio-activate: status: {exc}", file=sys.stderr)
