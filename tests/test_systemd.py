@@ -606,6 +606,22 @@ def test_fd_store_keeps_the_sockets_of_a_service_without_socket_units_across_res
     with pytest.raises(ConnectionRefusedError):
         round_trip(machine, ("127.0.0.1", 7701))
     assert round_trip(machine, ("127.0.0.1", 7700)) == b"ping\n"
+
+    # A socket the manifest adds (admin again): not in the store, so the service makes it and
+    # stores it; the next restart passes it back under its name.
+    (tmp_path / "svc" / "service.toml").write_text(FD_STORE_MANIFEST)
+    for _ in range(2):
+        machine.systemctl("reset-failed", "stored.service")
+        machine.systemctl("restart", "stored.service")
+        wait_until(
+            lambda: machine.show("stored.service", "NFileDescriptorStore")["NFileDescriptorStore"] == "2",
+            what="the added socket in the store",
+        )
+        assert round_trip(machine, ("127.0.0.1", 7701)) == b"ping\n"
+    journal = machine.journal("stored.service")
+    created = "sockets.admin: no fd was passed for it (new in the manifest): created on 127.0.0.1:7701"
+    assert journal.count(created) == 1, journal
+    assert len(re.findall(r"sockets\.admin \(fd [34]\) was passed in LISTEN_FDS", journal)) == 6, journal
     machine.systemctl("stop", "stored.service")
     with pytest.raises(ConnectionRefusedError):
         round_trip(machine, ("127.0.0.1", 7700))
