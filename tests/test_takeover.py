@@ -647,3 +647,46 @@ def test_a_new_release_killed_or_stopped_while_starting_leaves_the_old_one_servi
         assert _status(short_dir / "ctl.sock")["pid"] == old.pid
         assert old.stop() == 0
     assert not (short_dir / "app.sock").exists()
+
+
+def test_a_new_release_out_of_fds_at_any_step_is_one_line_and_the_old_one_serves_on(short_dir: Path) -> None:
+    """``prlimit --nofile=N`` for N from too few to receive the fds (MSG_CTRUNC) to too few for
+    trio's own: each new process fails with one line, never a traceback; the old one serves on."""
+    prlimit = shutil.which("prlimit")
+    if prlimit is None:
+        pytest.skip("needs prlimit (util-linux)")
+    write_handler(short_dir, "v1")
+    manifest = _manifest(short_dir)
+    with _serve(short_dir, manifest) as old:
+        port = old.port()
+        old.wait_for(r"ready: ")
+        before = _fds(old.pid)
+        messages = []
+        for limit in range(5, 12):
+            result = subprocess.run(
+                [
+                    prlimit,
+                    f"--nofile={limit}:{limit}",
+                    *TRIO_ACTIVATE,
+                    "serve",
+                    str(manifest),
+                    "--takeover",
+                    "ctl.sock",
+                ],
+                cwd=short_dir,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert result.returncode != 0, f"--nofile={limit}: {result.stderr}"
+            assert "Traceback" not in result.stderr, f"--nofile={limit}: {result.stderr}"
+            last = result.stderr.splitlines()[-1]
+            assert last.startswith("trio-activate: "), f"--nofile={limit}: {result.stderr}"
+            messages.append(last)
+            assert ask(loopback(port), f"after{limit}").pid == old.pid
+        # The range reaches the receive itself, and steps past it.
+        assert any("MSG_CTRUNC" in message for message in messages), messages
+        assert any("out of file descriptors" in message for message in messages), messages
+        wait_until(lambda: _fds(old.pid) == before, what="the old process's fds as before")
+        assert _status(short_dir / "ctl.sock")["reloads"] == 0
+        assert old.stop() == 0

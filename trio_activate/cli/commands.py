@@ -19,6 +19,7 @@ command line (``spawn.worker_argv``).
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
 import os
@@ -119,17 +120,43 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .tracebacks import user_traceback
 
             trace = user_traceback(exc.__cause__)
-        if worker or args.log_format != "text":
-            # A worker's line says whose it is, as its log lines do: several workers (and
-            # their supervisor) share one stderr.  Under journald it is error-priority,
-            # in JSON one object.  One write each, so lines never run together.
-            if trace:
-                sys.stderr.write(trace)
-            log.error("%s", exc)
-        else:
-            sys.stderr.write(f"{trace}trio-activate: {exc}\n")
-            sys.stderr.flush()
+        _report(str(exc), trace, worker=worker, log_format=args.log_format)
         return EXIT_ERROR
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        # Out of fds is the machine's limit, not a bug: one line, and exit 1 (a supervisor's worker
+        # is started again; a manager's Restart= applies), not a configuration error's 2.
+        _report(out_of_fds_line(exc), "", worker=worker, log_format=args.log_format)
+        return EXIT_FAILED
+
+
+def _report(line: str, trace: str, *, worker: bool, log_format: str) -> None:
+    """The one line a command that failed leaves on stderr (after ``trace``, dev's user frames)."""
+    if worker or log_format != "text":
+        # A worker's line says whose it is, as its log lines do: several workers (and
+        # their supervisor) share one stderr.  Under journald it is error-priority,
+        # in JSON one object.  One write each, so lines never run together.
+        if trace:
+            sys.stderr.write(trace)
+        log.error("%s", line)
+    else:
+        sys.stderr.write(f"{trace}trio-activate: {line}\n")
+        sys.stderr.flush()
+
+
+def out_of_fds_line(exc: OSError) -> str:
+    """One line for EMFILE or ENFILE: which limit, and where to raise it."""
+    import resource
+
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno == errno.ENFILE:
+        return f"out of file descriptors{where}: the system's limit (fs.file-max) is reached"
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return (
+        f"out of file descriptors{where}: this process may open {soft} (RLIMIT_NOFILE); raise it "
+        "(LimitNOFILE= in the unit, ulimit -n in a shell)"
+    )
 
 
 def _take_error_token() -> None:

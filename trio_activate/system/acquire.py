@@ -200,12 +200,19 @@ class ServiceSockets:
         Files go first: while the socket is open its inode cannot be reused,
         so the identity check cannot mistake a newer file for ours.
         """
-        from .create import remove_socket_file_if_same  # here: start-up time (scenario 3)
-
         files, self.files = self.files, []
-        for item in files:
-            if item.socket_name in self.remove_on_stop:
-                remove_socket_file_if_same(item.path, item.file_id)
+        removing = [item for item in files if item.socket_name in self.remove_on_stop]
+        try:
+            if removing:
+                from .create import remove_socket_file_if_same  # here: start-up time (scenario 3)
+
+                for item in removing:
+                    remove_socket_file_if_same(item.path, item.file_id)
+        finally:
+            # An import can fail for want of an fd (EMFILE): the sockets are closed all the same.
+            self._close_sockets()
+
+    def _close_sockets(self) -> None:
         held = [s for groups in (self.sockets, self.extra) for group in groups.values() for s in group]
         if self.connection is not None:
             held.append(self.connection)
