@@ -690,3 +690,39 @@ def test_a_new_release_out_of_fds_at_any_step_is_one_line_and_the_old_one_serves
         wait_until(lambda: _fds(old.pid) == before, what="the old process's fds as before")
         assert _status(short_dir / "ctl.sock")["reloads"] == 0
         assert old.stop() == 0
+
+
+def test_a_reload_during_a_takeover_wins_and_the_new_release_stops(short_dir: Path, reaper: Reaper) -> None:
+    """SIGHUP while a new release is starting: the reload hands over to its own successor, the old
+    process no longer confirms, and the new release stops (exit 1): one service, not two."""
+    write_handler(short_dir, "v1")
+    manifest = _manifest(short_dir)
+    (short_dir / "slow_app.py").write_text("import time\n\ntime.sleep(3)\n\nfrom app import handle  # noqa\n")
+    slow = write_manifest(
+        short_dir,
+        manifest.read_text().replace('call = "app:handle"', 'call = "slow_app:handle"', 1),
+        name="slow.toml",
+    )
+    with _serve(short_dir, manifest) as old:
+        port = old.port()
+        old.wait_for(r"ready: ")
+        since = old.mark()
+        with _take_over(short_dir, slow) as new, socket.create_connection(loopback(port)) as held:
+            # A connection in flight keeps the old process draining (grace-period 5 s) past the
+            # moment the new release serves (3 s): it is alive to confirm, and must not.
+            held.sendall(b"held")
+            old.wait_for(r"takes the sockets over", since=since)
+            old.send_signal(signal.SIGHUP)
+            successor = int(old.wait_for(r"handed over to process (\d+)", since=since)[1])
+            assert new.wait() == 1, new.log
+            assert "takeover: " in new.log
+            assert "; stopping" in new.log
+            wait_until(
+                lambda: ask(loopback(port), "after").pid == successor, what="the reload's successor serves"
+            )
+            assert _status(short_dir / "ctl.sock")["pid"] == successor
+            assert (short_dir / "app.pid").read_text() == f"{successor}\n"
+        assert old.wait() == 0, "the held connection closed: the old process drained and exited"
+        os.kill(successor, signal.SIGTERM)
+        assert reaper.wait_exit(successor) == 0
+    assert not (short_dir / "app.sock").exists()

@@ -78,7 +78,7 @@ def giving_away(
                 "control: %s takes the sockets over: %d fd(s) sent; serving until it serves", who, len(fds)
             )
             taken = await give_sockets(
-                conn, offer, fds, who=who, ready_timeout=manifest.service.start_timeout
+                conn, offer, fds, who=who, ready_timeout=manifest.service.start_timeout, busy=busy
             )
         finally:
             giving = False

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -33,10 +33,18 @@ _LINE_MAX = 4096
 
 
 async def give_sockets(
-    conn: trio.socket.SocketType, offer: Offer, fds: Sequence[int], *, who: str, ready_timeout: float
+    conn: trio.socket.SocketType,
+    offer: Offer,
+    fds: Sequence[int],
+    *,
+    who: str,
+    ready_timeout: float,
+    busy: Callable[[], str | None] = lambda: None,
 ) -> bool:
     """Send ``offer`` and ``fds`` (in its order), wait up to ``ready_timeout`` for the new process to
-    serve, then confirm.  True once confirmed: the caller stops accepting and drains.
+    serve, then confirm, unless ``busy()`` says why not by then (a reload or a stop began meanwhile:
+    this process may no longer be the service).  True once confirmed: the caller stops accepting
+    and drains.
 
     False, with one warning line, for every other ending (the new process
     failed and said why, closed, sent something else, or said nothing in
@@ -59,6 +67,8 @@ async def give_sockets(
             problem = "it closed the connection before it served" if line is None else parse_new_side(line)
     if waited.cancelled_caught:
         problem = f"it did not say it serves within {ready_timeout:g}s (start-timeout)"
+    if problem is None and (busy_now := busy()) is not None:
+        problem = f"it serves, but {busy_now} here since it asked"
     if problem is None:
         try:
             await _send(conn, encode({"ok": True}))

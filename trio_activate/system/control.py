@@ -253,7 +253,8 @@ def ask(address: str | bytes, op: str, *, timeout: float, expect_pid: int | None
 
 def write_pid_file(path: str, pid: int, *, where: str) -> None:
     """``path`` names ``pid``, replaced in one rename (a reader never sees it half written)."""
-    temporary = f"{path}.{pid}.tmp"
+    # Named by the writer: a predecessor and its successor may both write the successor's PID at once.
+    temporary = f"{path}.{os.getpid()}.tmp"
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
