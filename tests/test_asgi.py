@@ -387,6 +387,39 @@ def test_a_failing_startup_under_reload_leaves_the_old_generation_serving(tmp_pa
         assert process.stop() == 0
 
 
+@pytest.mark.parametrize(
+    ("options", "taken_over"),
+    [(["--supervise"], r"reloaded: generation 2 serving"), ([], r"handed over to process \d+")],
+    ids=["supervised", "hand-over"],
+)
+def test_a_process_starting_leaves_the_serving_ones_accept_loop_non_blocking(
+    tmp_path: Path, options: list[str], taken_over: str
+) -> None:
+    """Every process's listening fd is one open file description, and O_NONBLOCK belongs to it: a
+    worker (or successor) that made it blocking as it started (``socket.dup()`` does, through
+    ``settimeout``) left a serving one's next ``accept()`` blocking its whole event loop until
+    another client came; and a sibling worker whose first ``accept()`` came then was never ready.
+    Here the new process holds in its lifespan startup, past its own setup of the socket, while
+    the old one serves requests, which it must go on answering."""
+    events, hold = tmp_path / "events", tmp_path / "hold"
+    manifest = asgi_manifest(tmp_path)
+    with serve(manifest, *options, ASGI_EVENTS=str(events), ASGI_HOLD_IF=str(hold)) as process:
+        port = ready(process)
+        old = int(events.read_text().split()[1])
+        hold.touch()
+        mark = process.mark()
+        process.send_signal(signal.SIGHUP)
+        wait_until(lambda: events.read_text().count("startup") == 2, what="the new worker's startup")
+        for _ in range(2):
+            # A connection each: the old process accepts it, then waits for the next one in its
+            # event loop (not in the kernel's accept()), where it answers this one.
+            answer = httpx.get(f"http://127.0.0.1:{port}/", headers={"Connection": "close"}, timeout=5)
+            assert answer.text.startswith(f"hello {old}")
+        hold.unlink()
+        process.wait_for(taken_over, since=mark)
+        assert process.stop() == 0
+
+
 def keep_alive_idle_then(port: int, delay: float) -> tuple[str, bytes]:
     """A keep-alive connection: one request, idle ``delay`` s, then a second request; the second answer."""
     request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"

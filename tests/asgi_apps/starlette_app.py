@@ -1,7 +1,8 @@
 """A Starlette application (on Trio through anyio) that the asgi tests serve.
 
 ``ASGI_EVENTS``: a file that gets a line ``startup PID`` and ``shutdown PID``
-from the lifespan; ``ASGI_FAIL_STARTUP``: the startup raises (``ASGI_FAIL_IF``: while that file exists).
+from the lifespan; ``ASGI_FAIL_STARTUP``: the startup raises (``ASGI_FAIL_IF``: while that file exists);
+``ASGI_HOLD_IF``: the startup waits while that file exists (at most ``HOLD_AT_MOST`` seconds).
 """
 
 from __future__ import annotations
@@ -30,9 +31,26 @@ def _should_fail() -> bool:
     return bool(os.environ.get("ASGI_FAIL_STARTUP")) or (fail_if is not None and os.path.exists(fail_if))
 
 
+HOLD_AT_MOST = 10.0
+HOLD_POLL = 0.02
+
+
+def _held() -> bool:
+    hold_if = os.environ.get("ASGI_HOLD_IF")
+    return hold_if is not None and os.path.exists(hold_if)
+
+
+async def _hold() -> None:
+    for _ in range(round(HOLD_AT_MOST / HOLD_POLL)):
+        if not _held():
+            return
+        await anyio.sleep(HOLD_POLL)
+
+
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     _event("startup")
+    await _hold()
     if _should_fail():
         raise RuntimeError("the database is unreachable")
     yield

@@ -46,8 +46,8 @@ and the same stop: ``Connection: close`` from then on, the idle connection
 closed after ``IDLE_CLOSE_DELAY``.
 
 Resource handling: hypercorn closes the sockets it is given when it stops,
-so it gets duplicates (``socket.dup()``, close-on-exec) of the listening
-sockets; the runtime's own fds keep their one owner (the caller's
+so it gets duplicates (`_duplicate`: a new fd, close-on-exec) of the
+listening sockets; the runtime's own fds keep their one owner (the caller's
 ``ServiceSockets``).  The duplicates belong to `AsgiServer.run`: hypercorn
 closes them through the same socket objects when its accept loops end, and
 ``run`` closes whatever it did not (a start that failed before), so no fd
@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
@@ -196,7 +197,7 @@ class AsgiServer:
         token = _current_server.set(self)
         try:
             for item in self.listening:
-                duplicates.append(item.sock.dup())
+                duplicates.append(_duplicate(item.sock))
             if self.handler.spec.http is not None and self.handler.spec.http.tls:
                 sockets = Sockets(secure_sockets=duplicates, insecure_sockets=[], quic_sockets=[])
             else:
@@ -342,6 +343,28 @@ class AsgiConnection:
         await self._stop.wait()
         await trio.sleep(max(0.0, min(IDLE_CLOSE_DELAY, self._deadline - trio.current_time())))
         await context.terminated.set()
+
+
+def _duplicate(sock: socket.socket) -> socket.socket:
+    """A socket object of its own on a new fd (close-on-exec) for ``sock``'s listening socket.
+
+    Not ``sock.dup()``: it copies the timeout with ``settimeout``, and an
+    adopted socket's is None, so it clears ``O_NONBLOCK``.  That flag belongs
+    to the open file description, which the supervisor and every worker
+    share (the fds were passed, not opened anew): a worker starting would
+    make the socket blocking under its serving siblings until hypercorn sets
+    it non-blocking again, after the lifespan startup.  A sibling calling
+    ``accept()`` then (Trio tries the call before waiting for readiness)
+    blocks its whole event loop in the kernel until some client connects:
+    no ``READY=1`` from a worker just starting, no answer to the connection
+    an old one just accepted.  ``socket.socket(fileno=...)`` changes no flag.
+    """
+    fd = os.dup(sock.fileno())
+    try:
+        return socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _describe(exc: BaseException) -> str:
