@@ -154,7 +154,7 @@ class CreatedSocket:
 
 
 def create_socket(
-    spec: SocketSpec, address: Address, *, folder: Path, source: str | None = None
+    spec: SocketSpec, address: Address, *, folder: Path, source: str | None = None, label: str | None = None
 ) -> CreatedSocket:
     """Create, bind and (for stream and seqpacket) listen one socket of ``spec``.
 
@@ -165,17 +165,19 @@ def create_socket(
     created.  On error nothing is left behind.
 
     Error handling: ``CreationError``, one line naming ``sockets.NAME.KEY``
-    and the address, after ``source`` (the manifest's file name) when given.
+    and the address, after ``source`` (the manifest's file name) when given;
+    or, for a socket no manifest declares, after ``label`` instead (``activate``'s
+    ``-l ADDRESS``).
     """
     listen_key = "listen" if len(spec.listen) == 1 else f"listen[{spec.listen.index(address)}]"
     if isinstance(address, InetAddress):
         shown = str(address) if address.host is not None else f"{address} ([::]:{address.port})"
-        return _create_inet(spec, address, _Where(source, spec, listen_key, shown))
+        return _create_inet(spec, address, _Where(source, spec, listen_key, shown, label))
     if isinstance(address, UnixAddress):
         resolved = address.resolved(str(folder))
         shown = str(address) if resolved == address else f"{address} ({resolved.path})"
-        return _create_unix_path(spec, resolved, _Where(source, spec, listen_key, shown))
-    return _create_abstract(spec, address, _Where(source, spec, listen_key, str(address)))
+        return _create_unix_path(spec, resolved, _Where(source, spec, listen_key, shown, label))
+    return _create_abstract(spec, address, _Where(source, spec, listen_key, str(address), label))
 
 
 def create_sockets(manifest: Manifest, names: Collection[str] | None = None) -> list[CreatedSocket]:
@@ -231,8 +233,12 @@ class _Where:
     spec: SocketSpec
     listen_key: str
     shown: str
+    # Names the address where no manifest does ("-l 127.0.0.1:80"); then it replaces the rest.
+    label: str | None = None
 
     def error(self, problem: str, *, key: str | None = None) -> CreationError:
+        if self.label is not None:
+            return CreationError(f"{self.label}: {problem}")
         prefix = f"{self.source}: " if self.source is not None else ""
         if key is None:
             return CreationError(
@@ -308,7 +314,7 @@ def _create_inet(spec: SocketSpec, address: InetAddress, where: _Where) -> Creat
         except OSError as exc:
             raise where.error(_inet_bind_problem(exc, spec, address)) from None
         _listen(sock, spec, where)
-        if address.port == 0:
+        if address.port == 0 and where.label is None:  # with a label, the caller says where it listens
             bound = address_from_sockname(family, sock.getsockname())
             verb = "bound to" if kind == socket.SOCK_DGRAM else "listening on"
             logger.info(
