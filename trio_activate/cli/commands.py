@@ -350,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     units.add_argument("--force", action="store_true", help="overwrite existing unit files")
     units.set_defaults(command=cmd_systemd)
 
+    _add_activate_parser(subcommands)
+
     fds = subcommands.add_parser(
         "fds",
         help="show the sockets this process was passed",
@@ -363,6 +365,101 @@ def build_parser() -> argparse.ArgumentParser:
     fds.add_argument("--json", action="store_true", help="print one JSON object, stable for scripts")
     fds.set_defaults(command=cmd_fds)
     return parser
+
+
+def _add_activate_parser(subcommands: _SubcommandsWithLogging) -> None:
+    activate = subcommands.add_parser(
+        "activate",
+        help="pass sockets to any program that reads LISTEN_FDS, as systemd-socket-activate does",
+        description=(
+            "Create the sockets and start COMMAND with them at fds 3.. as systemd passes them "
+            "(LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID, LISTEN_PIDFDID). By default wait for the first "
+            "connection or datagram, then exec COMMAND in place; --now execs at once; --accept runs one "
+            "COMMAND per connection; --restart runs COMMAND as a child and starts it again when it "
+            "exits or a --watch path changes, keeping the sockets open all along."
+        ),
+    )
+    activate.add_argument(
+        "-l",
+        "--listen",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help='listen on ADDRESS (repeatable): "7000", "127.0.0.1:7000", "[::1]:7000", "/path.sock", '
+        '"./path.sock" or "@name", as a manifest\'s listen',
+    )
+    activate.add_argument("-d", "--datagram", action="store_true", help="datagram sockets (default: stream)")
+    activate.add_argument("--seqpacket", action="store_true", help="seqpacket sockets (default: stream)")
+    activate.add_argument(
+        "--fdname",
+        action="append",
+        default=[],
+        metavar="NAME[:NAME...]",
+        help="the sockets' names in LISTEN_FDNAMES, one per -l in order, or one for all "
+        "(default: LISTEN_FDNAMES is not set, and readers name every fd 'unknown')",
+    )
+    activate.add_argument(
+        "--backlog",
+        type=_positive_int,
+        metavar="N",
+        help="the listen backlog (default 4096, capped by somaxconn)",
+    )
+    activate.add_argument(
+        "-E",
+        "--setenv",
+        action="append",
+        default=[],
+        metavar="NAME[=VALUE]",
+        help="set NAME to VALUE in COMMAND's environment (NAME alone: keep the caller's, e.g. NOTIFY_SOCKET)",
+    )
+    activate.add_argument(
+        "--from",
+        dest="manifest",
+        metavar="MANIFEST",
+        help="take the sockets, their options and names from MANIFEST (instead of -l)",
+    )
+    activate.add_argument(
+        "--now", action="store_true", help="start COMMAND at once, not on the first connection"
+    )
+    activate.add_argument(
+        "-a",
+        "--accept",
+        action="store_true",
+        help="accept each connection and run one COMMAND per connection, the connection at fd 3 "
+        "(LISTEN_FDS=1, LISTEN_FDNAMES=connection)",
+    )
+    activate.add_argument(
+        "--inetd",
+        action="store_true",
+        help="with --accept (implied): the connection on stdin and stdout instead",
+    )
+    activate.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        metavar="N",
+        help="with --accept: at most N commands at once; further connections wait in the backlog",
+    )
+    activate.add_argument(
+        "--restart",
+        action="store_true",
+        help="run COMMAND as a child and start it again when it exits (or on SIGHUP), keeping the sockets",
+    )
+    activate.add_argument(
+        "--watch",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="with --restart: also start COMMAND again when a file under PATH changes (repeatable)",
+    )
+    activate.add_argument(
+        "--grace-period",
+        type=_positive_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="on SIGTERM or SIGINT: how long the children have to exit before SIGKILL (default 5)",
+    )
+    activate.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
+    activate.set_defaults(command=cmd_activate)
 
 
 def _add_log_options(parser: argparse.ArgumentParser, *, default_level: str, default_format: str) -> None:
@@ -810,6 +907,33 @@ def _positive_int(text: str) -> int:
     if not is_decimal(text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
     return int(text)
+
+
+def cmd_activate(args: argparse.Namespace) -> int:
+    from ..model.activate_options import activate_options
+    from ..processes.activate_main import run_activate
+
+    argv: list[str] = args.argv
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    options = activate_options(
+        command=argv,
+        listen=args.listen,
+        datagram=args.datagram,
+        seqpacket=args.seqpacket,
+        fdnames=args.fdname,
+        backlog=args.backlog,
+        setenv=args.setenv,
+        manifest=args.manifest,
+        now=args.now,
+        accept=args.accept,
+        inetd=args.inetd,
+        max_connections=args.max_connections,
+        restart=args.restart,
+        watch=args.watch,
+        grace_period=args.grace_period,
+    )
+    return run_activate(options, os.environ)
 
 
 def cmd_fds(args: argparse.Namespace) -> int:

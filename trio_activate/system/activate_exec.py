@@ -1,0 +1,197 @@
+"""Starting ``activate``'s COMMAND with its sockets: exec in place, or in a forked child.
+
+Layer 2: syscalls, no trio.
+
+Both ways end as systemd ends a service's start: the sockets at fds 3, 4, ...
+(placed by `activator.place_fds`, safe against the shuffle hazard), or one
+connection on stdin and stdout (``--inetd``); ``LISTEN_FDS``, ``LISTEN_PID``
+and, where the kernel gives one, ``LISTEN_PIDFDID`` naming the process that
+execs, ``LISTEN_FDNAMES`` when names were given; the signal dispositions and
+mask a program expects (Python ignores SIGPIPE and SIGXFSZ, and an ignored
+signal stays ignored across exec: ``cat`` would then live on after its
+reader left); then ``execve``.
+
+Why a child runs Python between fork and exec: ``LISTEN_PID`` must be the
+child's own PID, known only after the fork, and ``LISTEN_PIDFDID`` its own
+pidfd id, known only in the child.  A trampoline (``sh -c 'LISTEN_PID=$$
+exec ...'``) gives no pidfd id and costs a shell per start.  Python after
+fork is safe when the process had one thread at the fork: no other thread
+can have held a lock (the allocator's, the import lock) that the child
+would inherit held and wait on forever.  ``activate`` never starts a thread
+(its file watcher is a process of its own for that reason), and
+`fork_command` checks ``/proc/self/task`` before every fork rather than
+trust that: a thread that a ``sitecustomize`` started would turn it into an
+error, not a hang.  The child does only what the exec needs: reset
+signals, place fds, build the environment, exec; any failure is one line
+on stderr and exit status 127, as a shell's for a command it cannot run.
+
+Resource handling: the callers own the source fds; `exec_in_place` closes
+them once placed (it is committed from then on), `fork_command` leaves the
+parent's untouched (the child's copies go with its exec).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import NoReturn
+
+from ..errors import ActivationError
+from ..model.listen_env import SD_LISTEN_FDS_START, format_listen_env
+from .activator import place_fds
+from .fds import close_all, own_pidfd_id
+
+__all__ = ["command_path", "exec_in_place", "fork_command", "reset_signals_for_exec"]
+
+# Signals whose disposition a program expects to find at their default: the
+# activator handles these, and Python ignores SIGPIPE and SIGXFSZ from its start.
+_RESET = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGCHLD,
+    signal.SIGPIPE,
+    signal.SIGXFSZ,
+)
+# The status of a child that could not exec, as a shell's for a command it cannot run.
+CANNOT_RUN = 127
+
+
+def command_path(command: str, environ: Mapping[str, str]) -> str:
+    """The file ``command`` runs (searched on the ``PATH`` of ``environ`` when it has no ``/``).
+
+    Checked once, before any socket is made, so a typo is one line and not a
+    child that fails at every start.
+    """
+    path = shutil.which(command, path=environ.get("PATH", os.defpath))
+    if path is None:
+        where = "is not an executable file" if "/" in command else "was not found on PATH"
+        raise ActivationError(f"activate: COMMAND {command!r} {where}")
+    return path
+
+
+def listen_environment(count: int, names: Sequence[str], *, names_given: bool) -> dict[str, str]:
+    """``LISTEN_*`` for this process, which is about to exec with ``count`` fds at 3..."""
+    env = format_listen_env(list(names[:count]), pid=os.getpid(), pidfd_id=own_pidfd_id())
+    if not names_given:
+        del env["LISTEN_FDNAMES"]  # as systemd-socket-activate without --fdname
+    return env
+
+
+def reset_signals_for_exec() -> None:
+    """Default dispositions for the signals a program expects at default, and none blocked.
+
+    ``trio-activate``'s console script blocks SIGTERM, SIGINT and SIGHUP from
+    its first line (for ``serve``), and a blocked mask survives exec: a
+    command started with them blocked would never see ``kill`` or Ctrl-C.
+    """
+    signal.set_wakeup_fd(-1)
+    for signum in _RESET:
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
+def exec_in_place(
+    path: str,
+    argv: Sequence[str],
+    sources: Sequence[int],
+    names: Sequence[str],
+    *,
+    names_given: bool,
+    environ: Mapping[str, str],
+) -> NoReturn:
+    """Place ``sources`` at fds 3.., set ``LISTEN_*`` for this process, and exec (same PID).
+
+    Error handling: if the exec fails, the placed fds are closed and an
+    `ActivationError` says why; the sources are closed either way.
+    """
+    placed = range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(sources))
+    place_fds(sources)
+    close_all(partial(os.close, fd) for fd in sources if fd not in placed)
+    env = dict(environ)
+    env.update(listen_environment(len(sources), names, names_given=names_given))
+    reset_signals_for_exec()
+    try:
+        os.execve(path, list(argv), env)
+    except OSError as exc:
+        close_all(partial(os.close, fd) for fd in placed)
+        raise ActivationError(f"activate: cannot run {path}: {exc.strerror or exc}") from None
+
+
+def _single_threaded() -> bool:
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def fork_command(
+    path: str,
+    argv: Sequence[str],
+    sources: Sequence[int],
+    names: Sequence[str],
+    *,
+    names_given: bool,
+    environ: Mapping[str, str],
+    inetd: bool = False,
+) -> int:
+    """Fork a child that execs ``argv`` with ``sources`` at fds 3.. (or ``sources[0]`` on 0 and 1); its PID.
+
+    ``LISTEN_PID`` and ``LISTEN_PIDFDID`` name the child, set by the child
+    itself (see the module's docstring); with ``inetd`` no ``LISTEN_*`` is
+    set, as inetd and systemd-socket-activate do.  The activator's signals
+    are blocked across the fork, so none runs its handler in the child before
+    the child has reset them.
+
+    Error handling: `ActivationError` when this process has more than one
+    thread (a fork could deadlock the child) or the fork fails.
+    """
+    if not _single_threaded():
+        raise ActivationError("activate: this process has more than one thread; forking it is not safe")
+    env = dict(environ)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _RESET)
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        raise ActivationError(f"activate: cannot fork: {exc.strerror or exc}") from None
+    if pid == 0:
+        _run_child(path, argv, sources, names, names_given=names_given, env=env, inetd=inetd)
+    signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    return pid
+
+
+def _run_child(
+    path: str,
+    argv: Sequence[str],
+    sources: Sequence[int],
+    names: Sequence[str],
+    *,
+    names_given: bool,
+    env: dict[str, str],
+    inetd: bool,
+) -> NoReturn:
+    """In the forked child: what systemd does between fork and exec.  Never returns."""
+    try:
+        try:
+            signal.set_wakeup_fd(-1)  # before any fd is placed: it may be a number placed over
+            for signum in _RESET:
+                signal.signal(signum, signal.SIG_DFL)
+            if inetd:
+                os.dup2(sources[0], 0)
+                os.dup2(sources[0], 1)
+            else:
+                place_fds(sources)
+                env.update(listen_environment(len(sources), names, names_given=names_given))
+            # Last: a SIGTERM that waited now takes its default action, as it would after the exec.
+            signal.pthread_sigmask(signal.SIG_SETMASK, ())
+            os.execve(path, list(argv), env)
+        except OSError as exc:
+            os.write(2, f"trio-activate: activate: cannot run {path}: {exc.strerror or exc}\n".encode())
+        except BaseException as exc:
+            os.write(2, f"trio-activate: activate: cannot run {path}: {exc!r}\n".encode())
+    finally:
+        os._exit(CANNOT_RUN)
