@@ -45,6 +45,7 @@ from trio_activate.model.activate_options import (
     activate_options,
     child_environment,
 )
+from trio_activate.system.fds import own_pidfd_id
 
 PYTHON = sys.executable
 
@@ -55,7 +56,7 @@ REPORTER = textwrap.dedent(
     """
     import os
     fds = sorted(int(n) for n in os.listdir("/proc/self/fd"))
-    import json, signal, socket
+    import json, signal, socket, sys
     def blocked(signum):
         for line in open("/proc/self/status"):
             if line.startswith("SigBlk:"):
@@ -66,7 +67,12 @@ REPORTER = textwrap.dedent(
         "fds": fds,
         "sigterm_blocked": blocked(signal.SIGTERM),
         "extra": os.environ.get("EXTRA"),
+        "argv": sys.argv,
     }
+    try:
+        report["pidfd_id"] = os.fstat(os.pidfd_open(os.getpid())).st_ino
+    except OSError:
+        report["pidfd_id"] = None
     sock = socket.socket(fileno=3)
     report["listening"] = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
     report["type"] = sock.type.name
@@ -147,6 +153,15 @@ def report_of(client: socket.socket) -> dict[str, Any]:
     assert data, "the consumer answered nothing"
     report: dict[str, Any] = json.loads(data)
     return report
+
+
+def assert_names_itself(report: dict[str, Any]) -> None:
+    """LISTEN_PID is the consumer's own PID, LISTEN_PIDFDID its own pidfd id where the kernel has pidfs."""
+    assert report["env"]["LISTEN_PID"] == str(report["pid"])
+    if own_pidfd_id() is not None:
+        assert report["env"]["LISTEN_PIDFDID"] == str(report["pidfd_id"])
+    else:
+        assert "LISTEN_PIDFDID" not in report["env"]
 
 
 @pytest.fixture
@@ -267,6 +282,7 @@ def test_lazy_execs_in_place_on_the_first_connection_with_listen_pid_naming_itse
     assert report["pid"] == run.pid  # exec in place: the same process
     env_seen = report["env"]
     assert env_seen["LISTEN_PID"] == str(run.pid)
+    assert_names_itself(report)
     assert (env_seen["LISTEN_FDS"], env_seen["LISTEN_FDNAMES"]) == ("1", "web")
     assert "NOTIFY_SOCKET" not in env_seen
     assert report["extra"] == "yes"
@@ -343,7 +359,7 @@ def test_side_by_side_with_systemd_socket_activate_the_consumer_sees_the_same(
         # Each names its own process: the same rule, another PID.
         assert env.pop("LISTEN_PID") == str(report["pid"]) == str(report["activator"])
         env.pop("LISTEN_PIDFDID", None)  # systemd 252 does not send it; we do where the kernel has pidfs
-        return {**report, "env": env, "pid": None, "activator": None}
+        return {**report, "env": env, "pid": None, "activator": None, "pidfd_id": None}
 
     assert seen(ours) == seen(theirs)
     assert ours["fds"][:4] == [0, 1, 2, 3]
@@ -357,6 +373,8 @@ def test_side_by_side_in_accept_mode_the_connection_is_fd_3_of_a_process_of_its_
         [*TRIO_ACTIVATE, "activate", "--accept", "-l", f"127.0.0.1:{port}", "--", PYTHON, reporter],
         port,
     )
+    assert_names_itself(ours)
+    assert ours["argv"][1:] == theirs["argv"][1:]
     for report in (theirs, ours):
         assert report["pid"] != report["activator"]
         assert report["env"]["LISTEN_PID"] == str(report["pid"])
@@ -386,6 +404,7 @@ def test_accept_answers_50_sequential_connections_each_from_a_process_of_its_own
     assert len(pids) == 50
     assert run.pid not in pids
     for report in reports:
+        assert_names_itself(report)
         assert report["env"] == {
             "LISTEN_PID": str(report["pid"]),
             "LISTEN_FDS": "1",
@@ -495,6 +514,24 @@ def test_restart_on_a_watched_change_serves_the_new_version(tmp_path: Path) -> N
         after = ask(("127.0.0.1", port), "c")
         assert (after.version, after.pid != before.pid) == ("v2", True)
         assert run.stop() == 0
+
+
+def test_restart_children_get_the_sockets_at_fd_3_with_listen_pid_naming_each(reporter: Path) -> None:
+    with activate("-l", "127.0.0.1:0", "--fdname", "web", "--restart", "--", PYTHON, reporter) as run:
+        port = int(run.wait_for(r"listening on 127\.0\.0\.1:(\d+) as fd 3 named 'web'")[1])
+        # The reporter answers one connection and exits 0: each connection meets a new child.
+        reports = [
+            report_of(socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)) for _ in range(2)
+        ]
+        assert run.stop() == 0
+    assert reports[0]["pid"] != reports[1]["pid"]
+    for report in reports:
+        assert report["pid"] != run.pid
+        assert_names_itself(report)
+        assert (report["env"]["LISTEN_FDS"], report["env"]["LISTEN_FDNAMES"]) == ("1", "web")
+        assert report["listening"] is True
+        assert report["sigterm_blocked"] is False
+        assert report["fds"][:4] == [0, 1, 2, 3]
 
 
 def test_restart_backs_off_a_command_that_keeps_failing(tmp_path: Path) -> None:

@@ -46,7 +46,13 @@ from ..errors import ActivationError
 from ..model.activate_options import UNNAMED, ActivateMode, ActivateOptions, child_environment
 from ..model.address import address_from_sockname
 from ..model.manifest import SocketType, load_manifest
-from ..system.activate_exec import command_path, exec_in_place, fork_command
+from ..system.activate_exec import (
+    command_path,
+    exec_in_place,
+    fork_command,
+    spawn_connection,
+    spawn_inetd,
+)
 from ..system.create import CreatedSocket, create_socket, create_sockets, remove_socket_file
 from ..system.fds import close_all
 
@@ -411,15 +417,11 @@ class _Acceptor(_Forking):
                     return
                 raise
             with connection:
-                pid = fork_command(
-                    self.path,
-                    self.options.command,
-                    [connection.fileno()],
-                    [_ACCEPTED_NAME],
-                    names_given=True,
-                    environ=self.env,
-                    inetd=self.options.inetd,
-                )
+                try:
+                    pid = self.spawn(connection.fileno())
+                except ActivationError as exc:
+                    log.error("connection from %s: %s", _peer(connection.family, peer), exc)
+                    continue
             self.count += 1
             shown_peer = _peer(connection.family, peer)
             self.children[pid] = f"connection {self.count} from {shown_peer}"
@@ -427,6 +429,11 @@ class _Acceptor(_Forking):
             limit = self.options.max_connections
             if limit is not None and len(self.children) >= limit:
                 self.listen(False)
+
+    def spawn(self, connection: int) -> int:
+        if self.options.inetd:
+            return spawn_inetd(self.path, self.options.command, connection, environ=self.env)
+        return spawn_connection(self.path, self.options.command, connection, environ=self.env)
 
     def exited(self, pid: int, what: str, status: int) -> None:
         log.debug("%s: pid %d ended with %s", what, pid, _describe_status(status))

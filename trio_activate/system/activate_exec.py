@@ -32,6 +32,8 @@ parent's untouched (the child's copies go with its exec).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -42,9 +44,16 @@ from typing import NoReturn
 from ..errors import ActivationError
 from ..model.listen_env import SD_LISTEN_FDS_START, format_listen_env
 from .activator import place_fds
-from .fds import close_all, own_pidfd_id
+from .fds import close_all, own_pidfd_id, pidfd_id
 
-__all__ = ["command_path", "exec_in_place", "fork_command", "reset_signals_for_exec"]
+__all__ = [
+    "command_path",
+    "exec_in_place",
+    "fork_command",
+    "reset_signals_for_exec",
+    "spawn_connection",
+    "spawn_inetd",
+]
 
 # Signals whose disposition a program expects to find at their default: the
 # activator handles these, and Python ignores SIGPIPE and SIGXFSZ from its start.
@@ -58,6 +67,14 @@ _RESET = (
 )
 # The status of a child that could not exec, as a shell's for a command it cannot run.
 CANNOT_RUN = 127
+# `spawn_connection`'s trampoline: the connection is at fd 3, a pipe at fd 4 brings the
+# child's pidfd id (a line, empty when the kernel has none); the shell sets LISTEN_PID to
+# its own PID, which its exec keeps, closes the pipe and execs the command ("$0" "$@").
+_TRAMPOLINE = (
+    "read -r LISTEN_PIDFDID <&4 || LISTEN_PIDFDID=; exec 4<&-; LISTEN_PID=$$; export LISTEN_PID; "
+    'if [ -n "$LISTEN_PIDFDID" ]; then export LISTEN_PIDFDID; else unset LISTEN_PIDFDID; fi; '
+)
+_SHELL = "/bin/sh"
 
 
 def command_path(command: str, environ: Mapping[str, str]) -> str:
@@ -119,6 +136,77 @@ def exec_in_place(
     except OSError as exc:
         close_all(partial(os.close, fd) for fd in placed)
         raise ActivationError(f"activate: cannot run {path}: {exc.strerror or exc}") from None
+
+
+def spawn_inetd(path: str, argv: Sequence[str], connection: int, *, environ: Mapping[str, str]) -> int:
+    """Start ``argv`` with ``connection`` on its stdin and stdout, as inetd does; its PID.
+
+    No ``LISTEN_*`` names the child, so nothing needs its PID before it
+    execs: ``posix_spawn`` (a vfork and an exec in C, no Python in the child,
+    no copy of this process's page tables) does it all, several times
+    cheaper than `fork_command`.  Its file actions ``dup2`` the connection
+    onto 0 and 1 (clearing close-on-exec there); the signals a program
+    expects at default are reset and none is blocked.
+
+    Error handling: `ActivationError` when the spawn or the exec fails.
+    """
+    try:
+        return os.posix_spawn(
+            path,
+            list(argv),
+            environ,
+            file_actions=[(os.POSIX_SPAWN_DUP2, connection, 0), (os.POSIX_SPAWN_DUP2, connection, 1)],
+            setsigdef=_RESET,
+            setsigmask=(),
+        )
+    except OSError as exc:
+        raise ActivationError(f"activate: cannot run {path}: {exc.strerror or exc}") from None
+
+
+def spawn_connection(path: str, argv: Sequence[str], connection: int, *, environ: Mapping[str, str]) -> int:
+    """Start ``argv`` with ``connection`` at fd 3, ``LISTEN_FDS=1``, ``LISTEN_FDNAMES=connection``; its PID.
+
+    ``LISTEN_PID`` and ``LISTEN_PIDFDID`` name the child, which is what a
+    Python fork (`fork_command`) can give too, at about twice the cost per
+    connection here (the copy of this process's page tables, and the
+    child's Python running on copied-on-write pages: 2-3 ms a start).  So,
+    per connection, the trampoline of DESIGN.md's way (b): ``posix_spawn``
+    (a vfork and an exec, no Python in the child) of ``/bin/sh``, which sets
+    ``LISTEN_PID=$$`` and execs the command in its place, the PID kept.  It
+    also gets the pidfd id, which that way lacks on its own: this process
+    opens a pidfd for the spawned PID (the shell is waiting on the pipe,
+    so the PID is that child's), reads its id, and writes it down the pipe;
+    the exec keeps the id too.  The command then sees what `fork_command`
+    gives it, but for ``argv[0]``, which is the resolved ``path``.  The
+    shell adds nothing to the environment: ``PWD``, which dash sets, is
+    removed again when the caller's environment had none.
+
+    Error handling: `ActivationError` when the spawn fails.
+    """
+    env = {**environ, "LISTEN_FDS": "1", "LISTEN_FDNAMES": "connection"}
+    script = _TRAMPOLINE + ("" if "PWD" in env else "unset PWD; ") + 'exec "$0" "$@"'
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    # Both above 3 and 4, the targets of the dup2s, so that neither overwrites the other's source.
+    sources = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 5) if fd < 5 else fd for fd in (connection, read_end)]
+    try:
+        try:
+            pid = os.posix_spawn(
+                _SHELL,
+                [_SHELL, "-c", script, path, *argv[1:]],
+                env,
+                file_actions=[(os.POSIX_SPAWN_DUP2, sources[0], 3), (os.POSIX_SPAWN_DUP2, sources[1], 4)],
+                setsigdef=_RESET,
+                setsigmask=(),
+            )
+        except OSError as exc:
+            raise ActivationError(f"activate: cannot run {path}: {exc.strerror or exc}") from None
+        identity = pidfd_id(pid)
+        # BrokenPipeError: the shell died before reading (a SIGKILL); its exit is reaped as any other.
+        with contextlib.suppress(BrokenPipeError):
+            os.write(write_end, b"%d\n" % identity if identity is not None else b"\n")
+    finally:
+        close_all(partial(os.close, fd) for fd in {read_end, write_end, *sources} if fd != connection)
+    return pid
 
 
 def _single_threaded() -> bool:

@@ -29,7 +29,7 @@ from ..errors import AdoptionError
 from ..model.address import address_from_sockname
 from ..model.match import PassedSocket, describe_file_kind
 
-__all__ = ["FdNotOpenError", "close_all", "inspect_fd", "open_fds", "own_pidfd_id", "set_cloexec"]
+__all__ = ["FdNotOpenError", "close_all", "inspect_fd", "open_fds", "own_pidfd_id", "pidfd_id", "set_cloexec"]
 
 
 def close_all(closes: Iterable[Callable[[], object]]) -> None:
@@ -62,7 +62,12 @@ class FdNotOpenError(AdoptionError):
 
 
 def own_pidfd_id() -> int | None:
-    """This process's pidfd id (its inode number on pidfs), or None when it cannot be had.
+    """This process's pidfd id (its inode number on pidfs), or None when it cannot be had (`pidfd_id`)."""
+    return pidfd_id(os.getpid())
+
+
+def pidfd_id(pid: int) -> int | None:
+    """The pidfd id of process ``pid`` (its inode number on pidfs), or None when it cannot be had.
 
     The id is what ``LISTEN_PIDFDID`` carries (systemd v259 and later).  None
     on a 32-bit build (pidfs inode numbers are only unique as 64-bit values,
@@ -74,7 +79,7 @@ def own_pidfd_id() -> int | None:
     if sys.maxsize < 2**32:
         return None
     try:
-        pidfd = os.pidfd_open(os.getpid())
+        pidfd = os.pidfd_open(pid)
     except (OSError, AttributeError):
         return None
     try:
