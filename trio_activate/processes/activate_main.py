@@ -6,7 +6,7 @@ it does per mode (`trio_activate.model.activate_options`):
 - lazy and ``--now``: create the sockets, print where they listen, wait for
   the first connection or datagram (lazy) and exec COMMAND in place with
   them, ``LISTEN_PID`` naming this very process, as systemd-socket-activate;
-- ``--accept``: accept each connection and fork one COMMAND per connection,
+- ``--accept``: accept each connection and spawn one COMMAND per connection,
   the connection at fd 3 with ``LISTEN_FDNAMES=connection`` (or on stdin and
   stdout with ``--inetd``); at ``--max-connections`` children the listening
   sockets are left alone, so further connections wait in the kernel's backlog;
@@ -18,8 +18,9 @@ it does per mode (`trio_activate.model.activate_options`):
 
 SIGTERM or SIGINT stops it: no more accepting or starting, SIGTERM to every
 child, SIGKILL to those still running after ``--grace-period``; then exit 0.
-The forking itself is `trio_activate.system.activate_exec`'s (why a forked
-child may run Python there, and why this process must stay single-threaded).
+Starting the commands is `trio_activate.system.activate_exec`'s (how each
+child is named, why a forked child may run Python, and why this process
+must stay single-threaded).
 
 Resource handling: the sockets this process creates are its own until an
 exec in place hands them to COMMAND; in the forking modes it keeps them for
@@ -91,7 +92,7 @@ def run_activate(options: ActivateOptions, environ: Mapping[str, str]) -> int:
             if options.mode is ActivateMode.LAZY and not _wait_for_first(created, wakeup):
                 _close(created)
                 return EXIT_OK
-            wakeup.close()
+            # exec_in_place resets the signals; the wakeup pipe is close-on-exec.
             names = [item.spec_name for item in created]
             sources = [item.sock.detach() for item in created]
             # From here the sockets are COMMAND's: its own to close, its socket files to keep or remove.
@@ -217,9 +218,9 @@ def _wait_for_first(created: Sequence[CreatedSocket], wakeup: _Signals) -> bool:
     while True:
         for fd, _ in poller.poll():
             if fd != wakeup.read_fd:
-                log.info(
-                    "first %s on %s: starting the command", _first_what(created, fd), _where_fd(created, fd)
-                )
+                if log.isEnabledFor(logging.DEBUG):  # the first answer waits for this line
+                    what, where = _first_what(created, fd), _where_fd(created, fd)
+                    log.debug("first %s on %s: starting the command", what, where)
                 return True
         came = wakeup.take()
         if came.intersection(_STOP_SIGNALS):

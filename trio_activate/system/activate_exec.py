@@ -1,32 +1,37 @@
-"""Starting ``activate``'s COMMAND with its sockets: exec in place, or in a forked child.
+"""Starting ``activate``'s COMMAND with its sockets: in place, spawned per connection, or forked.
 
 Layer 2: syscalls, no trio.
 
-Both ways end as systemd ends a service's start: the sockets at fds 3, 4, ...
-(placed by `activator.place_fds`, safe against the shuffle hazard), or one
-connection on stdin and stdout (``--inetd``); ``LISTEN_FDS``, ``LISTEN_PID``
-and, where the kernel gives one, ``LISTEN_PIDFDID`` naming the process that
-execs, ``LISTEN_FDNAMES`` when names were given; the signal dispositions and
-mask a program expects (Python ignores SIGPIPE and SIGXFSZ, and an ignored
-signal stays ignored across exec: ``cat`` would then live on after its
-reader left); then ``execve``.
+Every way ends as systemd ends a service's start: the sockets at fds 3, 4, ...
+(placed safe against the shuffle hazard), or one connection on stdin and
+stdout (``--inetd``); ``LISTEN_FDS``, ``LISTEN_PID`` and, where the kernel
+gives one, ``LISTEN_PIDFDID`` naming the process that execs, and
+``LISTEN_FDNAMES`` when names were given; the signal dispositions and mask a
+program expects (Python ignores SIGPIPE and SIGXFSZ, and an ignored signal
+stays ignored across exec: ``cat`` would then live on after its reader
+left); then ``execve``.  The ways:
 
-Why a child runs Python between fork and exec: ``LISTEN_PID`` must be the
-child's own PID, known only after the fork, and ``LISTEN_PIDFDID`` its own
-pidfd id, known only in the child.  A trampoline (``sh -c 'LISTEN_PID=$$
-exec ...'``) gives no pidfd id and costs a shell per start.  Python after
-fork is safe when the process had one thread at the fork: no other thread
-can have held a lock (the allocator's, the import lock) that the child
-would inherit held and wait on forever.  ``activate`` never starts a thread
-(its file watcher is a process of its own for that reason), and
-`fork_command` checks ``/proc/self/task`` before every fork rather than
-trust that: a thread that a ``sitecustomize`` started would turn it into an
-error, not a hang.  The child does only what the exec needs: reset
-signals, place fds, build the environment, exec; any failure is one line
-on stderr and exit status 127, as a shell's for a command it cannot run.
+- `exec_in_place` (lazy and ``--now``): this process becomes COMMAND, so
+  its own PID and pidfd id are the ones to set;
+- `spawn_inetd` and `spawn_connection` (``--accept``): ``posix_spawn``,
+  cheap enough for a process per connection (see each for how the child
+  is named without Python in it);
+- `fork_command` (``--restart``): a fork, and Python in the child, which
+  sets its own ``LISTEN_PID`` and ``LISTEN_PIDFDID`` before it execs.
+
+Why Python in a forked child is safe here: it is when the process had one
+thread at the fork, as no other thread can have held a lock (the
+allocator's, the import lock) that the child would inherit held and wait on
+forever.  ``activate`` never starts a thread (its file watcher is a process
+of its own for that reason), and `fork_command` checks ``/proc/self/task``
+before every fork rather than trust that: a thread that a ``sitecustomize``
+started would turn it into an error, not a hang.  The child does only what
+the exec needs: reset signals, place fds, build the environment, exec; any
+failure is one line on stderr and exit status 127, as a shell's for a
+command it cannot run.
 
 Resource handling: the callers own the source fds; `exec_in_place` closes
-them once placed (it is committed from then on), `fork_command` leaves the
+them once placed (it is committed from then on); the others leave the
 parent's untouched (the child's copies go with its exec).
 """
 
@@ -224,13 +229,11 @@ def fork_command(
     *,
     names_given: bool,
     environ: Mapping[str, str],
-    inetd: bool = False,
 ) -> int:
-    """Fork a child that execs ``argv`` with ``sources`` at fds 3.. (or ``sources[0]`` on 0 and 1); its PID.
+    """Fork a child that execs ``argv`` with ``sources`` at fds 3..; its PID.
 
     ``LISTEN_PID`` and ``LISTEN_PIDFDID`` name the child, set by the child
-    itself (see the module's docstring); with ``inetd`` no ``LISTEN_*`` is
-    set, as inetd and systemd-socket-activate do.  The activator's signals
+    itself (see the module's docstring).  The activator's signals
     are blocked across the fork, so none runs its handler in the child before
     the child has reset them.
 
@@ -247,7 +250,7 @@ def fork_command(
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
         raise ActivationError(f"activate: cannot fork: {exc.strerror or exc}") from None
     if pid == 0:
-        _run_child(path, argv, sources, names, names_given=names_given, env=env, inetd=inetd)
+        _run_child(path, argv, sources, names, names_given=names_given, env=env)
     signal.pthread_sigmask(signal.SIG_SETMASK, held)
     return pid
 
@@ -260,7 +263,6 @@ def _run_child(
     *,
     names_given: bool,
     env: dict[str, str],
-    inetd: bool,
 ) -> NoReturn:
     """In the forked child: what systemd does between fork and exec.  Never returns."""
     try:
@@ -268,12 +270,8 @@ def _run_child(
             signal.set_wakeup_fd(-1)  # before any fd is placed: it may be a number placed over
             for signum in _RESET:
                 signal.signal(signum, signal.SIG_DFL)
-            if inetd:
-                os.dup2(sources[0], 0)
-                os.dup2(sources[0], 1)
-            else:
-                place_fds(sources)
-                env.update(listen_environment(len(sources), names, names_given=names_given))
+            place_fds(sources)
+            env.update(listen_environment(len(sources), names, names_given=names_given))
             # Last: a SIGTERM that waited now takes its default action, as it would after the exec.
             signal.pthread_sigmask(signal.SIG_SETMASK, ())
             os.execve(path, list(argv), env)
