@@ -271,3 +271,45 @@ def test_asgi_refuses_unknown_parts() -> None:
     )
     assert done.returncode != 0
     assert "nonsense" in done.stderr
+
+
+ACTIVATE = BENCH / "activate.py"
+
+
+def test_activate_quick_run_sets_both_activators_side_by_side_on_the_same_commands(tmp_path: Path) -> None:
+    """``activate.py --quick``: ``--accept`` rates (``--inetd`` and ``LISTEN_FDS``) and the lazy first
+    answer of ``trio-activate activate`` and ``systemd-socket-activate``, every connection answered
+    (a behaviour; no timing is asserted)."""
+    if shutil.which("systemd-socket-activate") is None:
+        pytest.skip("systemd-socket-activate not installed (apt-get install systemd)")
+    out = tmp_path / "activate.json"
+    done = subprocess.run(
+        [sys.executable, str(ACTIVATE), "--quick", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| part | figure | trio-activate activate | systemd-socket-activate |" in done.stdout
+    data = json.loads(out.read_text())
+    lines = data["lines"]
+    assert [line["part"] for line in lines] == [
+        "accept --inetd /bin/echo hello",
+        "accept --inetd /bin/echo hello",
+        "accept /bin/sh -c echo hello >&3",
+        "accept /bin/sh -c echo hello >&3",
+        "lazy",
+    ]
+    for line in (lines[0], lines[2]):
+        assert line["notes"] == []  # no connection failed
+        assert all(rate > 0 for rates in line["data"]["rates"].values() for rate in rates)
+    assert all(len(times) == 3 for times in lines[4]["data"]["times_ms"].values())
+
+
+def test_activate_refuses_unknown_parts() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ACTIVATE), "--only", "lazy,nonsense"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0
+    assert "nonsense" in done.stderr
