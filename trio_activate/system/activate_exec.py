@@ -11,8 +11,8 @@ program expects (Python ignores SIGPIPE and SIGXFSZ, and an ignored signal
 stays ignored across exec: ``cat`` would then live on after its reader
 left); then ``execve``.  The ways:
 
-- `exec_in_place` (lazy and ``--now``): this process becomes COMMAND, so
-  its own PID and pidfd id are the ones to set;
+- `place_for_exec` and `exec_placed` (lazy and ``--now``): this process
+  becomes COMMAND, so its own PID and pidfd id are the ones to set;
 - `spawn_inetd` and `spawn_connection` (``--accept``): ``posix_spawn``,
   cheap enough for a process per connection (see each for how the child
   is named without Python in it);
@@ -30,9 +30,9 @@ the exec needs: reset signals, place fds, build the environment, exec; any
 failure is one line on stderr and exit status 127, as a shell's for a
 command it cannot run.
 
-Resource handling: the callers own the source fds; `exec_in_place` closes
-them once placed (it is committed from then on); the others leave the
-parent's untouched (the child's copies go with its exec).
+Resource handling: the callers own the source fds; `place_for_exec` closes
+them once placed (the placed ones are the caller's, for the exec); the
+others leave the parent's untouched (the child's copies go with its exec).
 """
 
 from __future__ import annotations
@@ -53,8 +53,10 @@ from .fds import close_all, own_pidfd_id, pidfd_id
 
 __all__ = [
     "command_path",
-    "exec_in_place",
+    "exec_placed",
     "fork_command",
+    "listen_environment",
+    "place_for_exec",
     "reset_signals_for_exec",
     "spawn_connection",
     "spawn_inetd",
@@ -116,30 +118,28 @@ def reset_signals_for_exec() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
-def exec_in_place(
-    path: str,
-    argv: Sequence[str],
-    sources: Sequence[int],
-    names: Sequence[str],
-    *,
-    names_given: bool,
-    environ: Mapping[str, str],
-) -> NoReturn:
-    """Place ``sources`` at fds 3.., set ``LISTEN_*`` for this process, and exec (same PID).
+def place_for_exec(sources: Sequence[int]) -> range:
+    """Place ``sources`` at fds 3.. (safe against the shuffle hazard) and close them; the placed numbers.
 
-    Error handling: if the exec fails, the placed fds are closed and an
-    `ActivationError` says why; the sources are closed either way.
+    The placed fds are the caller's from then on, inheritable: the exec
+    passes them.  If placing fails, the sources are left open for the caller.
     """
     placed = range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + len(sources))
     place_fds(sources)
     close_all(partial(os.close, fd) for fd in sources if fd not in placed)
-    env = dict(environ)
-    env.update(listen_environment(len(sources), names, names_given=names_given))
+    return placed
+
+
+def exec_placed(path: str, argv: Sequence[str], environ: Mapping[str, str]) -> NoReturn:
+    """Exec in place (same PID), the fds already placed and ``LISTEN_*`` in ``environ``, signals reset.
+
+    Error handling: `ActivationError` when the exec fails; the placed fds
+    are left to the caller, who removes the socket files they pin first.
+    """
     reset_signals_for_exec()
     try:
-        os.execve(path, list(argv), env)
+        os.execve(path, list(argv), environ)
     except OSError as exc:
-        close_all(partial(os.close, fd) for fd in placed)
         raise ActivationError(f"activate: cannot run {path}: {exc.strerror or exc}") from None
 
 
