@@ -82,6 +82,9 @@ def run_activate(options: ActivateOptions, environ: Mapping[str, str]) -> int:
     """
     env = child_environment(environ, options.setenv)
     path = command_path(options.command[0], env)
+    # Held until the handlers are in place (`_Signals`): a SIGTERM from here on must find the
+    # sockets and their files to clean up, not kill the process between them.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
     created = _create(options)
     if options.mode in (ActivateMode.LAZY, ActivateMode.NOW):
         return _start_in_place(created, options, path, env)
@@ -128,6 +131,12 @@ def _start_in_place(
                 wakeup.close()
                 _abandon(created, placed)
                 return EXIT_OK
+        elif signal.sigpending().intersection(_STOP_SIGNALS):
+            # --now: a stop that came while the sockets were made; the exec's unblocking would
+            # let it kill this process with the socket files still there.
+            log.info("stopped before the command started; nothing started")
+            _abandon(created, placed)
+            return EXIT_OK
         exec_placed(path, options.command, exec_env)
     except BaseException:
         _abandon(created, placed)
