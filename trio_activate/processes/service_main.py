@@ -94,7 +94,9 @@ def _run_service(
     takeover: TakenOver | None = None,
 ) -> int:
     _log_banner(manifest, owned)
-    fresh_code = os.environ.pop(FRESH_CODE_VARIABLE, None) is not None
+    # A reload's process, or a takeover's (a new release): the code on disk, not a cached .pyc
+    # that a file rewritten within the same second, at the same size, would leave looking current.
+    fresh_code = os.environ.pop(FRESH_CODE_VARIABLE, None) is not None or takeover is not None
     # The user's code runs here: a stop asked for meanwhile stops the start (StartInterrupted).
     with interruptible_start():
         handlers = load_handlers(manifest, fresh_bytecode=fresh_code)

@@ -88,6 +88,9 @@ class WorkerCommand:
     argv: Sequence[str]
     sockets: Sequence[tuple[int, str]]
     dev: bool = False
+    fresh_code: bool = False
+    """Every worker imports the project's modules from source, the first generation's too (a
+    supervisor that took a running service over: a new release, as a reload's)."""
 
 
 def worker_argv(
@@ -172,7 +175,7 @@ async def spawn_worker(
     env["NOTIFY_SOCKET"] = notify_socket
     if command.dev:
         env[DEV_VARIABLE] = "1"
-    if command.dev or fresh_code:
+    if command.dev or command.fresh_code or fresh_code:
         env[FRESH_CODE_VARIABLE] = "1"
     env.update(extra_env or {})
     process = await trio.lowlevel.open_process(

@@ -120,7 +120,8 @@ def _run_supervisor(
 ) -> int:
     sockets = _fds_of(owned)
     argv = worker_argv(str(manifest_path.absolute()), log_level, log_format, overrides=overrides)
-    command = WorkerCommand(argv, sockets, dev=bool(watch))
+    # A takeover starts a new release, as a reload does: the code on disk, not a cached .pyc.
+    command = WorkerCommand(argv, sockets, dev=bool(watch), fresh_code=takeover is not None)
     spawner = GenerationSpawner(command, dict(os.environ))
     follow = FollowManifest(manifest, manifest_path, owned, spawner, overrides) if watch else None
     try:
