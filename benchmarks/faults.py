@@ -1,8 +1,8 @@
 """What the runtime guarantees under faults, measured: fds, reloads, killed workers, EMFILE.
 
-    python benchmarks/faults.py [--only fds,reloads,kills,stops,emfile] [--quick] [--workdir DIR]
+    python benchmarks/faults.py [--only fds,reloads,kills,stops,emfile,takeovers] [--quick] [--workdir DIR]
 
-Five parts, each against ``trio_activate.examples:hello_http`` on 127.0.0.1:
+Six parts, each against ``trio_activate.examples:hello_http`` on 127.0.0.1:
 
 fds      ``serve`` (one process) takes 50,000 mixed connections twice: normal
          requests, keep-alive requests, resets (``SO_LINGER`` 0) before and
@@ -29,6 +29,10 @@ emfile   ``serve`` under ``prlimit --nofile``: idle keep-alive connections
          until ``accept()`` fails with EMFILE, then the server's CPU while it
          is out of fds, and the time from closing one client to the answer
          of a connection queued in the backlog.
+takeovers ``serve`` (one process, a control socket) under wrk load; 20 times
+         a new process, started here and not by the old one, takes the
+         sockets over (``serve --takeover``) while the load runs.  Failed
+         requests, each new process confirmed and the old one exited 0.
 
 Bounded: every load has a count or a time limit, every socket a timeout;
 every process started here runs in its own session and is stopped with its
@@ -75,7 +79,7 @@ from harness import (
     wrk_in_background,
 )
 
-PARTS = ("fds", "reloads", "kills", "stops", "emfile")
+PARTS = ("fds", "reloads", "kills", "stops", "emfile", "takeovers")
 TIMEOUT = 5.0  # every client socket
 LOG_TIMEOUT = 15.0  # a reload's outcome, a worker's readiness
 GRACE_PERIOD = 0.5
@@ -101,10 +105,11 @@ class Sizes:
     emfile_trials: int
     idle_cpu_seconds: float
     loads: tuple[bool, ...]  # close?
+    takeovers: int = 20
 
 
 FULL = Sizes(50_000, 2_000, 20, 30, 0.5, 5, 3.0, (True, False))
-QUICK = Sizes(400, 100, 2, 2, 0.5, 1, 0.5, (True,))
+QUICK = Sizes(400, 100, 2, 2, 0.5, 1, 0.5, (True,), takeovers=2)
 
 
 def progress(message: str) -> None:
@@ -381,6 +386,102 @@ def reloads_under_load(sizes: Sizes, workdir: Path, wrk: str, close: bool) -> Fi
     )
 
 
+# --- takeovers: a new process takes the sockets over, 20 times --------------------------------------
+
+
+CONFIRMED = "takeover: process {pid} confirmed"
+
+
+def takeovers_under_load(sizes: Sizes, workdir: Path, wrk: str, close: bool) -> Figure:
+    folder = Path(tempfile.mkdtemp(prefix="takeovers-", dir=workdir))
+    command = trio_activate_argv()
+    manifest = folder / "takeovers.toml"
+    control = folder / "ctl.sock"
+
+    def argv(port: int, wd: Path) -> list[str]:
+        manifest.write_text(
+            f'[service]\nname = "takeovers"\ngrace-period = {GRACE_PERIOD}\ncontrol = "ctl.sock"\n\n'
+            f'[sockets.http]\nlisten = "{HOST}:{port}"\n\n'
+            '[handlers.http]\nsocket = "http"\ncall = "trio_activate.examples:hello_http"\n'
+        )
+        return [*command, "serve", str(manifest)]
+
+    wrong: list[str] = []
+    started: list[subprocess.Popen[bytes]] = []
+    with Servers() as servers:
+        server = start(servers, folder, "serve", argv)
+        limit = int(sizes.takeovers * (LOG_TIMEOUT + 1) + 10)
+        try:
+            with wrk_in_background(
+                wrk, server.port, limit=limit, connections=50, close=close, cpus=None
+            ) as finish:
+                time.sleep(0.5)
+                old = server.pid
+                for number in range(1, sizes.takeovers + 1):
+                    log_path = folder / f"new-{number}.log"
+                    with log_path.open("wb") as log_file:
+                        process = subprocess.Popen(
+                            [*command, "serve", str(manifest), "--takeover", str(control)],
+                            stdin=subprocess.DEVNULL,
+                            stdout=log_file,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                        )
+                    started.append(process)
+                    deadline = time.monotonic() + LOG_TIMEOUT
+                    while CONFIRMED.format(pid=old) not in log_path.read_text(errors="replace"):
+                        if process.poll() is not None or time.monotonic() > deadline:
+                            wrong.append(f"takeover {number}: not confirmed ({process.poll()})")
+                            break
+                        time.sleep(0.01)
+                    else:
+                        if not _exited(old, LOG_TIMEOUT):
+                            wrong.append(f"takeover {number}: process {old} did not exit")
+                        old = process.pid
+                    time.sleep(0.3)
+                result = finish()
+            try:
+                if b" 200 " not in http_get(server.port).split(b"\r\n", 1)[0] + b" ":
+                    wrong.append("the last process does not answer 200")
+            except OSError as exc:
+                wrong.append(f"nothing serves after the last takeover: {exc}")
+        finally:
+            for process in started:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=TIMEOUT)
+    shutil.rmtree(folder, ignore_errors=True)
+    progress(f"takeovers, {load_name(close)}: {result.failed} failed of {result.requests:,}")
+    notes = [
+        f"{result.requests:,} requests in {result.seconds:.1f}s; errors: {errors_text(result)}",
+        f"{sizes.takeovers} takeovers: each new process confirmed and each old one exited"
+        if not wrong
+        else "UNEXPECTED: " + "; ".join(wrong),
+    ]
+    return Figure(
+        "takeovers",
+        f"failed requests, {load_name(close)} load",
+        "0",
+        str(result.failed),
+        result.failed == 0 and not wrong,
+        notes,
+    )
+
+
+def _exited(pid: int, timeout: float) -> bool:
+    """Whether ``pid`` is gone (or a zombie: the old process is the harness's child) within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rpartition(")")[2].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.01)
+    return False
+
+
 # --- kills and stops: SIGKILL or SIGTERM to one worker every 0.5 s ------------------------------------
 
 
@@ -620,8 +721,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; expected {', '.join(PARTS)}")
     sizes = QUICK if args.quick else FULL
-    if args.wrk is None and {"reloads", "kills", "stops"} & set(parts):
-        parser.error("reloads, kills and stops need wrk: apt-get install wrk")
+    if args.wrk is None and {"reloads", "kills", "stops", "takeovers"} & set(parts):
+        parser.error("reloads, kills, stops and takeovers need wrk: apt-get install wrk")
     figures: list[Figure] = []
     failed = False
     with contextlib.ExitStack() as stack:
@@ -635,9 +736,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 elif part == "emfile":
                     figures += run_emfile(sizes, workdir)
                 else:
-                    run = {"reloads": reloads_under_load, "kills": kills_under_load}.get(
-                        part, stops_under_load
-                    )
+                    run = {
+                        "reloads": reloads_under_load,
+                        "kills": kills_under_load,
+                        "takeovers": takeovers_under_load,
+                    }.get(part, stops_under_load)
                     figures += [run(sizes, workdir, args.wrk, close) for close in sizes.loads]
             except BenchError as exc:
                 failed = True
