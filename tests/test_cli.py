@@ -243,3 +243,41 @@ def test_check_says_when_the_import_ends_the_process(tmp_path: Path) -> None:
         "trio-activate: svc.toml: importing the handlers ended the process with status 7 "
         "before they were checked"
     )
+
+
+def test_a_start_out_of_fds_is_one_line_and_leaves_no_socket_file(short_dir: Path) -> None:
+    """``prlimit --nofile=N`` from too few to start up to enough to serve: every start that fails
+    in this package says so in one line, exit 1, and removes the socket file it made (remove-on-stop
+    or not).  Below some N the interpreter itself cannot start; that is not ours to word."""
+    import shutil
+    import time
+
+    prlimit = shutil.which("prlimit")
+    if prlimit is None:
+        pytest.skip("needs prlimit (util-linux)")
+    manifest = short_dir / "em.toml"
+    manifest.write_text(
+        '[service]\nname = "em"\n[sockets.u]\nlisten = "./u.sock"\n'
+        '[handlers.u]\nsocket = "u"\ncall = "trio_activate.examples:echo"\n'
+    )
+    ours = 0
+    for limit in range(3, 40):
+        argv = [prlimit, f"--nofile={limit}:{limit}", *TRIO_ACTIVATE, "serve", str(manifest)]
+        with started(argv, cwd=short_dir) as run:
+            deadline = time.monotonic() + 20
+            while "ready: " not in run.log and run.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if "ready: " in run.log:
+                assert run.stop() == 0
+                break
+            assert run.wait() != 0, run.log
+            assert not (short_dir / "u.sock").exists(), f"--nofile={limit}: the socket file is left"
+            if "Fatal Python error: init_" in run.log or "error while loading shared libraries" in run.log:
+                continue  # the interpreter's own start-up (the loader, site), before this package's code
+            assert run.returncode == 1, run.log
+            assert "Traceback" not in run.log, run.log
+            assert run.log.splitlines()[-1].startswith("trio-activate: out of file descriptors"), run.log
+            ours += 1
+    else:
+        pytest.fail("no limit up to 40 fds let it serve")
+    assert ours >= 2, "starts that failed in this package's code, past the interpreter's"

@@ -646,7 +646,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else:
             owned.never_started()
         return EXIT_OK
-    except ActivationError as exc:
+    except (ActivationError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        # A start that failed, for a configuration error or for want of fds (one line, from main).
         if taken is not None:
             taken.fail(str(exc))
         if is_worker:
