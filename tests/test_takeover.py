@@ -737,3 +737,34 @@ def test_a_reload_during_a_takeover_wins_and_the_new_release_stops(short_dir: Pa
         os.kill(successor, signal.SIGTERM)
         assert reaper.wait_exit(successor) == 0
     assert not (short_dir / "app.sock").exists()
+
+
+def test_pid_1_of_a_namespace_refuses_to_give_its_sockets_away(short_dir: Path) -> None:
+    """A container's init that gave its sockets away and exited would end the PID namespace, and
+    the new process in it: it refuses, and serves on."""
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or unshare is None:
+        pytest.skip("needs root and unshare")
+    write_handler(short_dir, "v1")
+    manifest = _manifest(short_dir)
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
+    argv = [unshare, "--pid", "--fork", "--mount-proc", *TRIO_ACTIVATE, "serve", str(manifest)]
+    with started(argv, cwd=short_dir, env=env) as old:
+        port = old.port()
+        old.wait_for(r"trio-activate\[1\]: info: ready: ")
+        refused = subprocess.run(
+            [*TRIO_ACTIVATE, "serve", str(manifest), "--takeover", str(short_dir / "ctl.sock")],
+            cwd=short_dir,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode == 2, refused.stderr
+        assert one_line_error(refused.stderr).endswith(
+            "refused: this process is PID 1 of its namespace; its exit would end the new process too"
+        )
+        old.wait_for(
+            r"trio-activate\[1\]: warning: control: .* asks for the sockets: refused: this process is PID 1"
+        )
+        assert ask(loopback(port), "after").version == "v1"
+        assert old.poll() is None

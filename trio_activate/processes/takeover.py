@@ -52,7 +52,7 @@ def giving_away(
 
     async def takeover(conn: trio.socket.SocketType, pid: int, who: str) -> None:
         nonlocal giving
-        problem = busy() or ("another takeover is under way" if giving else None)
+        problem = _cannot_give(giving) or busy()
         if problem is not None:
             log.warning("control: %s asks for the sockets: refused: %s", who, problem)
             await _refuse(conn, problem)
@@ -95,6 +95,15 @@ def giving_away(
         stop()
 
     return takeover
+
+
+def _cannot_give(giving: bool) -> str | None:
+    if os.getpid() == 1:
+        # A container's init: its exit would end the PID namespace, and the new process with it.
+        return "this process is PID 1 of its namespace; its exit would end the new process too"
+    if giving:
+        return "another takeover is under way"
+    return None
 
 
 async def confirm(taken: TakenOver, operated: Operated) -> bool:
