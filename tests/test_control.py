@@ -13,12 +13,10 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,9 @@ from helpers import (
     Reaper,
     app_manifest,
     ask,
+    control_as_nobody,
     loopback,
+    open_fds,
     run_cli,
     running,
     wait_until,
@@ -53,10 +53,6 @@ def _status(*target: str) -> dict[str, Any]:
     assert result.stderr == ""
     document: dict[str, Any] = json.loads(result.stdout)
     return document
-
-
-def _fds(pid: int) -> set[str]:
-    return {f"{fd.name} {os.readlink(fd)}" for fd in Path(f"/proc/{pid}/fd").iterdir()}
 
 
 def test_single_process_status_reload_wait_and_pid_file_across_a_hand_over(
@@ -208,54 +204,16 @@ def test_dev_status_and_reload_wait(short_dir: Path) -> None:
     assert not control.exists()
 
 
-def _python_for_nobody() -> str:
-    """An interpreter another user can run (not one under a folder only root reaches)."""
-    for candidate in ("/usr/bin/python3", shutil.which("python3"), os.path.realpath(sys.executable)):
-        if candidate and os.access(candidate, os.X_OK) and os.stat(candidate).st_mode & 0o001:
-            return candidate
-    pytest.skip("no interpreter that nobody may run")
-
-
-CLIENT = """
-import socket, sys
-sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-sock.settimeout(10)
-sock.connect(sys.argv[1].encode().replace(b"@", b"\\0", 1))
-try:
-    sock.sendall(b'{"op": "reload"}\\n')
-except BrokenPipeError:
-    pass  # refused before the request went out: the answer is there to read
-print(sock.recv(4096).decode().strip())
-"""
-
-
 def test_a_peer_of_another_uid_is_refused_and_the_service_serves_on(short_dir: Path) -> None:
     """The abstract name has no file mode to keep anyone out: the SO_PEERCRED check does."""
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv")
     manifest = _manifest(short_dir, keys='control = "ctl.sock"\n')
     with running("serve", manifest, cwd=short_dir) as service:
         port = service.port()
         service.wait_for(r"ready: ")
         address = "@" + abstract_name(service.pid)[1:].decode()
-        before = _fds(service.pid)
+        before = open_fds(service.pid)
         since = service.mark()
-        refused = subprocess.run(
-            [
-                "setpriv",
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                _python_for_nobody(),
-                "-I",
-                "-c",
-                CLIENT,
-                address,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
+        refused = control_as_nobody(address, "reload")
         assert refused.returncode == 0, refused.stderr
         answer = json.loads(refused.stdout)
         assert answer == {"ok": False, "error": "permission denied: only the service's user and root"}
@@ -265,7 +223,7 @@ def test_a_peer_of_another_uid_is_refused_and_the_service_serves_on(short_dir: P
         assert int(line[1]) != service.pid
         assert service.count(r"control: ", since=since) == 1
         assert ask(loopback(port), "after") == Answer(service.pid, "v1"), "no reload happened, it serves on"
-        wait_until(lambda: _fds(service.pid) == before, what="the refused connection's fd closed")
+        wait_until(lambda: open_fds(service.pid) == before, what="the refused connection's fd closed")
         assert _status(str(service.pid))["reloads"] == 0
 
 
@@ -277,7 +235,7 @@ def test_malformed_oversized_early_closed_and_silent_requests_are_one_line_each_
     with running("serve", manifest, cwd=short_dir) as service:
         port = service.port()
         service.wait_for(r"ready: ")
-        before = _fds(service.pid)
+        before = open_fds(service.pid)
         since = service.mark()
         with socket.socket(socket.AF_UNIX) as silent:
             silent.settimeout(15)
@@ -334,7 +292,7 @@ def test_malformed_oversized_early_closed_and_silent_requests_are_one_line_each_
             "sent no full request within 5s",
         ):
             assert sum(what in line for line in warnings) == 1, (what, warnings)
-        wait_until(lambda: _fds(service.pid) == before, what="every control connection's fd closed")
+        wait_until(lambda: open_fds(service.pid) == before, what="every control connection's fd closed")
         assert ask(loopback(port), "after") == Answer(service.pid, "v1")
         assert service.stop() == 0
 

@@ -102,6 +102,33 @@ def listening_addresses(process: Process) -> dict[str, list[object]]:
     return found
 
 
+@contextlib.contextmanager
+def passed_back(short_dir: Path, manifest: Path, ports: dict[str, int]) -> Iterator[Process]:
+    """The service started as a manager passes back its store: the real systemd-socket-activate,
+    with a socket on 127.0.0.1 for each of ``ports`` under its name, execing it on a first
+    connection to the first one (an echo, answered)."""
+    peer = require_peer("systemd-socket-activate")
+    listen = [arg for port in ports.values() for arg in ("-l", f"127.0.0.1:{port}")]
+    notify = f"NOTIFY_SOCKET={short_dir / 'notify.sock'}"
+    command = [
+        peer,
+        *listen,
+        f"--fdname={':'.join(ports)}",
+        "-E",
+        notify,
+        *TRIO_ACTIVATE,
+        "serve",
+        str(manifest),
+    ]
+    with started(command, env=clean_env()) as process:
+        process.wait_for_text("Listening on")
+        # The first connection makes systemd-socket-activate exec the service.
+        with socket.create_connection(("127.0.0.1", next(iter(ports.values()))), timeout=10) as client:
+            client.sendall(b"hello\n")
+            assert client.recv(100) == b"hello\n"
+        yield process
+
+
 @pytest.mark.parametrize("args", [(), ("--supervise",)], ids=["single", "supervisor"])
 def test_sockets_the_service_made_go_to_the_store_once_just_before_ready(
     manager: socket.socket, short_dir: Path, args: tuple[str, ...]
@@ -150,7 +177,6 @@ def test_passed_sockets_are_never_stored_and_names_the_manifest_dropped_are_remo
 ) -> None:
     """A name passed back that the manifest no longer declares: FDSTOREREMOVE=1 for it, and its
     fd closed (nobody listens there any more); the declared ones were passed, so kept, not stored."""
-    peer = require_peer("systemd-socket-activate")
     web, old = free_port(), free_port()
     manifest = write_manifest(
         short_dir,
@@ -166,25 +192,7 @@ def test_passed_sockets_are_never_stored_and_names_the_manifest_dropped_are_remo
         call = "trio_activate.examples:echo"
         """,
     )
-    command = [
-        peer,
-        "-l",
-        f"127.0.0.1:{web}",
-        "-l",
-        f"127.0.0.1:{old}",
-        "--fdname=web:old",
-        "-E",
-        f"NOTIFY_SOCKET={short_dir / 'notify.sock'}",
-        *TRIO_ACTIVATE,
-        "serve",
-        str(manifest),
-    ]
-    with started(command, env=clean_env()) as process:
-        process.wait_for_text("Listening on")
-        # The first connection makes systemd-socket-activate exec the service.
-        with socket.create_connection(("127.0.0.1", web), timeout=10) as client:
-            client.sendall(b"hello\n")
-            assert client.recv(100) == b"hello\n"
+    with passed_back(short_dir, manifest, {"web": web, "old": old}) as process:
         messages = messages_until_ready(manager)
         close_all(messages)
         assert [data for _, data, _ in messages[:-1]] == [b"FDSTOREREMOVE=1\nFDNAME=old"]
@@ -201,7 +209,6 @@ def test_a_socket_added_to_the_manifest_since_the_store_was_filled_is_created_an
 ) -> None:
     """The store passes back what an older manifest declared: the socket added since is made here,
     served, and stored (FDSTORE=1 with its fd); the passed one is not stored again."""
-    peer = require_peer("systemd-socket-activate")
     web = free_port()
     manifest = write_manifest(
         short_dir,
@@ -220,22 +227,7 @@ def test_a_socket_added_to_the_manifest_since_the_store_was_filled_is_created_an
         call = "trio_activate.examples:echo"
         """,
     )
-    command = [
-        peer,
-        "-l",
-        f"127.0.0.1:{web}",
-        "--fdname=web",
-        "-E",
-        f"NOTIFY_SOCKET={short_dir / 'notify.sock'}",
-        *TRIO_ACTIVATE,
-        "serve",
-        str(manifest),
-    ]
-    with started(command, env=clean_env()) as process:
-        process.wait_for_text("Listening on")
-        with socket.create_connection(("127.0.0.1", web), timeout=10) as client:
-            client.sendall(b"hello\n")
-            assert client.recv(100) == b"hello\n"
+    with passed_back(short_dir, manifest, {"web": web}) as process:
         messages = messages_until_ready(manager)
         try:
             stored = [(data, fds) for _, data, fds in messages if b"FDSTORE=1" in data.splitlines()]

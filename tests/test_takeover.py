@@ -30,9 +30,11 @@ from helpers import (
     Process,
     Reaper,
     ask,
+    control_as_nobody,
     is_gone,
     loopback,
     one_line_error,
+    open_fds,
     run_cli,
     started,
     wait_until,
@@ -79,17 +81,8 @@ def _manifest(folder: Path, *, port: int = 0, workers: int = 1, more: str = "") 
     return write_manifest(folder, MANIFEST.format(port=port, workers=workers, more=more), name="app.toml")
 
 
-def _fds(pid: int | str) -> set[str]:
-    """Each open fd and what it is; for ``"self"`` without the listing's own fd."""
-    found = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(FileNotFoundError):
-            found.add(f"{fd.name} {os.readlink(fd)}")
-    return found
-
-
 def _sockets_of(pid: int) -> int:
-    return sum("socket:" in fd for fd in _fds(pid))
+    return sum("socket:" in fd for fd in open_fds(pid))
 
 
 def _status(control: Path) -> dict[str, Any]:
@@ -97,6 +90,23 @@ def _status(control: Path) -> dict[str, Any]:
     assert result.returncode == 0, result.stderr
     document: dict[str, Any] = json.loads(result.stdout)
     return document
+
+
+def _release_calling(folder: Path, manifest: Path, call: str, name: str) -> Path:
+    """A copy of `manifest`, as `name`, whose first handler calls `call` instead of ``app:handle``."""
+    text = manifest.read_text().replace('call = "app:handle"', f'call = "{call}"', 1)
+    return write_manifest(folder, text, name=name)
+
+
+def _take_over_once(folder: Path, manifest: Path, *prefix: str) -> subprocess.CompletedProcess[str]:
+    """``serve --takeover`` run to its end (one that fails or is refused), after `prefix` (prlimit)."""
+    return subprocess.run(
+        [*prefix, *TRIO_ACTIVATE, "serve", str(manifest), "--takeover", str(folder / "ctl.sock")],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def _new_release(folder: Path, version: str) -> None:
@@ -233,28 +243,18 @@ def test_a_new_release_that_adds_and_drops_sockets_creates_and_closes_them(short
     assert not (short_dir / "app.sock").exists()
 
 
-def test_a_new_release_that_cannot_start_leaves_the_old_one_serving_with_the_same_fds(
+def test_a_new_release_that_cannot_start_leaves_the_old_one_serving_with_the_sameopen_fds(
     short_dir: Path,
 ) -> None:
     write_handler(short_dir, "v1")
     manifest = _manifest(short_dir)
-    broken = write_manifest(
-        short_dir,
-        manifest.read_text().replace('call = "app:handle"', 'call = "missing_module:handle"', 1),
-        name="broken.toml",
-    )
+    broken = _release_calling(short_dir, manifest, "missing_module:handle", "broken.toml")
     with _serve(short_dir, manifest) as old:
         port = old.port()
         old.wait_for(r"ready: ")
-        before = _fds(old.pid)
+        before = open_fds(old.pid)
         since = old.mark()
-        failed = subprocess.run(
-            [*TRIO_ACTIVATE, "serve", str(broken), "--takeover", str(short_dir / "ctl.sock")],
-            cwd=short_dir,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        failed = _take_over_once(short_dir, broken)
         assert failed.returncode != 0
         assert "Traceback" not in failed.stderr
         assert "cannot import 'missing_module'" in failed.stderr.splitlines()[-1], failed.stderr
@@ -266,7 +266,7 @@ def test_a_new_release_that_cannot_start_leaves_the_old_one_serving_with_the_sam
         )
         assert ask(loopback(port), "after").pid == old.pid
         assert ask(short_dir / "app.sock", "local").pid == old.pid
-        wait_until(lambda: _fds(old.pid) == before, what="the old process's fds as before")
+        wait_until(lambda: open_fds(old.pid) == before, what="the old process's fds as before")
         assert _status(short_dir / "ctl.sock")["reloads"] == 0
         # And the next takeover, by a release that starts, goes through.
         with _take_over(short_dir, manifest) as new:
@@ -281,13 +281,7 @@ def test_a_dev_run_and_a_busy_service_refuse_and_serve_on(short_dir: Path) -> No
     with started([*TRIO_ACTIVATE, "dev", str(manifest)], cwd=short_dir) as dev:
         port = dev.port()
         dev.wait_for(r"ready: ")
-        refused = subprocess.run(
-            [*TRIO_ACTIVATE, "serve", str(manifest), "--takeover", str(short_dir / "ctl.sock")],
-            cwd=short_dir,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        refused = _take_over_once(short_dir, manifest)
         assert refused.returncode != 0
         assert one_line_error(refused.stderr).endswith("refused: a dev run does not give its sockets away")
         assert ask(loopback(port), "after").version == "v1"
@@ -295,36 +289,13 @@ def test_a_dev_run_and_a_busy_service_refuse_and_serve_on(short_dir: Path) -> No
 
 
 def test_a_peer_of_another_uid_is_refused_and_gets_no_fd(short_dir: Path) -> None:
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv")
-    from test_control import CLIENT, _python_for_nobody
-
     write_handler(short_dir, "v1")
     with _serve(short_dir, _manifest(short_dir)) as old:
         port = old.port()
         old.wait_for(r"ready: ")
-        before = _fds(old.pid)
+        before = open_fds(old.pid)
         since = old.mark()
-        client = CLIENT.replace('{"op": "reload"}', '{"op": "takeover"}')
-        client = client.replace(
-            "print(sock.recv(4096)", "data, anc, _, _ = sock.recvmsg(4096, 4096)\nassert not anc\nprint(data"
-        )
-        refused = subprocess.run(
-            [
-                "setpriv",
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                _python_for_nobody(),
-                "-I",
-                "-c",
-                client,
-                f"@trio-activate/control/{old.pid}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
+        refused = control_as_nobody(f"@trio-activate/control/{old.pid}", "takeover")
         assert refused.returncode == 0, refused.stderr
         assert json.loads(refused.stdout) == {
             "ok": False,
@@ -332,7 +303,7 @@ def test_a_peer_of_another_uid_is_refused_and_gets_no_fd(short_dir: Path) -> Non
         }
         old.wait_for(r"warning: control: refused PID \d+ \(uid 65534\)", since=since)
         assert ask(loopback(port), "after").pid == old.pid
-        wait_until(lambda: _fds(old.pid) == before, what="the refused connection's fd closed")
+        wait_until(lambda: open_fds(old.pid) == before, what="the refused connection's fd closed")
 
 
 # --- the old side against a new side that misbehaves -------------------------------------------
@@ -372,7 +343,7 @@ def test_a_new_side_that_closes_fails_or_lies_changes_nothing_in_the_old(
     with _serve(short_dir, _manifest(short_dir)) as old:
         port = old.port()
         old.wait_for(r"ready: ")
-        before = _fds(old.pid)
+        before = open_fds(old.pid)
         since = old.mark()
         conn, line, fds = _ask_for_sockets(short_dir / "ctl.sock")
         offer = json.loads(line)["takeover"]
@@ -393,7 +364,7 @@ def test_a_new_side_that_closes_fails_or_lies_changes_nothing_in_the_old(
         assert any(part in found[1] for part in logged.split("|")), found[0]
         assert old.count(r"warning: ", since=since) == 1
         assert ask(loopback(port), "after").pid == old.pid
-        wait_until(lambda: _fds(old.pid) == before, what="the old process's fds as before")
+        wait_until(lambda: open_fds(old.pid) == before, what="the old process's fds as before")
         assert old.poll() is None
         assert old.stop() == 0
     assert not (short_dir / "ctl.sock").exists()
@@ -523,13 +494,13 @@ def test_a_takeover_from_a_bad_old_side_is_one_line_and_leaks_no_fd(
     """In this very process, so its own fd table shows that nothing received stays open."""
     manifest = load_manifest(write_manifest(short_dir, WEB_ONLY))
     path = short_dir / "old.sock"
-    before = _fds("self")
+    before = open_fds("self")
     with fake_old(path, send), pytest.raises(ActivationError) as caught:
         take_over(str(path), manifest, timeout=10)
     message = str(caught.value)
     assert "\n" not in message, message
     assert expected in message, message
-    wait_until(lambda: _fds("self") == before, what="every fd received closed")
+    wait_until(lambda: open_fds("self") == before, what="every fd received closed")
 
 
 def test_batches_of_scm_max_fd_arrive_whole_and_in_order(short_dir: Path) -> None:
@@ -575,7 +546,7 @@ def test_a_receiver_out_of_fds_closes_what_arrived_and_fails() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         sender.sendmsg([b"\0"], rights([s.fileno() for s in listeners]))
-        before = _fds("self")
+        before = open_fds("self")
         used = {int(entry.split()[0]) for entry in before}
         # The lowest limit under which three fd numbers are free (holes included): room for three, not ten.
         limit = next(n for n in range(1, soft) if n - len({fd for fd in used if fd < n}) == 3)
@@ -585,7 +556,7 @@ def test_a_receiver_out_of_fds_closes_what_arrived_and_fails() -> None:
                 receive_with_fds(receiver, 100)
         finally:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        assert _fds("self") == before
+        assert open_fds("self") == before
     finally:
         for s in [sender, receiver, *listeners]:
             s.close()
@@ -630,15 +601,11 @@ def test_a_new_release_killed_or_stopped_while_starting_leaves_the_old_one_servi
     manifest = _manifest(short_dir)
     manifest.write_text(manifest.read_text().replace("start-timeout = 20.0", "start-timeout = 2.0"))
     (short_dir / "slow_app.py").write_text("import time\n\ntime.sleep(60)\n")
-    slow = write_manifest(
-        short_dir,
-        manifest.read_text().replace('call = "app:handle"', 'call = "slow_app:handle"', 1),
-        name="slow.toml",
-    )
+    slow = _release_calling(short_dir, manifest, "slow_app:handle", "slow.toml")
     with _serve(short_dir, manifest) as old:
         port = old.port()
         old.wait_for(r"ready: ")
-        before = _fds(old.pid)
+        before = open_fds(old.pid)
         since = old.mark()
         with _take_over(short_dir, slow) as new:
             new.wait_for(r"took 2 socket\(s\) over from process")
@@ -653,7 +620,7 @@ def test_a_new_release_killed_or_stopped_while_starting_leaves_the_old_one_servi
             )
             assert ask(loopback(port), "after").pid == old.pid
             assert ask(short_dir / "app.sock", "local").pid == old.pid
-            wait_until(lambda: _fds(old.pid) == before, what="the old process's fds as before")
+            wait_until(lambda: open_fds(old.pid) == before, what="the old process's fds as before")
         assert old.poll() is None
         assert _status(short_dir / "ctl.sock")["pid"] == old.pid
         assert old.stop() == 0
@@ -671,24 +638,10 @@ def test_a_new_release_out_of_fds_at_any_step_is_one_line_and_the_old_one_serves
     with _serve(short_dir, manifest) as old:
         port = old.port()
         old.wait_for(r"ready: ")
-        before = _fds(old.pid)
+        before = open_fds(old.pid)
         messages = []
         for limit in range(5, 12):
-            result = subprocess.run(
-                [
-                    prlimit,
-                    f"--nofile={limit}:{limit}",
-                    *TRIO_ACTIVATE,
-                    "serve",
-                    str(manifest),
-                    "--takeover",
-                    "ctl.sock",
-                ],
-                cwd=short_dir,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            result = _take_over_once(short_dir, manifest, prlimit, f"--nofile={limit}:{limit}")
             assert result.returncode != 0, f"--nofile={limit}: {result.stderr}"
             assert "Traceback" not in result.stderr, f"--nofile={limit}: {result.stderr}"
             last = result.stderr.splitlines()[-1]
@@ -698,7 +651,7 @@ def test_a_new_release_out_of_fds_at_any_step_is_one_line_and_the_old_one_serves
         # The range reaches the receive itself, and steps past it.
         assert any("MSG_CTRUNC" in message for message in messages), messages
         assert any("out of file descriptors" in message for message in messages), messages
-        wait_until(lambda: _fds(old.pid) == before, what="the old process's fds as before")
+        wait_until(lambda: open_fds(old.pid) == before, what="the old process's fds as before")
         assert _status(short_dir / "ctl.sock")["reloads"] == 0
         assert old.stop() == 0
 
@@ -709,11 +662,7 @@ def test_a_reload_during_a_takeover_wins_and_the_new_release_stops(short_dir: Pa
     write_handler(short_dir, "v1")
     manifest = _manifest(short_dir)
     (short_dir / "slow_app.py").write_text("import time\n\ntime.sleep(3)\n\nfrom app import handle  # noqa\n")
-    slow = write_manifest(
-        short_dir,
-        manifest.read_text().replace('call = "app:handle"', 'call = "slow_app:handle"', 1),
-        name="slow.toml",
-    )
+    slow = _release_calling(short_dir, manifest, "slow_app:handle", "slow.toml")
     with _serve(short_dir, manifest) as old:
         port = old.port()
         old.wait_for(r"ready: ")
@@ -752,13 +701,7 @@ def test_pid_1_of_a_namespace_refuses_to_give_its_sockets_away(short_dir: Path) 
     with started(argv, cwd=short_dir, env=env) as old:
         port = old.port()
         old.wait_for(r"trio-activate\[1\]: info: ready: ")
-        refused = subprocess.run(
-            [*TRIO_ACTIVATE, "serve", str(manifest), "--takeover", str(short_dir / "ctl.sock")],
-            cwd=short_dir,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        refused = _take_over_once(short_dir, manifest)
         assert refused.returncode == 2, refused.stderr
         assert one_line_error(refused.stderr).endswith(
             "refused: this process is PID 1 of its namespace; its exit would end the new process too"

@@ -102,6 +102,50 @@ def one_line_error(err: str) -> str:
 # --- waiting -----------------------------------------------------------------
 
 
+def open_fds(pid: int | str) -> set[str]:
+    """Each open fd of process `pid` (or ``"self"``) and what it is, ``"3 socket:[4711]"``; for
+    ``"self"`` without the listing's own fd."""
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            found.add(f"{fd.name} {os.readlink(fd)}")
+    return found
+
+
+def _python_for_nobody() -> str:
+    """An interpreter another user can run (not one under a folder only root reaches)."""
+    for candidate in ("/usr/bin/python3", shutil.which("python3"), os.path.realpath(sys.executable)):
+        if candidate and os.access(candidate, os.X_OK) and os.stat(candidate).st_mode & 0o001:
+            return candidate
+    pytest.skip("no interpreter that nobody may run")
+
+
+_CONTROL_CLIENT = """
+import socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.settimeout(10)
+sock.connect(sys.argv[1].encode().replace(b"@", b"\\0", 1))
+try:
+    sock.sendall(('{"op": "%s"}\\n' % sys.argv[2]).encode())
+except BrokenPipeError:
+    pass  # refused before the request went out: the answer is there to read
+data, ancillary, _, _ = sock.recvmsg(4096, 4096)
+assert not ancillary, "no fd comes with a refusal"
+print(data.decode().strip())
+"""
+
+
+def control_as_nobody(address: str, op: str) -> subprocess.CompletedProcess[str]:
+    """Ask the control socket at `address` (``@name`` for an abstract one) for `op` as uid 65534;
+    its answer line on stdout.  Skips unless root with ``setpriv``."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv")
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", _python_for_nobody(), "-I"]
+    return subprocess.run(
+        [*nobody, "-c", _CONTROL_CLIENT, address, op], capture_output=True, text=True, timeout=20
+    )
+
+
 def wait_until(condition: Callable[[], bool], *, timeout: float = TIMEOUT, what: str = "") -> None:
     """Poll `condition` until it holds; fail after `timeout`."""
     deadline = time.monotonic() + timeout

@@ -57,7 +57,7 @@ from ..system.activate_exec import (
     spawn_inetd,
 )
 from ..system.create import CreatedSocket, create_socket, create_sockets, remove_socket_file
-from ..system.fds import close_all
+from ..system.fds import bound_address, close_all
 
 __all__ = ["run_activate"]
 
@@ -113,7 +113,7 @@ def _start_in_place(
     From the exec on, the sockets and their files are COMMAND's.
     """
     _announce(created, options)
-    kinds = {3 + index: (item.sock.type, _where(item.sock)) for index, item in enumerate(created)}
+    kinds = {3 + index: (item.sock.type, bound_address(item.sock)) for index, item in enumerate(created)}
     sources = [item.sock.detach() for item in created]
     try:
         placed = place_for_exec(sources)
@@ -188,14 +188,6 @@ def _close(created: Sequence[CreatedSocket]) -> None:
     close_all(item.sock.close for item in created)
 
 
-def _where(sock: socket.socket) -> str:
-    try:
-        shown = address_from_sockname(sock.family, sock.getsockname())
-    except OSError:
-        shown = None
-    return str(shown) if shown is not None else "?"
-
-
 def _announce(created: Sequence[CreatedSocket], options: ActivateOptions) -> None:
     """One line per socket: where it listens, and as what COMMAND gets it."""
     for index, item in enumerate(created):
@@ -204,10 +196,14 @@ def _announce(created: Sequence[CreatedSocket], options: ActivateOptions) -> Non
         if options.mode is ActivateMode.ACCEPT:
             where = "stdin and stdout" if options.inetd else f"fd 3 named {_ACCEPTED_NAME!r}"
             log.info(
-                "%s %s (%r): each connection to its own command, on %s", verb, _where(item.sock), name, where
+                "%s %s (%r): each connection to its own command, on %s",
+                verb,
+                bound_address(item.sock),
+                name,
+                where,
             )
         else:
-            log.info("%s %s as fd %d named %r", verb, _where(item.sock), 3 + index, name)
+            log.info("%s %s as fd %d named %r", verb, bound_address(item.sock), 3 + index, name)
 
 
 # --- signals -----------------------------------------------------------------------------
@@ -451,7 +447,7 @@ class _Acceptor(_Forking):
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue  # the client gave up before we took it
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("cannot accept on %s: %s", _where(item.sock), exc.strerror)
+                    log.warning("cannot accept on %s: %s", bound_address(item.sock), exc.strerror)
                     return
                 raise
             with connection:
@@ -463,7 +459,9 @@ class _Acceptor(_Forking):
             self.count += 1
             shown_peer = _peer(connection.family, peer)
             self.children[pid] = f"connection {self.count} from {shown_peer}"
-            log.info("connection %d from %s on %s: pid %d", self.count, shown_peer, _where(item.sock), pid)
+            log.info(
+                "connection %d from %s on %s: pid %d", self.count, shown_peer, bound_address(item.sock), pid
+            )
             limit = self.options.max_connections
             if limit is not None and len(self.children) >= limit:
                 self.listen(False)

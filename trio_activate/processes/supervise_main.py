@@ -44,7 +44,7 @@ from ..model.control import STATUS_VERSION
 from ..model.manifest import Manifest, SocketSpec, load_manifest
 from ..model.records import replace
 from ..system.acquire import ServiceSockets, create_service_sockets
-from ..system.fds import close_all
+from ..system.fds import bound_address, close_all
 from ..system.notifier import Notifier
 from ..system.takeover import TakenOver
 from .control import ControlOptions, Operated, handler_entries, socket_entries
@@ -231,7 +231,7 @@ class FollowManifest:
             fds += [(sock.fileno(), spec.name) for sock in group.get(spec.name, [])]
         self.spawner.use(generation, replace(self.spawner.command, sockets=fds))
         for name in changed:
-            shown = ", ".join(_bound(sock) for sock in incoming.sockets.get(name, []))
+            shown = ", ".join(bound_address(sock) for sock in incoming.sockets.get(name, []))
             was = self.specs.get(name)
             what = "added" if was is None else "was " + ", ".join(str(a) for a in was.listen)
             log.info("sockets.%s: new socket on %s for generation %d (%s)", name, shown, generation, what)
@@ -296,7 +296,7 @@ class _Change:
     def release(self) -> None:
         if self.retired is None:
             return
-        closing = {name: ", ".join(map(_bound, group)) for name, group in self.retired.sockets.items()}
+        closing = {name: ", ".join(map(bound_address, group)) for name, group in self.retired.sockets.items()}
         self._close(self.retired)
         for name, where in closing.items():
             log.info("sockets.%s: closed %s (its generation stopped)", name, where)
@@ -311,13 +311,6 @@ def _same_socket(old: SocketSpec | None, new: SocketSpec) -> bool:
     """Whether ``new`` can keep ``old``'s fds: the same addresses and options (``remove-on-stop`` is
     about the stop, not the socket, and dev removes its files anyway)."""
     return old is not None and replace(old, remove_on_stop=False) == replace(new, remove_on_stop=False)
-
-
-def _bound(sock: socket.socket) -> str:
-    try:
-        return str(address_from_sockname(sock.family, sock.getsockname()))
-    except OSError:
-        return "?"
 
 
 _ANY_HOST = (None, ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))

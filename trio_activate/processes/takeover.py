@@ -22,10 +22,9 @@ from collections.abc import Callable
 
 import trio
 
-from ..model.control import encode
 from ..model.manifest import Manifest
 from ..model.takeover import Offer
-from ..runtime.control import Takeover
+from ..runtime.control import Takeover, send_answer
 from ..runtime.takeover import confirm_takeover, give_sockets
 from ..system.acquire import ServiceSockets
 from ..system.takeover import TakenOver
@@ -55,7 +54,7 @@ def giving_away(
         problem = _cannot_give(giving) or busy()
         if problem is not None:
             log.warning("control: %s asks for the sockets: refused: %s", who, problem)
-            await _refuse(conn, problem)
+            await send_answer(conn, {"ok": False, "error": problem})
             return
         giving = True
         try:
@@ -120,13 +119,3 @@ async def confirm(taken: TakenOver, operated: Operated) -> bool:
         taken.offer.pid,
     )
     return True
-
-
-async def _refuse(conn: trio.socket.SocketType, reason: str) -> None:
-    data = encode({"ok": False, "error": reason})
-    with trio.move_on_after(1.0):
-        try:
-            while data:
-                data = data[await conn.send(data) :]
-        except OSError:
-            return

@@ -32,7 +32,7 @@ from ..model.control import REQUEST_MAX, REQUEST_TIMEOUT, ControlRequestError, e
 from ..model.records import record
 from ..system.control import peer_credentials
 
-__all__ = ["CONCURRENT", "ReloadHistory", "Takeover", "serve_control"]
+__all__ = ["CONCURRENT", "ReloadHistory", "Takeover", "send_answer", "serve_control"]
 
 log = logging.getLogger("trio_activate")
 
@@ -185,35 +185,35 @@ async def _answer_one(conn: trio.socket.SocketType, ops: _Ops) -> None:
     if uid not in (os.geteuid(), 0):
         log.warning("control: refused %s: only uid %d and root may use the control socket", who, os.geteuid())
         denied = "permission denied: only the service's user and root"
-        await _send(conn, {"ok": False, "error": denied})
+        await send_answer(conn, {"ok": False, "error": denied})
         return
     request, problem = await _read_request(conn)
     if problem is not None:
         log.warning("control: %s: %s; closed", who, problem)
-        await _send(conn, {"ok": False, "error": problem})
+        await send_answer(conn, {"ok": False, "error": problem})
         return
     try:
         op = parse_request(request)
     except ControlRequestError as exc:
         log.warning("control: %s: malformed request: %s; closed", who, exc)
-        await _send(conn, {"ok": False, "error": f"malformed request: {exc}"})
+        await send_answer(conn, {"ok": False, "error": f"malformed request: {exc}"})
         return
     if op == "status":
-        await _send(conn, {"ok": True, "status": ops.status()})
+        await send_answer(conn, {"ok": True, "status": ops.status()})
         return
     if op == "takeover":
         if ops.takeover is None:
             log.warning("control: %s asks for the sockets; a dev run does not give them away", who)
-            await _send(conn, {"ok": False, "error": "a dev run does not give its sockets away"})
+            await send_answer(conn, {"ok": False, "error": "a dev run does not give its sockets away"})
             return
         await ops.takeover(conn, pid, who)
         return
     log.info("control: %s asks for a reload", who)
     taken_over, message = await ops.reload()
     if taken_over:
-        await _send(conn, {"ok": True, "message": message})
+        await send_answer(conn, {"ok": True, "message": message})
     else:
-        await _send(conn, {"ok": False, "error": message})
+        await send_answer(conn, {"ok": False, "error": message})
 
 
 async def _read_request(conn: trio.socket.SocketType) -> tuple[bytes, str | None]:
@@ -239,7 +239,7 @@ async def _read_request(conn: trio.socket.SocketType) -> tuple[bytes, str | None
     return b"", f"sent no full request within {REQUEST_TIMEOUT:g}s"
 
 
-async def _send(conn: trio.socket.SocketType, answer: dict[str, Any]) -> None:
+async def send_answer(conn: trio.socket.SocketType, answer: dict[str, Any]) -> None:
     """Send one answer line, within ``REQUEST_TIMEOUT``; a peer gone or not reading only ends it."""
     data = encode(answer)
     with trio.move_on_after(REQUEST_TIMEOUT):

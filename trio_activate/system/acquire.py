@@ -36,7 +36,7 @@ from ..model.private_env import (
 )
 from ..model.records import field, record
 from .activator import check_not_looping, reexec_with_new_sockets
-from .fds import close_all, own_pidfd_id
+from .fds import bound_address, close_all, own_pidfd_id
 from .passed import PassedFds, adopt
 
 if TYPE_CHECKING:
@@ -316,20 +316,11 @@ def adopt_then_create(
         sockets.close()
         raise
     for name in adopted.missing:
-        shown = ", ".join(_bound(sock) for sock in added.sockets.get(name, []))
+        shown = ", ".join(bound_address(sock) for sock in added.sockets.get(name, []))
         log.info("sockets.%s: no fd was passed for it (new in the manifest): created on %s", name, shown)
     sockets.absorb(added)
     sockets.created = frozenset(adopted.missing)
     return sockets
-
-
-def _bound(sock: socket.socket) -> str:
-    from ..model.address import address_from_sockname
-
-    try:
-        return str(address_from_sockname(sock.family, sock.getsockname()))
-    except OSError:
-        return "?"
 
 
 def _undeclared_names(manifest: Manifest, found: ListenFds, extra_names: Sequence[str]) -> tuple[str, ...]:

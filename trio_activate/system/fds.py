@@ -29,7 +29,16 @@ from ..errors import AdoptionError
 from ..model.address import address_from_sockname
 from ..model.match import PassedSocket, describe_file_kind
 
-__all__ = ["FdNotOpenError", "close_all", "inspect_fd", "open_fds", "own_pidfd_id", "pidfd_id", "set_cloexec"]
+__all__ = [
+    "FdNotOpenError",
+    "bound_address",
+    "close_all",
+    "inspect_fd",
+    "open_fds",
+    "own_pidfd_id",
+    "pidfd_id",
+    "set_cloexec",
+]
 
 
 def close_all(closes: Iterable[Callable[[], object]]) -> None:
@@ -209,3 +218,13 @@ def open_fds() -> set[int]:
     open afterwards are left out.
     """
     return {fd for fd in map(int, os.listdir("/proc/self/fd")) if _is_open(fd)}
+
+
+def bound_address(sock: socket.socket) -> str:
+    """Where ``sock`` is bound, as a manifest writes it (``127.0.0.1:7000``, a path, ``@name``), for
+    log lines; ``?`` when it has no such address or cannot tell."""
+    try:
+        shown = address_from_sockname(sock.family, sock.getsockname())
+    except OSError:
+        return "?"
+    return str(shown) if shown is not None else "?"

@@ -134,14 +134,12 @@ def take_over(path: str, manifest: Manifest, *, timeout: float = TAKEOVER_TIMEOU
             with contextlib.suppress(OSError):
                 link.sendall(encode(format_failed(str(exc))))
             raise
-    except TakeoverError as exc:
+    except BaseException as exc:
         close_all([link.close, *(partial(os.close, fd) for fd in received)])
-        raise ActivationError(f"{where}: {exc}") from None
-    except OSError as exc:
-        close_all([link.close, *(partial(os.close, fd) for fd in received)])
-        raise ActivationError(f"{where}: {_describe(exc)}") from None
-    except BaseException:
-        close_all([link.close, *(partial(os.close, fd) for fd in received)])
+        if isinstance(exc, TakeoverError):
+            raise ActivationError(f"{where}: {exc}") from None
+        if isinstance(exc, OSError):
+            raise ActivationError(f"{where}: {exc.strerror or exc}") from None
         raise
     log.info(
         "took %d socket(s) over from process %d (service %s) through %s",
@@ -165,7 +163,7 @@ def _receive(link: socket.socket, path: str, received: list[int], timeout: float
     try:
         link.connect(path)
     except (ConnectionRefusedError, FileNotFoundError) as exc:
-        raise TakeoverError(f"{_describe(exc)}: no service listens there") from None
+        raise TakeoverError(f"{exc.strerror or exc}: no service listens there") from None
     except PermissionError:
         raise TakeoverError("permission denied: only the service's user and root may take it over") from None
     # Refused at once, the old one may close before our request is sent: its answer is still there.
@@ -211,7 +209,3 @@ def _receive(link: socket.socket, path: str, received: list[int], timeout: float
             if len(received) != offer.fd_count:
                 raise TakeoverError(f"{len(received)} fd(s) arrived, the offer named {offer.fd_count}")
             return offer
-
-
-def _describe(exc: OSError) -> str:
-    return exc.strerror or str(exc)
